@@ -1,0 +1,55 @@
+"""harl-tf: Heuristic Attention Representation Learning in TensorFlow 2 / Keras 3.
+
+TensorFlow comes from exactly one extra, so that exactly one TensorFlow distribution is
+ever installed: ``[cpu]`` (the ``tensorflow-cpu`` wheel, the default in the README) or
+``[gpu]`` (``tensorflow[and-cuda]``). Every other extra adds no TensorFlow of its own.
+"""
+from setuptools import find_packages, setup
+
+TF_VERSION = "2.21.0"
+
+REQUIRES = [
+    "keras==3.15.1",
+    "absl-py>=2.1,<3",
+    "numpy>=1.26,<3",
+    "tensorflow-datasets==4.9.10",
+    "opencv-contrib-python-headless==5.0.0.93",  # ximgproc (graph segmentation), saliency
+    "pillow>=10",
+    "tqdm>=4.66",
+]
+
+EXTRAS = {
+    "cpu": [f"tensorflow-cpu=={TF_VERSION}"],
+    "gpu": [f"tensorflow[and-cuda]=={TF_VERSION}"],
+    "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100"],
+    "onnx": ["tf2onnx==1.17.0", "onnxruntime>=1.20"],
+    "bench": ["scikit-image>=0.24", "matplotlib>=3.8", "scikit-learn>=1.4"],
+}
+
+CONSOLE_SCRIPTS = [
+    "harl-pretrain = harl_tf.pretrain:run",
+    "harl-finetune = harl_tf.finetune:run",
+    "harl-export = harl_tf.export:run",
+    "harl-build-tfrecords = tools.build_tfrecords:run",
+    "harl-generate-masks = tools.generate_masks:run",
+    "harl-train-saliency-head = tools.train_saliency_head:run",
+    "harl-mask-quality = tools.mask_quality:run",
+    "harl-preview = tools.preview:run",
+    "harl-export-torchvision = tools.export_torchvision:run",
+    "harl-quickstart = tools.quickstart:run",
+]
+
+setup(
+    name="harl-tf",
+    version="0.1.0",
+    description=("HARL: Heuristic Attention Representation Learning for self-supervised "
+                 "pretraining, in TensorFlow 2 / Keras 3"),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["harl_tf", "harl_tf.*", "tools"]),
+    install_requires=REQUIRES,
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": CONSOLE_SCRIPTS},
+    license="Apache-2.0",
+)

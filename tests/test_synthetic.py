@@ -1,0 +1,82 @@
+"""The embedded synthetic dataset: deterministic, balanced, with exact masks."""
+import numpy as np
+import pytest
+
+from harl_tf.data import synthetic
+
+
+def test_same_seed_is_byte_identical():
+    a = synthetic.generate(24, 32, seed=7)
+    b = synthetic.generate(24, 32, seed=7)
+    assert a.images.tobytes() == b.images.tobytes()
+    assert a.masks.tobytes() == b.masks.tobytes()
+    assert a.labels.tobytes() == b.labels.tobytes()
+
+
+def test_different_seed_differs():
+    a = synthetic.generate(16, 32, seed=0)
+    b = synthetic.generate(16, 32, seed=1)
+    assert (a.images != b.images).mean() > 0.5
+    assert (a.masks != b.masks).any()
+
+
+def test_prefix_property():
+    small = synthetic.generate(10, 32, seed=3)
+    large = synthetic.generate(30, 32, seed=3)
+    np.testing.assert_array_equal(small.images, large.images[:10])
+    np.testing.assert_array_equal(small.labels, large.labels[:10])
+
+
+@pytest.mark.parametrize("size", [32, 64, (48, 80)])
+def test_sizes_and_dtypes(size):
+    data = synthetic.generate(9, size, seed=0)
+    h, w = (size, size) if isinstance(size, int) else size
+    assert data.images.shape == (9, h, w, 3) and data.images.dtype == np.uint8
+    assert data.masks.shape == (9, h, w) and data.masks.dtype == np.uint8
+    assert data.labels.shape == (9,) and data.labels.dtype == np.int64
+    assert set(np.unique(data.masks)) <= {0, 1}
+    assert data.labels.min() >= 0 and data.labels.max() < synthetic.NUM_CLASSES
+
+
+def test_labels_are_balanced_and_not_periodic():
+    labels = synthetic.generate(203, 16, seed=5).labels
+    counts = np.bincount(labels, minlength=synthetic.NUM_CLASSES)
+    assert counts.max() - counts.min() <= 1
+    assert synthetic.NUM_CLASSES >= 6
+    # Not simply index % K: the order inside blocks is shuffled.
+    assert not np.array_equal(labels[:16], np.arange(16) % synthetic.NUM_CLASSES)
+
+
+def test_mask_equals_the_pixels_where_the_object_was_drawn():
+    """Painting the object in a flat marker colour changes exactly the masked pixels."""
+    for index in range(12):
+        image, mask, label = synthetic.render(index, 48, seed=11)
+        marked, marked_mask, _ = synthetic.render(index, 48, seed=11,
+                                                  object_fill=(1.0, 0.0, 1.0))
+        np.testing.assert_array_equal(marked_mask, mask)
+        on = mask.astype(bool)
+        assert 0 < on.sum() < on.size
+        assert (marked[on] == [255, 0, 255]).all()
+        np.testing.assert_array_equal(marked[~on], image[~on])
+
+
+def test_classes_differ_in_shape_not_only_colour():
+    """Canonical shapes of different classes disagree on a good share of the unit square."""
+    grid = np.linspace(-1.1, 1.1, 101)
+    u, v = np.meshgrid(grid, grid)
+    shapes = [synthetic.shape_mask(k, u, v) for k in range(synthetic.NUM_CLASSES)]
+    for i in range(len(shapes)):
+        for j in range(i + 1, len(shapes)):
+            disagreement = (shapes[i] != shapes[j]).mean()
+            assert disagreement > 0.04, (synthetic.CLASS_NAMES[i], synthetic.CLASS_NAMES[j])
+
+
+def test_backgrounds_are_cluttered():
+    """Backgrounds hold several distinct colour regions (gradient, texture, distractors),
+    not a flat field a mask method could trivially separate."""
+    data = synthetic.generate(16, 64, seed=0)
+    for image, mask in zip(data.images, data.masks):
+        background = image[mask == 0]
+        assert background.std(axis=0).mean() > 15
+        coarse = np.unique(background // 32, axis=0)
+        assert len(coarse) >= 4
