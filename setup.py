@@ -15,6 +15,7 @@ REQUIRES = [
     "tensorflow-datasets==4.9.10",
     "opencv-contrib-python-headless==5.0.0.93",  # ximgproc (graph segmentation), saliency
     "pillow>=10",
+    "scipy>=1.11",
     "tqdm>=4.66",
 ]
 

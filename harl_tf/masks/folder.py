@@ -1,0 +1,233 @@
+"""Masks for a whole image folder, written into a mirrored mask folder.
+
+``images_dir/a/b/x.jpg`` → ``masks_dir/a/b/x.png`` (single channel, 0 = background,
+255 = foreground): the ``images_dir`` root is replaced by ``masks_dir`` and the extension
+by ``.png``.
+
+- **Sharding**: the sorted list of relative image paths is split round-robin, shard ``i``
+  of ``n`` taking items ``i, i + n, i + 2n, …``; shards are disjoint, together cover every
+  image, and do not depend on the machine.
+- **Resume**: an existing output is skipped (unless ``overwrite``); outputs are written to a
+  temporary file and renamed, so an interrupted run never leaves a partial PNG.
+- **Errors**: an unreadable image is reported by path and counted; with ``strict`` the
+  run stops at the first one.
+- **Parallelism**: ``num_workers`` > 1 uses that many processes (``spawn``, one method
+  instance each); use 1 for methods that hold a TensorFlow model.
+- **Summary**: a JSON file with counts, fallbacks and the method's parameters, written
+  atomically to ``summary_path`` (default ``masks_dir/summary.json``, or
+  ``summary-<i>-of-<n>.json`` for a shard).
+"""
+from __future__ import annotations
+
+import io
+import json
+import multiprocessing
+import os
+import tempfile
+import time
+from typing import Any, Dict, Iterable, List, Optional, Tuple
+
+import numpy as np
+
+from harl_tf.masks import get_method, to_rgb_uint8
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+class CorruptImageError(ValueError):
+    """An image file could not be decoded; the message names the path."""
+
+
+def list_images(images_dir: str) -> List[str]:
+    """Sorted ``/``-separated paths, relative to ``images_dir``, of every image file below
+    it (extensions ``IMAGE_EXTENSIONS``, any case)."""
+    if not os.path.isdir(images_dir):
+        raise FileNotFoundError(f"--images_dir {images_dir!r} does not exist or is not a "
+                                "directory")
+    found = []
+    for directory, subdirs, files in os.walk(images_dir):
+        subdirs.sort()
+        for filename in files:
+            if os.path.splitext(filename)[1].lower() in IMAGE_EXTENSIONS:
+                rel = os.path.relpath(os.path.join(directory, filename), images_dir)
+                found.append(rel.replace(os.sep, "/"))
+    return sorted(found)
+
+
+def shard(items: List[str], shard_index: int, num_shards: int) -> List[str]:
+    """Round-robin shard ``shard_index`` of ``num_shards`` of the (already sorted) list."""
+    if num_shards < 1:
+        raise ValueError(f"--num_shards must be >= 1, got {num_shards}")
+    if not 0 <= shard_index < num_shards:
+        raise ValueError(f"--shard_index must be in [0, {num_shards - 1}], got {shard_index}")
+    return items[shard_index::num_shards]
+
+
+def mask_relpath(image_relpath: str) -> str:
+    """``a/b/x.jpg`` → ``a/b/x.png``."""
+    return os.path.splitext(image_relpath)[0] + ".png"
+
+
+def read_image(path: str) -> np.ndarray:
+    """Decodes an image file fully into ``uint8`` RGB ``[H, W, 3]`` (grey, alpha, palette,
+    CMYK and 16-bit files are converted, see ``to_rgb_uint8``). Raises
+    ``CorruptImageError`` naming ``path`` when it cannot be decoded (truncated too)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if image.mode not in ("RGB", "RGBA", "L", "LA", "I;16", "I;16B", "I;16L", "I",
+                                  "F", "1"):
+                image = image.convert("RGB")
+            array = np.asarray(image)
+    except Exception as error:  # PIL raises several types for damaged files
+        raise CorruptImageError(f"cannot decode image {path!r}: {error}") from error
+    return to_rgb_uint8(array, name=path)
+
+
+def write_mask_png(path: str, mask: np.ndarray) -> None:
+    """Writes ``mask`` (``{0, 1}`` or ``{0, 255}`` ``[H, W]``) as a single-channel 0/255 PNG,
+    atomically (temporary file in the same folder, then ``os.replace``)."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.where(np.asarray(mask) > 0, 255, 0).astype(np.uint8), mode="L").save(
+        buffer, format="PNG")
+    write_bytes_atomic(path, buffer.getvalue())
+
+
+def write_bytes_atomic(path: str, data: bytes) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".",
+                                         suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+
+
+# One method instance per worker process (set by _init_worker).
+_WORKER: Dict[str, Any] = {}
+
+
+def _init_worker(method: str, method_params: Dict[str, Any], images_dir: str,
+                 masks_dir: str) -> None:
+    import cv2
+    cv2.setNumThreads(1)  # one process per core; no oversubscription
+    _WORKER.update(method=get_method(method, **method_params), images_dir=images_dir,
+                   masks_dir=masks_dir)
+
+
+def _process(rel: str) -> Tuple[str, str, Optional[str]]:
+    """Returns ``(rel, status, detail)``; status ``"written"`` (detail: fallback reason or
+    None) or ``"corrupt"`` (detail: the error message)."""
+    method = _WORKER["method"]
+    source = os.path.join(_WORKER["images_dir"], *rel.split("/"))
+    try:
+        image = read_image(source)
+    except CorruptImageError as error:
+        return rel, "corrupt", str(error)
+    if hasattr(method, "compute"):
+        result = method.compute(image)
+        mask, fallback = result.mask, result.fallback
+    else:
+        mask, fallback = method(image), None
+    write_mask_png(os.path.join(_WORKER["masks_dir"], *mask_relpath(rel).split("/")), mask)
+    return rel, "written", fallback
+
+
+def generate_mask_folder(images_dir: str, masks_dir: str, *, method: str = "conventional",
+                         method_params: Optional[Dict[str, Any]] = None, num_workers: int = 1,
+                         shard_index: int = 0, num_shards: int = 1, overwrite: bool = False,
+                         strict: bool = False, progress: bool = True,
+                         summary_path: Optional[str] = None) -> Dict[str, Any]:
+    """Writes the mask of every image of shard ``shard_index``/``num_shards`` under
+    ``images_dir`` into the mirrored path under ``masks_dir`` (rules in the module
+    docstring). Returns the summary dict (also written as JSON):
+
+    ``method``, ``params``, ``images_dir``, ``masks_dir``, ``shard_index``, ``num_shards``,
+    ``num_images`` (in this shard), ``written``, ``skipped_existing``, ``corrupt``,
+    ``corrupt_paths``, ``fallbacks``, ``fallback_reasons`` ({reason: count}),
+    ``seconds``, ``images_per_second`` (written images / wall time).
+    """
+    method_params = dict(method_params or {})
+    instance = get_method(method, **method_params)  # validates before any work
+    params = dict(instance.params)
+    if num_workers < 1:
+        raise ValueError(f"--num_workers must be >= 1, got {num_workers}")
+    todo_all = shard(list_images(images_dir), shard_index, num_shards)
+    os.makedirs(masks_dir, exist_ok=True)
+
+    def exists(rel: str) -> bool:
+        return os.path.isfile(os.path.join(masks_dir, *mask_relpath(rel).split("/")))
+
+    todo = todo_all if overwrite else [rel for rel in todo_all if not exists(rel)]
+    summary: Dict[str, Any] = dict(
+        method=method, params=params, images_dir=os.path.abspath(images_dir),
+        masks_dir=os.path.abspath(masks_dir), shard_index=shard_index, num_shards=num_shards,
+        num_images=len(todo_all), written=0, skipped_existing=len(todo_all) - len(todo),
+        corrupt=0, corrupt_paths=[], fallbacks=0, fallback_reasons={})
+    start = time.perf_counter()
+    bar = _progress_bar(len(todo), progress, f"masks ({method})")
+    try:
+        for rel, status, detail in _run(todo, instance, method, method_params, images_dir,
+                                        masks_dir, num_workers):
+            if status == "corrupt":
+                summary["corrupt"] += 1
+                summary["corrupt_paths"].append(os.path.join(images_dir, rel))
+                if bar is not None:
+                    bar.write(f"corrupt image skipped: {detail}")
+                if strict:
+                    raise CorruptImageError(f"{detail} (stopping: --strict)")
+            else:
+                summary["written"] += 1
+                if detail is not None:
+                    summary["fallbacks"] += 1
+                    reasons = summary["fallback_reasons"]
+                    reasons[detail] = reasons.get(detail, 0) + 1
+            if bar is not None:
+                bar.update(1)
+                elapsed = max(time.perf_counter() - start, 1e-9)
+                bar.set_postfix(img_per_s=f"{summary['written'] / elapsed:.1f}",
+                                corrupt=summary["corrupt"], refresh=False)
+    finally:
+        if bar is not None:
+            bar.close()
+    seconds = time.perf_counter() - start
+    summary["seconds"] = round(seconds, 3)
+    summary["images_per_second"] = round(summary["written"] / seconds, 3) if seconds else 0.0
+    if summary_path is None:
+        name = ("summary.json" if num_shards == 1
+                else f"summary-{shard_index:05d}-of-{num_shards:05d}.json")
+        summary_path = os.path.join(masks_dir, name)
+    write_bytes_atomic(summary_path, (json.dumps(summary, indent=2, sort_keys=True) + "\n")
+                       .encode("utf-8"))
+    return summary
+
+
+def _progress_bar(total: int, enabled: bool, description: str):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, desc=description, unit="img", dynamic_ncols=True)
+
+
+def _run(todo: List[str], instance: Any, method: str, method_params: Dict[str, Any],
+         images_dir: str, masks_dir: str, num_workers: int
+         ) -> Iterable[Tuple[str, str, Optional[str]]]:
+    if num_workers == 1 or len(todo) <= 1:  # in this process, with the caller's instance
+        _WORKER.update(method=instance, images_dir=images_dir, masks_dir=masks_dir)
+        for rel in todo:
+            yield _process(rel)
+        return
+    context = multiprocessing.get_context("spawn")  # safe with TensorFlow in the parent
+    with context.Pool(num_workers, initializer=_init_worker,
+                      initargs=(method, method_params, images_dir, masks_dir)) as pool:
+        chunksize = max(1, min(16, len(todo) // (4 * num_workers)))
+        yield from pool.imap_unordered(_process, todo, chunksize=chunksize)

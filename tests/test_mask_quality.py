@@ -1,0 +1,108 @@
+"""Mask quality: IoU / precision / recall / F-measure, per image and aggregated."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from harl_tf.masks.quality import (F_BETA_SQUARED, evaluate, evaluate_arrays,
+                                   evaluate_folders, mask_scores)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _mask(rows):
+    return np.array(rows, np.uint8)
+
+
+# 3 predicted pixels, 4 true pixels, 2 in common: tp=2, fp=1, fn=2.
+PRED = _mask([[1, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]])
+GT = _mask([[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 0, 0], [0, 0, 0, 0]])
+
+
+def test_scores_match_a_hand_computed_example():
+    scores = mask_scores(PRED, GT)
+    assert scores["iou"] == pytest.approx(2 / 5)
+    assert scores["precision"] == pytest.approx(2 / 3)
+    assert scores["recall"] == pytest.approx(2 / 4)
+    # F = 1.3 * (2/3) * (1/2) / (0.3 * 2/3 + 1/2) = 0.4333 / 0.7
+    assert F_BETA_SQUARED == 0.3
+    assert scores["f_measure"] == pytest.approx(1.3 * (2 / 3) * 0.5 / (0.3 * 2 / 3 + 0.5))
+
+
+def test_0_255_masks_score_like_0_1_masks():
+    assert mask_scores(PRED * 255, GT[..., None] * 255) == mask_scores(PRED, GT)
+
+
+def test_empty_masks_both_empty_is_perfect_one_empty_is_zero():
+    empty = np.zeros((4, 4), np.uint8)
+    assert mask_scores(empty, empty) == dict(iou=1.0, precision=1.0, recall=1.0,
+                                             f_measure=1.0)
+    assert mask_scores(empty, GT)["iou"] == 0.0 and mask_scores(PRED, empty)["iou"] == 0.0
+    assert mask_scores(empty, GT)["precision"] == 0.0
+
+
+def test_shape_mismatch_names_the_example():
+    with pytest.raises(ValueError, match="cat/7.*differs"):
+        mask_scores(np.zeros((4, 4)), np.zeros((4, 5)), name="cat/7")
+
+
+def test_means_per_class_and_class_mean():
+    full = np.ones((4, 4), np.uint8)
+    items = [("a", "cat", PRED, GT), ("b", "cat", full, full), ("c", "dog", GT, GT),
+             ("d", "dog", None, GT)]
+    report = evaluate(items)
+    assert report.num_images == 3 and report.missing == ["d"]
+    assert report.mean_iou == pytest.approx((0.4 + 1 + 1) / 3)
+    per_class = report.per_class()
+    assert per_class["cat"]["iou"] == pytest.approx(0.7) and per_class["cat"]["count"] == 2
+    assert per_class["dog"]["iou"] == pytest.approx(1.0)
+    assert report.class_mean_iou == pytest.approx(0.85)
+    assert json.loads(json.dumps(report.summary()))["num_missing"] == 1
+    assert "cat" in report.table() and "0.7000" in report.table()
+
+
+def test_evaluate_arrays_checks_lengths():
+    assert evaluate_arrays([PRED], [GT]).mean_iou == pytest.approx(0.4)
+    with pytest.raises(ValueError, match="1 predictions but 2"):
+        evaluate_arrays([PRED], [GT, GT])
+
+
+def _write_png(path, mask):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(mask.astype(np.uint8) * 255).save(path)
+
+
+@pytest.fixture()
+def folders(tmp_path):
+    gt_dir, pred_dir = tmp_path / "gt", tmp_path / "pred"
+    _write_png(str(gt_dir / "cat" / "1.png"), GT)
+    _write_png(str(pred_dir / "cat" / "1.png"), PRED)
+    _write_png(str(gt_dir / "dog" / "2.png"), GT)
+    _write_png(str(pred_dir / "dog" / "2.png"), GT)
+    _write_png(str(gt_dir / "dog" / "3.png"), GT)  # no prediction
+    return str(pred_dir), str(gt_dir)
+
+
+def test_folder_evaluation_matches_paths_and_classes(folders):
+    report = evaluate_folders(*folders)
+    assert {r["id"]: r["iou"] for r in report.rows} == pytest.approx(
+        {"cat/1": 0.4, "dog/2": 1.0})
+    assert report.missing == ["dog/3"]
+
+
+def test_quality_tool_prints_table_writes_json_and_flags_missing(folders, tmp_path):
+    pred_dir, gt_dir = folders
+    out = str(tmp_path / "q.json")
+    command = [sys.executable, os.path.join(REPO, "tools", "mask_quality.py"),
+               f"--pred_dir={pred_dir}", f"--gt_dir={gt_dir}", f"--output_json={out}"]
+    failed = subprocess.run(command, capture_output=True, text=True)
+    assert failed.returncode != 0 and "dog/3" in failed.stderr
+    done = subprocess.run(command + ["--allow_missing"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "class-mean IoU 0.7000" in done.stdout
+    summary = json.load(open(out))
+    assert summary["mean_iou"] == pytest.approx(0.7) and summary["num_missing"] == 1
