@@ -28,13 +28,13 @@ EXTRAS = {
 }
 
 CONSOLE_SCRIPTS = [
-    "harl-pretrain = harl_tf.pretrain:run",
+    "harl-pretrain = harl_tf.pretrain:main",
     "harl-finetune = harl_tf.finetune:run",
     "harl-export = harl_tf.export:run",
     "harl-build-tfrecords = tools.build_tfrecords:run",
-    "harl-generate-masks = tools.generate_masks:run",
+    "harl-generate-masks = tools.generate_masks:main",
     "harl-train-saliency-head = tools.train_saliency_head:run",
-    "harl-mask-quality = tools.mask_quality:run",
+    "harl-mask-quality = tools.mask_quality:main",
     "harl-preview = tools.preview:run",
     "harl-export-torchvision = tools.export_torchvision:run",
     "harl-quickstart = tools.quickstart:run",
