@@ -1,0 +1,435 @@
+"""Per-view augmentations (SPEC §2, BYOL's recipe): small pure TensorFlow functions.
+
+A view of an example is made, in this order (BYOL, Table 6):
+
+1. Inception crop: a window of area fraction in ``crop_area`` (0.08–1) and aspect ratio
+   (width / height) in ``crop_aspect`` (3/4–4/3), resized to ``S × S`` (bicubic, clipped).
+2. Horizontal flip with probability ``flip_prob``.
+3. Colour jitter with probability ``jitter_prob``: brightness, contrast, saturation and hue
+   in a random order, each clipped to [0, 1].
+4. Grayscale with probability ``grayscale_prob``.
+5. Gaussian blur with probability ``blur_prob``, sigma uniform in ``blur_sigma``, a
+   separable kernel of about ``blur_kernel_fraction`` of the side (23 taps at 224 px).
+6. Solarize with probability ``solarize_prob``: x ↦ x if x < 0.5 else 1 − x.
+
+Geometry (1–2) is shared by the image and its mask: the same window, the same coin. The
+mask is resized with nearest neighbour, so it stays binary. Colour (3–6) never touches
+the mask.
+
+Randomness is stateless: every draw comes from ``tf.random.stateless_*`` with a seed
+derived from a per-example seed (int32/int64 ``[2]``) by ``stateless_fold_in`` with a fixed
+code per view and per operation. Each coin and magnitude is drawn whether or not its op
+is enabled, so switching the colour ops off leaves the crop and flip of the same seed
+unchanged, and the same seed always gives the same view.
+
+Images are ``float32`` in [0, 1] after the crop; decoded records are ``uint8``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+
+import tensorflow as tf
+
+from harl_tf.data import schema
+
+# Operation codes folded into a view's seed; fixed, so that a seed means the same view
+# whatever else is enabled.
+_CROP, _FLIP, _JITTER, _GRAYSCALE, _BLUR, _SOLARIZE = 1, 2, 3, 4, 5, 6
+# Codes inside colour jitter: the order, then one factor per op.
+_ORDER, _BRIGHTNESS, _CONTRAST, _SATURATION, _HUE = 0, 1, 2, 3, 4
+
+RESIZE_METHODS = ("bicubic", "bilinear")
+
+
+@dataclasses.dataclass(frozen=True)
+class ViewConfig:
+    """Parameters of one view (SPEC §2). Probabilities are in [0, 1].
+
+    Brightness is multiplicative, as in SimCLR v2: x ↦ x·b, b ~ U[1 − brightness,
+    1 + brightness] (SimCLR v1 and ``tf.image.random_brightness`` add an offset
+    instead). Contrast: x ↦ (x − mean_c)·c + mean_c per channel, c ~ U[1 − contrast,
+    1 + contrast]. Saturation: factor ~ U[1 − saturation, 1 + saturation] in HSV. Hue:
+    shift ~ U[−hue, hue] of a full turn. Each is clipped to [0, 1].
+    """
+    crop_area: Tuple[float, float] = (0.08, 1.0)
+    crop_aspect: Tuple[float, float] = (3 / 4, 4 / 3)
+    crop_attempts: int = 100
+    flip_prob: float = 0.5
+    jitter_prob: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    grayscale_prob: float = 0.2
+    blur_prob: float = 1.0
+    blur_sigma: Tuple[float, float] = (0.1, 2.0)
+    blur_kernel_fraction: float = 0.1
+    solarize_prob: float = 0.0
+    solarize_threshold: float = 0.5
+    resize_method: str = "bicubic"
+
+    def __post_init__(self):
+        for name in ("flip_prob", "jitter_prob", "grayscale_prob", "blur_prob",
+                     "solarize_prob"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"ViewConfig.{name} must be a probability in [0, 1], "
+                                 f"got {value}")
+        for name, low_bound in (("crop_area", 0.0), ("crop_aspect", 0.0),
+                                ("blur_sigma", 0.0)):
+            low, high = getattr(self, name)
+            if not low_bound < low <= high:
+                raise ValueError(f"ViewConfig.{name} must be (low, high) with "
+                                 f"{low_bound} < low <= high, got {(low, high)}")
+        if self.crop_area[1] > 1.0:
+            raise ValueError(f"ViewConfig.crop_area upper bound must be <= 1, got "
+                             f"{self.crop_area[1]}")
+        for name in ("brightness", "contrast", "saturation"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"ViewConfig.{name} must be in [0, 1], got "
+                                 f"{getattr(self, name)}")
+        if not 0.0 <= self.hue <= 0.5:
+            raise ValueError(f"ViewConfig.hue must be in [0, 0.5], got {self.hue}")
+        if self.resize_method not in RESIZE_METHODS:
+            raise ValueError(f"ViewConfig.resize_method must be one of {RESIZE_METHODS}, "
+                             f"got {self.resize_method!r}")
+
+    def geometry_only(self) -> "ViewConfig":
+        """The same crop and flip, with every colour op switched off."""
+        return dataclasses.replace(self, jitter_prob=0.0, grayscale_prob=0.0,
+                                   blur_prob=0.0, solarize_prob=0.0)
+
+
+VIEW1 = ViewConfig(blur_prob=1.0, solarize_prob=0.0)  # BYOL's T
+VIEW2 = ViewConfig(blur_prob=0.1, solarize_prob=0.2)  # BYOL's T'
+
+
+def default_view_configs() -> Tuple[ViewConfig, ViewConfig]:
+    """(view 1, view 2) of SPEC §2."""
+    return VIEW1, VIEW2
+
+
+class AugmentedView(NamedTuple):
+    """One view. image: float32 [S, S, 3] in [0, 1]; mask: float32 [S, S, 1] in {0, 1}
+    (None when no mask was given); record: what was drawn — ``crop_window`` int32 [4]
+    (offset_y, offset_x, height, width in source pixels), bool scalars ``flip``,
+    ``jitter``, ``grayscale``, ``blur``, ``solarize``, and float32 ``blur_sigma``."""
+    image: tf.Tensor
+    mask: Optional[tf.Tensor]
+    record: Dict[str, tf.Tensor]
+
+
+# --------------------------------------------------------------------------- seeds
+
+
+def op_seed(seed: tf.Tensor, code: int) -> tf.Tensor:
+    """A seed for one operation: ``seed`` (int [2]) folded with the operation's code."""
+    return tf.random.experimental.stateless_fold_in(seed, code)
+
+
+def _coin(seed: tf.Tensor, probability: float) -> tf.Tensor:
+    return tf.random.stateless_uniform([], seed) < probability
+
+
+def _uniform(seed: tf.Tensor, low: float, high: float) -> tf.Tensor:
+    return tf.random.stateless_uniform([], seed, minval=low, maxval=high)
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+def sample_crop_window(image_shape: tf.Tensor, seed: tf.Tensor,
+                       config: ViewConfig) -> tf.Tensor:
+    """Samples an Inception crop window.
+
+    Args:
+      image_shape: int32 [3] (height, width, channels) of the source image.
+      seed: int32/int64 [2].
+      config: area and aspect ranges, number of attempts.
+    Returns:
+      int32 [4] (offset_y, offset_x, height, width). Area fraction in ``crop_area`` and
+      aspect (width / height) in ``crop_aspect`` up to rounding to whole pixels; after
+      ``crop_attempts`` failures, the whole image (TF's fallback).
+
+    TF draws the window's height uniformly for a drawn aspect ratio, not its area (as in
+    SimCLR's and BYOL's TF code; torchvision draws the area), so areas lean small: median
+    about 0.32 on a 500×375 image rather than 0.54.
+
+    ``min_object_covered`` equals the lower area bound: the "object" is the whole image,
+    so SimCLR's 0.1 would silently raise the 0.08 floor.
+    """
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        image_size=image_shape,
+        bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+        seed=seed,
+        min_object_covered=config.crop_area[0],
+        aspect_ratio_range=config.crop_aspect,
+        area_range=config.crop_area,
+        max_attempts=config.crop_attempts,
+        use_image_if_no_bounding_boxes=True)
+    return tf.stack([begin[0], begin[1], size[0], size[1]])
+
+
+def central_crop_window(image_shape: tf.Tensor, crop_fraction: float) -> tf.Tensor:
+    """The central square of side ``floor(crop_fraction · min(H, W))`` (SimCLR / BYOL
+    evaluation; 0.875 = 224/256). Returns int32 [4] (offset_y, offset_x, side, side)."""
+    height, width = image_shape[0], image_shape[1]
+    side = tf.cast(crop_fraction * tf.cast(tf.minimum(height, width), tf.float32),
+                   tf.int32)
+    side = tf.maximum(side, 1)
+    return tf.stack([(height - side + 1) // 2, (width - side + 1) // 2, side, side])
+
+
+def crop(image: tf.Tensor, window: tf.Tensor) -> tf.Tensor:
+    """``image[y:y+h, x:x+w]`` for a window int32 [4] (y, x, h, w); any dtype, [H, W, C]."""
+    out = tf.slice(image, tf.stack([window[0], window[1], 0]),
+                   tf.stack([window[2], window[3], -1]))
+    out.set_shape([None, None, image.shape[-1]])
+    return out
+
+
+def decode_and_crop(encoded: tf.Tensor,
+                    window_fns: Sequence[Callable[[tf.Tensor], tf.Tensor]], *,
+                    fused: bool) -> Tuple[List[tf.Tensor], List[tf.Tensor], tf.Tensor]:
+    """Decodes an encoded image once per window, or once in all.
+
+    Args:
+      encoded: scalar string, JPEG or PNG bytes.
+      window_fns: each maps the image shape int32 [3] to a window int32 [4].
+      fused: for JPEG, read the shape from the header and decode only each window
+        (``tf.image.decode_and_crop_jpeg``, once per window); otherwise (and always for
+        PNG) decode the whole image once and slice.
+    Returns:
+      (crops: uint8 [h_i, w_i, 3] and windows: int32 [4], one of each per window_fn;
+      the image's shape int32 [3]).
+    """
+    def full():
+        image = schema.decode_image({"image": encoded})
+        shape = tf.shape(image)
+        windows = [fn(shape) for fn in window_fns]
+        return [crop(image, w) for w in windows], windows, shape
+
+    if not fused:
+        return full()
+
+    def partial():
+        shape = tf.image.extract_jpeg_shape(encoded)
+        windows = [fn(shape) for fn in window_fns]
+        crops = [tf.image.decode_and_crop_jpeg(encoded, w, channels=3) for w in windows]
+        return crops, windows, shape
+
+    crops, windows, shape = tf.cond(tf.io.is_jpeg(encoded), partial, full)
+    for c in crops:
+        c.set_shape([None, None, 3])
+    return crops, windows, shape
+
+
+def resize_image(image: tf.Tensor, image_size: int, method: str = "bicubic") -> tf.Tensor:
+    """uint8 or float [h, w, 3] (uint8 read as /255) → float32 [S, S, 3] in [0, 1]."""
+    if image.dtype == tf.uint8:
+        image = tf.cast(image, tf.float32) / 255.0
+    image = tf.image.resize(image, [image_size, image_size], method=method)
+    return tf.clip_by_value(image, 0.0, 1.0)
+
+
+def resize_mask(mask: tf.Tensor, image_size: int) -> tf.Tensor:
+    """Binary mask [h, w, 1] (any numeric dtype) → float32 [S, S, 1] in {0, 1}, nearest
+    neighbour (the same half-pixel grid as the image resize, so edges line up)."""
+    mask = tf.image.resize(tf.cast(mask, tf.float32), [image_size, image_size],
+                           method="nearest")
+    return tf.cast(mask >= 0.5, tf.float32)
+
+
+def flip_left_right(image: tf.Tensor) -> tf.Tensor:
+    """Mirror [H, W, C] along the width."""
+    return tf.reverse(image, axis=[1])
+
+
+# --------------------------------------------------------------------------- colour
+
+
+def gaussian_kernel(sigma: tf.Tensor, radius: int) -> tf.Tensor:
+    """Normalised 1-D Gaussian: k_i ∝ exp(−i² / (2σ²)), i = −radius..radius, Σk = 1.
+    Returns float32 [2·radius + 1]."""
+    x = tf.range(-radius, radius + 1, dtype=tf.float32)
+    sigma = tf.cast(sigma, tf.float32)
+    kernel = tf.exp(-tf.square(x) / (2.0 * tf.square(sigma)))
+    return kernel / tf.reduce_sum(kernel)
+
+
+def blur_radius(image_size: int, kernel_fraction: float = 0.1) -> int:
+    """Kernel radius for a side of ``image_size``: taps = 2·(⌊fraction·S⌋ // 2) + 1 (BYOL:
+    23 taps at 224 px)."""
+    return max(int(kernel_fraction * image_size) // 2, 1)
+
+
+def gaussian_blur(image: tf.Tensor, sigma: tf.Tensor, radius: int) -> tf.Tensor:
+    """Separable Gaussian blur of float [H, W, C] (depthwise: each channel on its own),
+    with symmetric (edge-repeating) padding, so a constant image stays constant — zero
+    padding would darken the border. Equals ``scipy.ndimage.convolve1d(..., mode=
+    'reflect')`` along height then width with :func:`gaussian_kernel`."""
+    channels = image.shape[-1]
+    kernel = gaussian_kernel(sigma, radius)
+    padded = tf.pad(image[tf.newaxis], [[0, 0], [radius, radius], [radius, radius], [0, 0]],
+                    mode="SYMMETRIC")
+    vertical = tf.tile(tf.reshape(kernel, [-1, 1, 1, 1]), [1, 1, channels, 1])
+    horizontal = tf.tile(tf.reshape(kernel, [1, -1, 1, 1]), [1, 1, channels, 1])
+    out = tf.nn.depthwise_conv2d(padded, vertical, [1, 1, 1, 1], "VALID")
+    out = tf.nn.depthwise_conv2d(out, horizontal, [1, 1, 1, 1], "VALID")
+    return out[0]
+
+
+def solarize(image: tf.Tensor, threshold: float = 0.5) -> tf.Tensor:
+    """x ↦ x where x < threshold, else 1 − x (float [0, 1] pixels)."""
+    return tf.where(image < threshold, image, 1.0 - image)
+
+
+def to_grayscale(image: tf.Tensor) -> tf.Tensor:
+    """Luma Y = 0.2989 R + 0.5870 G + 0.1140 B, repeated on three channels. [H, W, 3]."""
+    return tf.tile(tf.image.rgb_to_grayscale(image), [1, 1, 3])
+
+
+def jitter_order(seed: tf.Tensor) -> tf.Tensor:
+    """The order of the colour-jitter ops for a jitter seed: a uniformly random
+    permutation, int32 [4], of 0 brightness, 1 contrast, 2 saturation, 3 hue."""
+    return tf.argsort(tf.random.stateless_uniform([4], op_seed(seed, _ORDER)))
+
+
+def color_jitter(image: tf.Tensor, seed: tf.Tensor, *, brightness: float,
+                 contrast: float, saturation: float, hue: float) -> tf.Tensor:
+    """Brightness, contrast, saturation, hue in an order drawn from ``seed``; each factor
+    from its own sub-seed, each result clipped to [0, 1] (see :class:`ViewConfig`).
+    float32 [H, W, 3] in [0, 1] → same."""
+    b = _uniform(op_seed(seed, _BRIGHTNESS), 1.0 - brightness, 1.0 + brightness)
+    c = _uniform(op_seed(seed, _CONTRAST), 1.0 - contrast, 1.0 + contrast)
+    s = _uniform(op_seed(seed, _SATURATION), 1.0 - saturation, 1.0 + saturation)
+    h = _uniform(op_seed(seed, _HUE), -hue, hue)
+    branches = [
+        lambda x: x * b,
+        lambda x: tf.image.adjust_contrast(x, c),
+        lambda x: tf.image.adjust_saturation(x, s),
+        lambda x: tf.image.adjust_hue(x, h),
+    ]
+    order = jitter_order(seed)
+    for position in range(4):
+        image = tf.switch_case(order[position],
+                               [lambda f=f: f(image) for f in branches])
+        image = tf.clip_by_value(image, 0.0, 1.0)
+    return image
+
+
+# --------------------------------------------------------------------------- views
+
+
+def _maybe(coin: tf.Tensor, fn: Callable[[tf.Tensor], tf.Tensor],
+           x: tf.Tensor) -> tf.Tensor:
+    return tf.cond(coin, lambda: fn(x), lambda: tf.identity(x))
+
+
+def finish_view(cropped: tf.Tensor, cropped_mask: Optional[tf.Tensor], seed: tf.Tensor,
+                config: ViewConfig, image_size: int,
+                window: Optional[tf.Tensor] = None) -> AugmentedView:
+    """Steps 1 (resize) to 6 on an already cropped image (uint8 or float [h, w, 3]) and
+    mask ([h, w, 1] or None). ``seed`` is the view's seed; ``window`` only goes to the
+    record."""
+    image = resize_image(cropped, image_size, config.resize_method)
+    mask = None if cropped_mask is None else resize_mask(cropped_mask, image_size)
+
+    flip = _coin(op_seed(seed, _FLIP), config.flip_prob)
+    image = _maybe(flip, flip_left_right, image)
+    if mask is not None:
+        mask = _maybe(flip, flip_left_right, mask)
+
+    jitter_seed = op_seed(seed, _JITTER)
+    jitter = _coin(jitter_seed, config.jitter_prob)
+    image = _maybe(jitter, lambda x: color_jitter(
+        x, jitter_seed, brightness=config.brightness, contrast=config.contrast,
+        saturation=config.saturation, hue=config.hue), image)
+
+    grayscale = _coin(op_seed(seed, _GRAYSCALE), config.grayscale_prob)
+    image = _maybe(grayscale, to_grayscale, image)
+
+    blur_seed = op_seed(seed, _BLUR)
+    blur = _coin(blur_seed, config.blur_prob)
+    sigma = _uniform(op_seed(blur_seed, 1), *config.blur_sigma)
+    radius = blur_radius(image_size, config.blur_kernel_fraction)
+    image = _maybe(blur, lambda x: gaussian_blur(x, sigma, radius), image)
+
+    solar = _coin(op_seed(seed, _SOLARIZE), config.solarize_prob)
+    image = _maybe(solar, lambda x: solarize(x, config.solarize_threshold), image)
+
+    image = tf.clip_by_value(image, 0.0, 1.0)
+    image.set_shape([image_size, image_size, 3])
+    if mask is not None:
+        mask.set_shape([image_size, image_size, 1])
+    record = {"flip": flip, "jitter": jitter, "grayscale": grayscale, "blur": blur,
+              "blur_sigma": sigma, "solarize": solar}
+    if window is not None:
+        record["crop_window"] = window
+    return AugmentedView(image, mask, record)
+
+
+def augment_view(image: tf.Tensor, mask: Optional[tf.Tensor], seed: tf.Tensor,
+                 config: ViewConfig, image_size: int) -> AugmentedView:
+    """One view of a decoded image.
+
+    Args:
+      image: uint8 (or float in [0, 1]) [H, W, 3].
+      mask: [H, W, 1] in {0, 1} (any numeric dtype), or None.
+      seed: int32/int64 [2], the view's seed.
+      config: the view's parameters.
+      image_size: output side S.
+    Returns:
+      :class:`AugmentedView` with image float32 [S, S, 3] in [0, 1] and mask float32
+      [S, S, 1] in {0, 1}, cropped with the same window and flipped with the same coin.
+    """
+    window = sample_crop_window(tf.shape(image), op_seed(seed, _CROP), config)
+    cropped_mask = None if mask is None else crop(mask, window)
+    return finish_view(crop(image, window), cropped_mask, seed, config, image_size, window)
+
+
+def view_seeds(seed: tf.Tensor, count: int) -> List[tf.Tensor]:
+    """Per-view seeds from a per-example seed int [2]: view v gets fold_in(seed, v)."""
+    return [tf.random.experimental.stateless_fold_in(seed, v) for v in range(count)]
+
+
+def record_views(parsed: Mapping[str, tf.Tensor], seed: tf.Tensor,
+                 configs: Sequence[ViewConfig], image_size: int, *, fused_crop: bool,
+                 with_mask: bool = True) -> List[AugmentedView]:
+    """Views of one parsed record (:func:`schema.parse_example`), one per config.
+
+    The crop windows are drawn from the image shape (the JPEG header when ``fused_crop``);
+    the mask is decoded once and cropped with each view's window. A mask whose size
+    differs from the image's fails with an error naming the record id.
+    """
+    seeds = view_seeds(seed, len(configs))
+    window_fns = [
+        (lambda shape, s=s, c=c: sample_crop_window(shape, op_seed(s, _CROP), c))
+        for s, c in zip(seeds, configs)]
+    crops, windows, shape = decode_and_crop(parsed["image"], window_fns, fused=fused_crop)
+    masks: List[Optional[tf.Tensor]] = [None] * len(configs)
+    if with_mask:
+        mask = schema.decode_mask(parsed)
+        # The windows were drawn on the image's shape; the mask must have the same.
+        check = tf.debugging.Assert(
+            tf.reduce_all(tf.equal(tf.shape(mask)[:2], shape[:2])),
+            ["harl-tf record: the mask and the image differ in size (rebuild the "
+             "record); id, mask shape, image shape:", parsed["id"], tf.shape(mask), shape])
+        with tf.control_dependencies([check]):
+            masks = [crop(mask, w) for w in windows]
+    return [finish_view(c, m, s, cfg, image_size, w)
+            for c, m, s, cfg, w in zip(crops, masks, seeds, configs, windows)]
+
+
+def two_views(parsed: Mapping[str, tf.Tensor], seed: tf.Tensor, image_size: int, *,
+              view_configs: Optional[Sequence[ViewConfig]] = None,
+              fused_crop: bool = True) -> Dict[str, tf.Tensor]:
+    """The pretraining example: ``view1``, ``view2`` float32 [S, S, 3] in [0, 1],
+    ``mask1``, ``mask2`` float32 [S, S, 1] in {0, 1}, ``label`` int64 []."""
+    configs = tuple(view_configs or default_view_configs())
+    if len(configs) != 2:
+        raise ValueError(f"view_configs must hold two ViewConfig, got {len(configs)}")
+    v1, v2 = record_views(parsed, seed, configs, image_size, fused_crop=fused_crop)
+    return {"view1": v1.image, "view2": v2.image, "mask1": v1.mask, "mask2": v2.mask,
+            "label": parsed["label"]}

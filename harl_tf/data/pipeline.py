@@ -1,0 +1,249 @@
+"""Input pipelines: two-view pretraining, linear-evaluation training, evaluation.
+
+Pretraining (per worker): list the files → keep this worker's share of the FILES (through
+``tf.distribute.InputContext``) → shuffle files → interleave records → shuffle records →
+repeat → number each record → parse (:mod:`harl_tf.data.schema`) and make two views
+(:mod:`harl_tf.data.augment`) → batch per replica, drop the remainder → prefetch.
+
+Views are drawn from a per-example seed ``fold_in([seed, worker], n)``, n the record's
+position in this worker's stream, so with ``deterministic=True`` and a ``seed`` every run
+yields the same batches. Nothing is cached: records are read and decoded every epoch.
+"""
+from __future__ import annotations
+
+import random
+from typing import List, Optional, Sequence
+
+import tensorflow as tf
+
+from harl_tf.data import augment, schema
+
+AUTOTUNE = tf.data.AUTOTUNE
+# Serialized records held for shuffling; about 110 kB each on ImageNet (JPEG + PNG mask),
+# so about 1 GB per worker.
+DEFAULT_SHUFFLE_BUFFER = 10_000
+# Full decode then crop: two views need two crops, and two cropped JPEG decodes cost more
+# CPU than one full decode (bench/bench_input_pipeline.py, 500x375 JPEGs, decode-and-crop
+# step: 0.8-1.1 vs 1.1-1.25 CPU ms per example; end to end both are about 7 CPU ms).
+DEFAULT_FUSED_CROP = False
+_MAX_CYCLE_LENGTH = 16
+
+
+def list_files(file_pattern: str, input_context: Optional[tf.distribute.InputContext] = None,
+               *, caller: str = "pipeline") -> List[str]:
+    """The sorted files matching ``file_pattern`` (a glob, or comma-separated globs), and
+    of them this input pipeline's share ``files[id::num_input_pipelines]``.
+
+    Raises FileNotFoundError naming the pattern when nothing matches, and ValueError
+    naming both numbers when there are fewer files than input pipelines.
+    """
+    files: List[str] = []
+    for pattern in str(file_pattern).split(","):
+        if pattern.strip():
+            files.extend(tf.io.gfile.glob(pattern.strip()))
+    files = sorted(set(files))
+    if not files:
+        raise FileNotFoundError(
+            f"{caller}: no file matches file_pattern {file_pattern!r}; build records with "
+            f"tools/build_tfrecords.py or fix the pattern")
+    if input_context is not None:
+        count = input_context.num_input_pipelines
+        if len(files) < count:
+            raise ValueError(
+                f"{caller}: {len(files)} file(s) match {file_pattern!r} but there are "
+                f"{count} input pipelines (workers); each worker reads whole files, so "
+                f"write at least {count} shards")
+        files = files[input_context.input_pipeline_id::count]
+    return files
+
+
+def _check_sizes(caller: str, batch_size: int, image_size: int) -> None:
+    if int(batch_size) <= 0:
+        raise ValueError(f"{caller}: batch_size must be positive, got {batch_size}")
+    if int(image_size) <= 0:
+        raise ValueError(f"{caller}: image_size must be positive, got {image_size}")
+
+
+def _options(deterministic: bool, sharded_by_us: bool) -> tf.data.Options:
+    options = tf.data.Options()
+    options.deterministic = deterministic
+    if sharded_by_us:
+        options.experimental_distribute.auto_shard_policy = (
+            tf.data.experimental.AutoShardPolicy.OFF)
+    return options
+
+
+def _numbered_records(files: Sequence[str], *, seed: Optional[int], deterministic: bool,
+                      shuffle_buffer: int, repeat: bool) -> tf.data.Dataset:
+    """(n int64, serialized record) in a shuffled, optionally endless order."""
+    dataset = tf.data.Dataset.from_tensor_slices(list(files))
+    dataset = dataset.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+    dataset = dataset.interleave(
+        tf.data.TFRecordDataset, cycle_length=min(len(files), _MAX_CYCLE_LENGTH),
+        block_length=1, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+    if shuffle_buffer > 1:
+        dataset = dataset.shuffle(shuffle_buffer,
+                                  seed=None if seed is None else seed + 1,
+                                  reshuffle_each_iteration=True)
+    if repeat:
+        dataset = dataset.repeat()
+    return dataset.enumerate()
+
+
+def _base_seed(seed: Optional[int], deterministic: bool, caller: str) -> int:
+    if seed is None:
+        if deterministic:
+            raise ValueError(f"{caller}: deterministic=True needs a seed (got seed=None)")
+        return random.SystemRandom().randrange(2 ** 31)
+    return int(seed)
+
+
+def pretrain_dataset(file_pattern: str, batch_size: int, image_size: int, *,
+                     input_context: Optional[tf.distribute.InputContext] = None,
+                     seed: Optional[int] = None, deterministic: bool = False,
+                     shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+                     view_configs: Optional[Sequence[augment.ViewConfig]] = None,
+                     fused_crop: bool = DEFAULT_FUSED_CROP,
+                     repeat: bool = True) -> tf.data.Dataset:
+    """Two-view pretraining batches.
+
+    Args:
+      file_pattern: glob (or comma-separated globs) of TFRecord files in
+        :mod:`harl_tf.data.schema`.
+      batch_size: examples per batch — per replica when ``input_context`` is given
+        (``input_context.get_per_replica_batch_size(global)``, as
+        :func:`distributed_pretrain_dataset` does).
+      image_size: side S of the views.
+      input_context: this worker's input pipeline; files are split between pipelines.
+      seed: seeds file order, record shuffling and the views. None: a fresh random seed.
+      deterministic: keep element order fixed (needs ``seed``); identical batches across
+        runs. False lets parallel stages reorder for speed.
+      shuffle_buffer: records held for shuffling.
+      view_configs: (view 1, view 2) :class:`augment.ViewConfig`; default SPEC §2.
+      fused_crop: decode only each crop window of a JPEG (True) or the whole image.
+      repeat: repeat forever (training is step-based).
+    Returns:
+      Dataset of {"view1", "view2": float32 [B, S, S, 3] in [0, 1], "mask1", "mask2":
+      float32 [B, S, S, 1] in {0, 1}, "label": int64 [B]}.
+    """
+    caller = "pretrain_dataset"
+    _check_sizes(caller, batch_size, image_size)
+    files = list_files(file_pattern, input_context, caller=caller)
+    base = _base_seed(seed, deterministic, caller)
+    worker = 0 if input_context is None else input_context.input_pipeline_id
+    base_seed = tf.constant([base, worker], tf.int64)
+    configs = tuple(view_configs or augment.default_view_configs())
+
+    @tf.autograph.experimental.do_not_convert  # plain tf ops; tracing stays fast
+    def make_views(index, serialized):
+        example_seed = tf.random.experimental.stateless_fold_in(base_seed, index)
+        return augment.two_views(schema.parse_example(serialized), example_seed,
+                                 image_size, view_configs=configs, fused_crop=fused_crop)
+
+    dataset = _numbered_records(files, seed=seed,
+                                deterministic=deterministic,
+                                shuffle_buffer=shuffle_buffer, repeat=repeat)
+    dataset = dataset.map(make_views, num_parallel_calls=AUTOTUNE,
+                          deterministic=deterministic)
+    dataset = dataset.batch(int(batch_size), drop_remainder=True)
+    dataset = dataset.prefetch(AUTOTUNE)
+    return dataset.with_options(_options(deterministic, input_context is not None))
+
+
+def distributed_pretrain_dataset(strategy: tf.distribute.Strategy, file_pattern: str,
+                                 global_batch_size: int, image_size: int, **kwargs):
+    """:func:`pretrain_dataset` on every worker through
+    ``strategy.distribute_datasets_from_function``; each replica gets
+    ``global_batch_size / num_replicas`` examples. ``kwargs`` go to pretrain_dataset."""
+    replicas = strategy.num_replicas_in_sync
+    if global_batch_size % replicas:
+        raise ValueError(f"distributed_pretrain_dataset: global_batch_size "
+                         f"{global_batch_size} is not divisible by the {replicas} replicas")
+
+    def dataset_fn(input_context: tf.distribute.InputContext) -> tf.data.Dataset:
+        return pretrain_dataset(
+            file_pattern, input_context.get_per_replica_batch_size(global_batch_size),
+            image_size, input_context=input_context, **kwargs)
+
+    return strategy.distribute_datasets_from_function(dataset_fn)
+
+
+def train_classifier_dataset(file_pattern: str, batch_size: int, image_size: int, *,
+                             input_context: Optional[tf.distribute.InputContext] = None,
+                             seed: Optional[int] = None, deterministic: bool = False,
+                             shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+                             crop_area=(0.08, 1.0), flip_prob: float = 0.5,
+                             fused_crop: bool = DEFAULT_FUSED_CROP,
+                             repeat: bool = True) -> tf.data.Dataset:
+    """Training batches for linear evaluation / fine-tuning (SPEC §8): Inception crop
+    (area ``crop_area``, aspect 3/4–4/3) and horizontal flip, no colour.
+
+    Returns a dataset of {"image": float32 [B, S, S, 3] in [0, 1], "label": int64 [B]};
+    arguments as in :func:`pretrain_dataset`.
+    """
+    caller = "train_classifier_dataset"
+    _check_sizes(caller, batch_size, image_size)
+    files = list_files(file_pattern, input_context, caller=caller)
+    base = _base_seed(seed, deterministic, caller)
+    worker = 0 if input_context is None else input_context.input_pipeline_id
+    base_seed = tf.constant([base, worker], tf.int64)
+    config = augment.ViewConfig(crop_area=tuple(crop_area),
+                                flip_prob=flip_prob).geometry_only()
+
+    @tf.autograph.experimental.do_not_convert
+    def make_view(index, serialized):
+        parsed = schema.parse_example(serialized)
+        example_seed = tf.random.experimental.stateless_fold_in(base_seed, index)
+        (view,) = augment.record_views(parsed, example_seed, [config], image_size,
+                                       fused_crop=fused_crop, with_mask=False)
+        return {"image": view.image, "label": parsed["label"]}
+
+    dataset = _numbered_records(files, seed=seed,
+                                deterministic=deterministic,
+                                shuffle_buffer=shuffle_buffer, repeat=repeat)
+    dataset = dataset.map(make_view, num_parallel_calls=AUTOTUNE,
+                          deterministic=deterministic)
+    dataset = dataset.batch(int(batch_size), drop_remainder=True)
+    dataset = dataset.prefetch(AUTOTUNE)
+    return dataset.with_options(_options(deterministic, input_context is not None))
+
+
+def eval_dataset(file_pattern: str, batch_size: int, image_size: int, *,
+                 crop_fraction: float = 0.875,
+                 input_context: Optional[tf.distribute.InputContext] = None,
+                 fused_crop: bool = DEFAULT_FUSED_CROP) -> tf.data.Dataset:
+    """Evaluation batches: one pass, in file order (sorted file names, then record order),
+    no augmentation. Each image is cut to its central square of side
+    ``floor(crop_fraction · min(H, W))`` and resized (bicubic) to S × S.
+
+    With ``input_context``, pipeline i keeps records i, i + n, ... (records, not files, so
+    that every record is seen exactly once whatever the number of files). The last batch
+    may be smaller.
+
+    Returns a dataset of {"image": float32 [B, S, S, 3] in [0, 1], "label": int64 [B],
+    "id": string [B]}.
+    """
+    caller = "eval_dataset"
+    _check_sizes(caller, batch_size, image_size)
+    if not 0.0 < crop_fraction <= 1.0:
+        raise ValueError(f"{caller}: crop_fraction must be in (0, 1], got {crop_fraction}")
+    files = list_files(file_pattern, None, caller=caller)
+    dataset = tf.data.TFRecordDataset(files)
+    if input_context is not None:
+        dataset = dataset.shard(input_context.num_input_pipelines,
+                                input_context.input_pipeline_id)
+
+    @tf.autograph.experimental.do_not_convert
+    def center(serialized):
+        parsed = schema.parse_example(serialized)
+        (cropped,), _, _ = augment.decode_and_crop(
+            parsed["image"], [lambda shape: augment.central_crop_window(shape, crop_fraction)],
+            fused=fused_crop)
+        image = augment.resize_image(cropped, image_size, "bicubic")
+        image.set_shape([image_size, image_size, 3])
+        return {"image": image, "label": parsed["label"], "id": parsed["id"]}
+
+    dataset = dataset.map(center, num_parallel_calls=AUTOTUNE, deterministic=True)
+    dataset = dataset.batch(int(batch_size), drop_remainder=False)
+    dataset = dataset.prefetch(AUTOTUNE)
+    return dataset.with_options(_options(True, input_context is not None))
