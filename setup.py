@@ -17,6 +17,7 @@ REQUIRES = [
     "pillow>=10",
     "scipy>=1.11",
     "tqdm>=4.66",
+    "tensorboard>=2.20",
 ]
 
 EXTRAS = {

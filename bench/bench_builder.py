@@ -1,0 +1,189 @@
+"""TFRecord builder throughput and peak memory, masks given (no mask method).
+
+Cases, each in a fresh child process (so peak RSS is the run's own):
+
+- ``folder_500x375``: a folder of 500×375 JPEGs (quality 90) with PNG masks, made from
+  synthetic images (a few unique renders, copied to N files: the builder's cost per file
+  does not depend on the content; rendering 500×375 costs ~0.6 s, far more than building);
+  N and 2N images with 1 and 2 workers — peak RSS at N vs 2N shows memory stays flat.
+- ``cutouts``: ``/work/shared/data/cutouts`` (128×128 JPEGs + masks), one split, 1 and 2
+  workers.
+- ``synthetic_500x375``: the synthetic source itself (rendering included), a few images.
+
+Reports wall images/s (listing + pool start-up + writing included, TF import excluded), CPU
+milliseconds per image over the parent and its workers (robust to other load on a shared
+machine), peak RSS of the parent (getrusage; mostly TensorFlow, which the parent imports to
+write) and, sampled every 50 ms with psutil, of the largest worker and of parent + workers
+(getrusage of children would count the parent's pages copied at fork). Writes
+``bench/results/bench_builder.json``.
+
+    python bench/bench_builder.py [--n 300] [--cutouts_split test] [--synthetic_n 16]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+CUTOUTS = "/work/shared/data/cutouts"
+
+
+def _child(args) -> None:
+    """One build; prints a JSON line with the figures."""
+    import threading
+    import psutil
+    from harl_tf.data import builder, sources
+    import tensorflow as tf  # noqa: F401  (imported before timing: not the builder's cost)
+    if args.case == "synthetic":
+        source = sources.SyntheticSource(args.count, image_size=(375, 500), image_format="jpeg",
+                                         jpeg_quality=90)
+        splits = None
+    else:
+        source = sources.FolderSource(args.root, mask_method_name="ground_truth")
+        splits = [args.split]
+    peaks = {"tree": 0, "workers": 0}
+    done = threading.Event()
+
+    def sample() -> None:  # RSS of this process and its workers, every 50 ms
+        me = psutil.Process()
+        while not done.is_set():
+            try:
+                kids = [p.memory_info().rss for p in me.children(recursive=True)]
+                own = me.memory_info().rss
+            except psutil.Error:
+                continue
+            peaks["tree"] = max(peaks["tree"], own + sum(kids))
+            peaks["workers"] = max(peaks["workers"], max(kids, default=0))
+            done.wait(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    started = time.time()
+    manifest = builder.build_dataset(source, args.out, splits=splits, num_shards=args.shards,
+                                     num_workers=args.workers, progress=False)
+    seconds = time.time() - started
+    done.set()
+    sampler.join()
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    images = manifest["last_run"]["images_processed"]
+    cpu = (own.ru_utime - before.ru_utime + own.ru_stime - before.ru_stime
+           + kids.ru_utime + kids.ru_stime)
+    print(json.dumps({
+        "images": images, "seconds": round(seconds, 3),
+        "images_per_second": round(images / seconds, 1),
+        "cpu_ms_per_image": round(1000 * cpu / max(images, 1), 2),
+        "peak_rss_parent_mb": round(own.ru_maxrss / 1024, 1),
+        "peak_rss_largest_worker_mb": round(peaks["workers"] / 2 ** 20, 1),
+        "peak_rss_parent_plus_workers_mb": round(peaks["tree"] / 2 ** 20, 1),
+        "bytes_written": sum(s["bytes"] for e in manifest["splits"].values()
+                             for s in e["shards"]),
+    }))
+
+
+def _make_folder(root: str, count: int, unique: int = 12) -> None:
+    import numpy as np
+    from PIL import Image
+    from harl_tf.data import synthetic
+    renders = [synthetic.render(i, (375, 500), 0) for i in range(unique)]
+    for i in range(count):
+        image, mask, label = renders[i % unique]
+        name = synthetic.CLASS_NAMES[label]
+        for kind in ("images", "masks"):
+            os.makedirs(os.path.join(root, kind, name), exist_ok=True)
+        Image.fromarray(image).save(os.path.join(root, "images", name, f"{i:06d}.jpg"),
+                                    quality=90)
+        Image.fromarray((mask * np.uint8(255))).save(
+            os.path.join(root, "masks", name, f"{i:06d}.png"))
+
+
+def _run(case, root, split, count, workers, shards, work) -> dict:
+    out = tempfile.mkdtemp(dir=work)
+    command = [sys.executable, os.path.abspath(__file__), "--_child", "--case", case,
+               "--root", root or "", "--split", split, "--count", str(count), "--workers",
+               str(workers), "--shards", str(shards), "--out", out]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    shutil.rmtree(out, ignore_errors=True)
+    if result.returncode != 0:
+        raise SystemExit(f"child failed ({' '.join(command)}):\n{result.stderr[-3000:]}")
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    figures.update(case=case, workers=workers, shards=shards)
+    print(json.dumps(figures), flush=True)
+    return figures
+
+
+def _machine() -> dict:
+    model = ""
+    with open("/proc/cpuinfo") as handle:
+        for line in handle:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    import numpy
+    import PIL
+    import cv2
+    versions = {"python": platform.python_version(), "numpy": numpy.__version__,
+                "pillow": PIL.__version__, "opencv": cv2.__version__}
+    try:
+        from importlib.metadata import version
+        versions["tensorflow"] = version("tensorflow-cpu")
+    except Exception:  # noqa: BLE001
+        pass
+    return {"cores": os.cpu_count(), "cpu_model": model, "platform": platform.platform(),
+            "load_average_at_start": os.getloadavg(), "versions": versions}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=300, help="N (folder case runs N and 2N)")
+    parser.add_argument("--cutouts_split", default="test")
+    parser.add_argument("--synthetic_n", type=int, default=16)
+    parser.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--case"), parser.add_argument("--root")
+    parser.add_argument("--split", default="train"), parser.add_argument("--out")
+    parser.add_argument("--count", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--shards", type=int, default=4)
+    args = parser.parse_args()
+    if args._child:
+        return _child(args)
+
+    machine = _machine()
+    print(json.dumps(machine), flush=True)
+    runs = []
+    with tempfile.TemporaryDirectory() as work:
+        for count in (args.n, 2 * args.n):
+            root = os.path.join(work, f"folder{count}")
+            _make_folder(root, count)
+            for workers in (1, 2):
+                runs.append(_run("folder_500x375", root, "train", count, workers, 4, work))
+        if os.path.isdir(CUTOUTS):
+            for workers in (1, 2):
+                runs.append(_run("cutouts", CUTOUTS, args.cutouts_split, 0, workers, 4, work))
+        runs.append(_run("synthetic", None, "train", args.synthetic_n, 2, 2, work))
+    machine["load_average_at_end"] = os.getloadavg()
+    results = {"benchmark": "bench_builder", "command": " ".join(["python"] + sys.argv),
+               "machine": machine, "runs": runs}
+    os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
+    path = os.path.join(ROOT, "bench", "results", "bench_builder.json")
+    temporary = path + ".tmp"
+    with open(temporary, "w") as handle:
+        json.dump(results, handle, indent=1)
+        handle.write("\n")
+    os.replace(temporary, path)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
