@@ -1,0 +1,338 @@
+"""Export the pretrained ONLINE encoder f (no projector, predictor or target network).
+
+An export directory holds:
+
+====================  ==================================================================
+``saved_model.pb``,   TensorFlow SavedModel. Signature ``serving_default``: input
+``variables/``        ``images`` float32 ``[batch, height, width, 3]`` in ``[0, 1]`` (RGB,
+                      any height and width; ImageNet normalisation happens inside) ->
+                      ``embedding`` float32 ``[batch, C]`` (global average pool of the
+                      feature map) and ``feature_map`` float32 ``[batch, h, w, C]``.
+                      Variables keep their ``trainable`` flags (kernels, gamma, beta
+                      trainable; BatchNorm moving statistics not), so the model can be
+                      fine-tuned after ``tf.saved_model.load`` or through
+                      ``keras.layers.TFSMLayer``.
+``encoder.weights.h5``  Keras weights of :class:`harl_tf.models.resnet.ResNet`; rebuild
+                      the encoder from ``harl_export.json`` and load them for Keras-native
+                      fine-tuning (:mod:`harl_tf.downstream.encoder_source`).
+``harl_export.json``  architecture config, input spec, normalisation, output stride,
+                      source checkpoint path and step, versions (:data:`METADATA_FILE`).
+``encoder.onnx``      optional (``onnx=True``), checked against TensorFlow with onnxruntime.
+====================  ==================================================================
+
+BatchNorm runs in inference mode in the serving signature (moving statistics) unless
+``batchnorm_training=True``, in which case batch statistics are used (and the moving
+statistics are updated on every call).
+
+The output stride is chosen at export (SPEC section 3): the stride of the last stages only
+changes the sampling grid, not the weight shapes, so an encoder pretrained at output stride
+16 exports as a standard stride-32 encoder by default.
+
+Writes are atomic: everything is written into a temporary sibling directory which is
+renamed onto ``export_dir`` only when complete, so a half-written export never looks like
+a complete one.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from typing import Any, Dict, Iterator, Optional
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import harl_tf
+from harl_tf.models import resnet
+
+METADATA_FILE = "harl_export.json"
+WEIGHTS_FILE = "encoder.weights.h5"
+ONNX_FILE = "encoder.onnx"
+SIGNATURE = "serving_default"
+INPUT_NAME = "images"
+FORMAT_VERSION = 1
+
+
+def _default_mode(directory: bool) -> int:
+    """Permissions a plain ``mkdir`` / ``open`` would give under the current umask
+    (``mkdtemp`` / ``mkstemp`` create private 0700 / 0600 entries)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
+class ExportError(ValueError):
+    """An export cannot be written or read (names the directory and what is wrong)."""
+
+
+# Atomic files and directories --------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str, *, overwrite: bool = False) -> Iterator[str]:
+    """Yields a temporary directory next to ``target``; renames it onto ``target`` on
+    success and deletes it on failure.
+
+    An existing ``target`` is an :class:`ExportError` unless ``overwrite``; it is then
+    replaced only after the new directory is complete.
+    """
+    target = os.path.abspath(target)
+    if os.path.exists(target) and not overwrite:
+        raise ExportError(f"{target} already exists; choose another directory or pass "
+                          "--overwrite (overwrite=True) to replace it.")
+    parent = os.path.dirname(target)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    os.chmod(tmp, _default_mode(directory=True))
+    old = None
+    if os.path.exists(target):
+        if not overwrite:  # appeared while we were writing
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ExportError(f"{target} appeared while exporting; not replacing it.")
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-", dir=parent)
+        os.rmdir(old)
+        os.rename(target, old)
+    os.rename(tmp, target)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str) -> Iterator[str]:
+    """Yields a temporary path next to ``path`` to write a file to; on success the file
+    gets the usual permissions and is renamed onto ``path``; on failure it is deleted."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=directory)
+    os.close(fd)
+    try:
+        yield tmp
+        os.chmod(tmp, _default_mode(directory=False))
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def write_json_atomic(path: str, payload: Any) -> None:
+    """Writes ``payload`` as indented JSON to ``path`` via a temporary file and a rename."""
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(payload, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def versions() -> Dict[str, str]:
+    """Versions of the software that wrote an artifact."""
+    return {"harl_tf": harl_tf.__version__, "tensorflow": tf.__version__,
+            "keras": keras.__version__, "numpy": np.__version__,
+            "python": platform.python_version()}
+
+
+# Encoder manipulation ------------------------------------------------------------------------
+
+
+def copy_weights(source: keras.Model, target: keras.Model) -> None:
+    """Assigns every variable of ``source`` to the variable of ``target`` with the same
+    path below the model name (e.g. ``layer4_0_conv2/kernel``); raises naming the
+    variables that are missing or of another shape."""
+    def by_path(model):
+        return {v.path.split("/", 1)[1]: v for v in model.variables}
+    src, dst = by_path(source), by_path(target)
+    if set(src) != set(dst):
+        raise ExportError(f"encoders differ: only in source {sorted(set(src) - set(dst))[:5]}, "
+                          f"only in target {sorted(set(dst) - set(src))[:5]}.")
+    for path, variable in dst.items():
+        if tuple(variable.shape) != tuple(src[path].shape):
+            raise ExportError(f"variable {path}: source shape {tuple(src[path].shape)}, "
+                              f"target shape {tuple(variable.shape)}.")
+        variable.assign(src[path])
+
+
+def with_output_stride(encoder: keras.Model, config: Dict[str, Any],
+                       output_stride: Optional[int]) -> tuple:
+    """(encoder, config) with the requested output stride (``None`` keeps it).
+
+    A new :class:`ResNet` is built when the stride changes and the weights are copied
+    (they keep their shapes). Synchronised BatchNorm is switched off in the copy: it only
+    matters while training across replicas.
+    """
+    config = dict(config)
+    wanted = dict(config, sync_batchnorm=False)
+    if output_stride is not None:
+        wanted["output_stride"] = int(output_stride)
+    if wanted == config:
+        return encoder, config
+    rebuilt = resnet.build_encoder(wanted)
+    copy_weights(encoder, rebuilt)
+    return rebuilt, wanted
+
+
+def pooled(feature_map: tf.Tensor) -> tf.Tensor:
+    """Global average pool: ``[B, h, w, C]`` -> ``[B, C]``."""
+    return tf.reduce_mean(feature_map, axis=[1, 2])
+
+
+def serving_function(encoder: keras.Model, *, batchnorm_training: bool = False):
+    """The ``serving_default`` computation: ``images`` -> {"embedding", "feature_map"}."""
+    def serve(images):
+        feature_map = encoder(images, training=batchnorm_training)
+        return {"embedding": pooled(feature_map), "feature_map": feature_map}
+    return serve
+
+
+INPUT_SIGNATURE = [tf.TensorSpec([None, None, None, 3], tf.float32, name=INPUT_NAME)]
+
+
+def saved_model_root(encoder: keras.Model, serve) -> tf.__internal__.tracking.AutoTrackable:
+    """The object written by ``tf.saved_model.save``: the encoder, its variable lists (as
+    Keras' ExportArchive has them, so ``loaded.trainable_variables`` works after
+    ``tf.saved_model.load``) and the ``serving_default`` tf.function."""
+    root = tf.__internal__.tracking.AutoTrackable()
+    root.encoder = encoder
+    root.variables = list(encoder.variables)
+    root.trainable_variables = list(encoder.trainable_variables)
+    root.non_trainable_variables = list(encoder.non_trainable_variables)
+    root.serving_default = tf.function(serve, input_signature=INPUT_SIGNATURE)
+    return root
+
+
+# Export --------------------------------------------------------------------------------------
+
+
+def export_encoder(encoder: keras.Model, export_dir: str, *,
+                   encoder_config: Dict[str, Any], output_stride: Optional[int] = 32,
+                   batchnorm_training: bool = False, overwrite: bool = False,
+                   source: Optional[Dict[str, Any]] = None, onnx: bool = False,
+                   onnx_opset: int = 17) -> Dict[str, Any]:
+    """Writes ``encoder`` to ``export_dir`` (see the module docstring); returns the
+    metadata written to ``harl_export.json``.
+
+    Args:
+      encoder: a built :class:`ResNet`.
+      export_dir: target directory; must not exist unless ``overwrite``.
+      encoder_config: the encoder's ``.config``.
+      output_stride: output stride of the exported encoder (32, 16, 8; ``None`` keeps
+        the pretraining one).
+      batchnorm_training: serve with BatchNorm in training mode (batch statistics).
+      source: where the weights came from (``model_dir``, ``checkpoint``, ``step``).
+      onnx: also write ``encoder.onnx`` and check it with onnxruntime (needs the
+        ``onnx`` extra: tf2onnx and onnxruntime).
+    """
+    export_dir = os.path.abspath(export_dir)
+    if os.path.exists(export_dir) and not overwrite:
+        raise ExportError(f"--export_dir={export_dir} already exists; choose another "
+                          "directory or pass --overwrite to replace it.")
+    if onnx:
+        from harl_tf.downstream import onnx_export
+        onnx_export.require_onnx()  # fail before the slow part
+    pretrain_stride = encoder_config.get("output_stride")
+    encoder, config = with_output_stride(encoder, encoder_config, output_stride)
+    serve = serving_function(encoder, batchnorm_training=batchnorm_training)
+    metadata = {
+        "format": "harl-tf encoder export",
+        "format_version": FORMAT_VERSION,
+        "encoder_config": config,
+        "feature_dim": int(encoder.feature_dim),
+        "total_stride": int(encoder.total_stride),
+        "output_stride": int(config["output_stride"]),
+        "pretrain_output_stride": pretrain_stride,
+        "signature": SIGNATURE,
+        "inputs": {INPUT_NAME: {"dtype": "float32", "shape": [None, None, None, 3],
+                                "range": [0.0, 1.0], "layout": "NHWC", "channels": "RGB"}},
+        "outputs": {"embedding": {"dtype": "float32", "shape": [None, encoder.feature_dim],
+                                  "pooling": "global average"},
+                    "feature_map": {"dtype": "float32",
+                                    "shape": [None, None, None, encoder.feature_dim]}},
+        "normalization": {"mean": list(resnet.IMAGENET_MEAN), "std": list(resnet.IMAGENET_STD),
+                          "applied_inside": True,
+                          "note": "feed [0, 1] RGB images; do not normalise"},
+        "batchnorm_training": bool(batchnorm_training),
+        "weights_file": WEIGHTS_FILE,
+        "source": dict(source or {}),
+        "versions": versions(),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    with atomic_directory(export_dir, overwrite=overwrite) as tmp:
+        root = saved_model_root(encoder, serve)
+        tf.saved_model.save(root, tmp, signatures={SIGNATURE: root.serving_default})
+        encoder.save_weights(os.path.join(tmp, WEIGHTS_FILE))
+        if onnx:
+            from harl_tf.downstream import onnx_export
+            metadata["onnx"] = onnx_export.export_onnx(
+                serve, os.path.join(tmp, ONNX_FILE), opset=onnx_opset)
+            metadata["onnx"]["file"] = ONNX_FILE
+        write_json_atomic(os.path.join(tmp, METADATA_FILE), metadata)
+    return metadata
+
+
+def restore_encoder_from_model_dir(model_dir: str, step: Optional[int] = None):
+    """``(encoder, config, step, checkpoint_path)`` of the online encoder in a pretraining
+    ``model_dir`` (the latest complete checkpoint, or ``step``).
+
+    Pretraining may be writing a new checkpoint at the same time. The checkpoint state
+    file's latest pointer only ever names complete checkpoints (``harl_tf.checkpoints``),
+    and when the files of the checkpoint we picked vanish under us (the manager deleted it
+    after a newer save) we look up the latest pointer again and retry once.
+    """
+    from harl_tf import checkpoints
+
+    if not tf.io.gfile.isdir(model_dir):
+        raise ExportError(f"--model_dir={model_dir} does not exist (expected a pretraining "
+                          "model_dir with model_config.json and checkpoints/).")
+    for attempt in range(2):
+        try:
+            path = checkpoints.find_checkpoint(model_dir, step)
+            encoder, config, restored_step = checkpoints.restore_online_encoder(
+                model_dir, step=checkpoints.checkpoint_step(path))
+            return encoder, config, restored_step, path
+        except (tf.errors.NotFoundError, FileNotFoundError, ValueError) as e:
+            vanished = isinstance(e, tf.errors.NotFoundError)
+            if attempt == 0 and vanished and step is None:
+                time.sleep(0.5)
+                continue
+            raise ExportError(f"--model_dir={model_dir}: cannot restore a pretraining "
+                              f"checkpoint: {getattr(e, 'message', None) or e}") from None
+    raise AssertionError("unreachable")
+
+
+def export_from_model_dir(model_dir: str, export_dir: str, *, step: Optional[int] = None,
+                          output_stride: Optional[int] = 32, batchnorm_training: bool = False,
+                          overwrite: bool = False, onnx: bool = False) -> Dict[str, Any]:
+    """Restores the online encoder of a pretraining ``model_dir`` (latest checkpoint or
+    ``step``) and exports it with :func:`export_encoder`; returns the metadata."""
+    export_dir = os.path.abspath(export_dir)
+    if os.path.exists(export_dir) and not overwrite:  # before the restore
+        raise ExportError(f"--export_dir={export_dir} already exists; choose another "
+                          "directory or pass --overwrite to replace it.")
+    encoder, config, restored_step, path = restore_encoder_from_model_dir(model_dir, step)
+    source = {"model_dir": os.path.abspath(model_dir), "checkpoint": path,
+              "step": None if restored_step is None else int(restored_step)}
+    return export_encoder(encoder, export_dir, encoder_config=config,
+                          output_stride=output_stride, batchnorm_training=batchnorm_training,
+                          overwrite=overwrite, source=source, onnx=onnx)
+
+
+def read_metadata(export_dir: str) -> Dict[str, Any]:
+    """The ``harl_export.json`` of an export directory (clear error when absent)."""
+    path = os.path.join(export_dir, METADATA_FILE)
+    if not tf.io.gfile.exists(path):
+        raise ExportError(f"{export_dir} is not a harl-tf export: {METADATA_FILE} is missing "
+                          "(write one with python -m harl_tf.export).")
+    with tf.io.gfile.GFile(path) as f:
+        metadata = json.load(f)
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise ExportError(f"{path}: format_version {metadata.get('format_version')!r}, this "
+                          f"code reads {FORMAT_VERSION}.")
+    return metadata

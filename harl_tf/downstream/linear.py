@@ -1,0 +1,220 @@
+"""Supervised heads on a pretrained encoder: linear probe and full fine-tuning (SPEC §8).
+
+Two ways to train a linear probe on the frozen encoder (BatchNorm in inference mode):
+
+- **precomputed** (the default, and the fast one on CPU): the pooled features of the
+  centre-cropped images are computed once (:func:`extract_features`) and a linear
+  classifier is trained on them (:func:`train_linear_on_features`). No augmentation.
+  This is also the transfer protocol of BYOL (logistic regression on frozen features).
+- **augmented** (the ImageNet linear-evaluation protocol of BYOL / SimCLR): a
+  :class:`Classifier` with a frozen encoder is trained on random crops + flips
+  (``pipeline.train_classifier_dataset``) and evaluated on centre crops.
+
+Full fine-tuning (semi-supervised 1 % / 10 %, transfer fine-tuning) trains the same
+:class:`Classifier` with a trainable encoder (BatchNorm in training mode).
+
+Optimiser everywhere: SGD with Nesterov momentum 0.9 and a cosine-decayed learning rate
+(no warm-up), optional decoupled weight decay. The classifier is ``logits = W x + b``
+on the global-average-pooled feature map x ``[B, C]``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+from typing import Dict, Optional, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+from tqdm import tqdm
+
+
+def topk_accuracy(scores: np.ndarray, labels: np.ndarray,
+                  ks: Sequence[int] = (1, 5)) -> Dict[str, float]:
+    """Fraction of rows whose true class is among the k highest scores.
+
+    A row counts as correct at k when fewer than k classes score strictly higher than the
+    true class. ``scores`` ``[N, num_classes]``, ``labels`` ``[N]`` -> ``{"top1": ..,
+    "top5": ..}`` (k larger than the number of classes is always correct).
+    """
+    scores = np.asarray(scores)
+    labels = np.asarray(labels, np.int64)
+    if len(scores) == 0:
+        raise ValueError("topk_accuracy: no examples to evaluate.")
+    true = scores[np.arange(len(scores)), labels][:, None]
+    rank = np.sum(scores > true, axis=1)  # 0 = best
+    return {f"top{k}": float(np.mean(rank < k)) for k in ks}
+
+
+@dataclasses.dataclass
+class Features:
+    """Pooled features ``[N, C]`` float32, labels ``[N]`` int64 and ids ``[N]`` str."""
+    features: np.ndarray
+    labels: np.ndarray
+    ids: np.ndarray
+
+    def __len__(self):
+        return len(self.labels)
+
+
+def extract_features(encoder: keras.Model, dataset: tf.data.Dataset, *,
+                     desc: str = "features") -> Features:
+    """Global-average-pooled features of every batch of ``dataset`` ({"image", "label",
+    "id"}, as ``pipeline.eval_dataset``), with the encoder in inference mode."""
+    @tf.function(reduce_retracing=True)
+    def embed(images):
+        return tf.reduce_mean(encoder(images, training=False), axis=[1, 2])
+
+    features, labels, ids = [], [], []
+    for batch in tqdm(dataset, desc=desc, unit=" batches", leave=False):
+        features.append(embed(batch["image"]).numpy())
+        labels.append(batch["label"].numpy())
+        ids.append(batch["id"].numpy() if "id" in batch else
+                   np.full(len(labels[-1]), b""))
+    if not features:
+        raise ValueError(f"{desc}: the dataset is empty.")
+    return Features(np.concatenate(features).astype(np.float32),
+                    np.concatenate(labels).astype(np.int64),
+                    np.asarray([i.decode() for i in np.concatenate(ids)], dtype=object))
+
+
+class Classifier(keras.Model):
+    """``logits = Dense(num_classes)(mean_hw(encoder(images)))``.
+
+    With ``freeze_encoder`` the encoder's weights are not trained and it always runs in
+    inference mode (linear probe); otherwise it is fine-tuned with BatchNorm in training
+    mode.
+    """
+
+    def __init__(self, encoder: keras.Model, num_classes: int, *,
+                 freeze_encoder: bool = True, name: str = "classifier", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.encoder = encoder
+        self.freeze_encoder = bool(freeze_encoder)
+        self.encoder.trainable = not self.freeze_encoder
+        self.head = keras.layers.Dense(num_classes, kernel_initializer="zeros", name="head")
+
+    def build(self, input_shape=(None, None, None, 3)):
+        """Creates the head's variables (the encoder is built already)."""
+        if self.built:
+            return
+        self.head.build((None, self.encoder.feature_dim))
+        self.built = True
+
+    def call(self, images, training=None):
+        encoder_training = False if self.freeze_encoder else training
+        features = self.encoder(images, training=encoder_training)
+        return self.head(tf.reduce_mean(features, axis=[1, 2]))
+
+
+def sgd(learning_rate: float, total_steps: int, *, momentum: float = 0.9,
+        weight_decay: float = 0.0) -> keras.optimizers.Optimizer:
+    """SGD, Nesterov momentum, learning rate cosine-decayed to 0 over ``total_steps``."""
+    schedule = keras.optimizers.schedules.CosineDecay(learning_rate, max(1, total_steps))
+    return keras.optimizers.SGD(schedule, momentum=momentum, nesterov=True,
+                                weight_decay=weight_decay or None)
+
+
+def tensorboard_available() -> bool:
+    """TensorFlow 2.21 no longer depends on TensorBoard; summaries need the package."""
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _callbacks(output_dir: Optional[str]):
+    if not output_dir:
+        return []
+    callbacks = [
+        # Resume: the state of the interrupted epoch is restored on the next run.
+        keras.callbacks.BackupAndRestore(os.path.join(output_dir, "backup")),
+        keras.callbacks.CSVLogger(os.path.join(output_dir, "metrics.csv"), append=True),
+    ]
+    if tensorboard_available():
+        callbacks.append(keras.callbacks.TensorBoard(os.path.join(output_dir, "tensorboard"),
+                                                     update_freq="epoch"))
+    else:
+        logging.warning("TensorBoard is not installed (pip install tensorboard); epoch "
+                        "metrics go to %s only.", os.path.join(output_dir, "metrics.csv"))
+    return callbacks
+
+
+def compile_classifier(model: keras.Model, optimizer: keras.optimizers.Optimizer,
+                       num_classes: int) -> None:
+    """Cross-entropy on logits; top-1 / top-5 training metrics (for TensorBoard)."""
+    model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name="top1"),
+                 keras.metrics.SparseTopKCategoricalAccuracy(min(5, num_classes),
+                                                             name="top5")])
+
+
+def train_linear_on_features(train: Features, num_classes: int, *, epochs: int = 90,
+                             batch_size: int = 1024, learning_rate: float = 0.1,
+                             momentum: float = 0.9, weight_decay: float = 0.0,
+                             seed: int = 0, output_dir: Optional[str] = None,
+                             strategy: Optional[tf.distribute.Strategy] = None,
+                             verbose: int = 0) -> keras.Model:
+    """Trains ``logits = W x + b`` on precomputed features; returns the Keras model
+    (``model(features [N, C]) -> logits [N, num_classes]``). With ``output_dir``:
+    epoch metrics (``metrics.csv``, and TensorBoard when installed), per-epoch backup for
+    resume, final weights ``linear.weights.h5``."""
+    strategy = strategy or tf.distribute.get_strategy()
+    keras.utils.set_random_seed(seed)
+    batch_size = min(batch_size, len(train))
+    steps = math.ceil(len(train) / batch_size)
+    with strategy.scope():
+        model = keras.Sequential([
+            keras.Input((train.features.shape[1],)),
+            keras.layers.Dense(num_classes, kernel_initializer="zeros", name="head")],
+            name="linear")
+        compile_classifier(model, sgd(learning_rate, steps * epochs, momentum=momentum,
+                                      weight_decay=weight_decay), num_classes)
+    model.fit(train.features, train.labels, batch_size=batch_size, epochs=epochs,
+              shuffle=True, callbacks=_callbacks(output_dir), verbose=verbose)
+    if output_dir:
+        model.save_weights(os.path.join(output_dir, "linear.weights.h5"))
+    return model
+
+
+def fit_classifier(model: Classifier, train_dataset: tf.data.Dataset, *, epochs: int,
+                   steps_per_epoch: int, learning_rate: float, momentum: float = 0.9,
+                   weight_decay: float = 0.0, output_dir: Optional[str] = None,
+                   verbose: int = 1) -> keras.callbacks.History:
+    """Trains a :class:`Classifier` (created under the strategy's scope) on batches of
+    {"image", "label"} (``pipeline.train_classifier_dataset``, repeating). With
+    ``output_dir``: epoch metrics (``metrics.csv``, TensorBoard when installed), per-epoch
+    backup (resume), final ``classifier.weights.h5``.
+    """
+    with model.distribute_strategy.scope():
+        model.build()  # BackupAndRestore needs the variables before fit
+        compile_classifier(model, sgd(learning_rate, steps_per_epoch * epochs,
+                                      momentum=momentum, weight_decay=weight_decay),
+                           model.head.units)
+    pairs = train_dataset.map(lambda b: (b["image"], b["label"]))
+    history = model.fit(pairs, epochs=epochs, steps_per_epoch=steps_per_epoch,
+                        shuffle=False,  # the input pipeline shuffles
+                        callbacks=_callbacks(output_dir), verbose=verbose)
+    if output_dir:
+        model.save_weights(os.path.join(output_dir, "classifier.weights.h5"))
+    return history
+
+
+def predict_scores(model: keras.Model, dataset: tf.data.Dataset, *,
+                   desc: str = "evaluate"):
+    """``(logits [N, num_classes], labels [N])`` of a :class:`Classifier` over
+    ``dataset`` ({"image", "label", ...}, one pass), in inference mode."""
+    @tf.function(reduce_retracing=True)
+    def logits_of(images):
+        return model(images, training=False)
+
+    logits, labels = [], []
+    for batch in tqdm(dataset, desc=desc, unit=" batches", leave=False):
+        logits.append(logits_of(batch["image"]).numpy())
+        labels.append(batch["label"].numpy())
+    return np.concatenate(logits), np.concatenate(labels).astype(np.int64)

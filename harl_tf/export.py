@@ -1,0 +1,70 @@
+r"""Export the pretrained online encoder as a SavedModel (+ Keras weights, + JSON).
+
+    python -m harl_tf.export --model_dir=/runs/harl_r50 --export_dir=/exports/harl_r50
+    python -m harl_tf.export --model_dir=... --export_dir=... --step=100000 --onnx
+
+Reads the latest complete checkpoint of the pretraining ``--model_dir`` (or ``--step``) and
+writes ``--export_dir`` atomically; see :mod:`harl_tf.downstream.export_lib` for the
+layout and the ``serving_default`` signature (float32 ``images`` [batch, height, width, 3]
+in [0, 1] -> ``embedding`` [batch, C], ``feature_map`` [batch, h, w, C]).
+"""
+import os
+import sys
+
+from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string("model_dir", None, "Pretraining model_dir (checkpoints + config).")
+flags.DEFINE_string("export_dir", None, "Directory to create for the export.")
+flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the latest).")
+flags.DEFINE_enum("output_stride", "32", ["32", "16", "8", "keep"],
+                  "Output stride of the exported encoder; 'keep' = as pretrained. A "
+                  "stride-16 encoder exports as a standard stride-32 one by default.")
+flags.DEFINE_bool("batchnorm_training", False,
+                  "Serve with BatchNorm in training mode (batch statistics).")
+flags.DEFINE_bool("overwrite", False, "Replace an existing --export_dir.")
+flags.DEFINE_bool("onnx", False, "Also write encoder.onnx (needs the onnx extra) and check "
+                  "it against TensorFlow with onnxruntime.")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    for name in ("model_dir", "export_dir"):
+        if not getattr(FLAGS, name):
+            raise app.UsageError(f"--{name} is required.")
+    if not os.path.isdir(FLAGS.model_dir):
+        sys.exit(f"error: --model_dir={FLAGS.model_dir} does not exist.")
+    if os.path.exists(FLAGS.export_dir) and not FLAGS.overwrite:
+        sys.exit(f"error: --export_dir={FLAGS.export_dir} already exists; pass --overwrite "
+                 "to replace it.")
+    if FLAGS.step is not None and FLAGS.step < 0:
+        sys.exit(f"error: --step must be >= 0, got {FLAGS.step}.")
+
+    if not FLAGS["verbosity"].present:  # TF's SavedModel writer is chatty at INFO
+        logging.set_verbosity(logging.WARNING)
+    from harl_tf.downstream import export_lib, onnx_export  # heavy imports after validation
+
+    if FLAGS.onnx and not onnx_export.onnx_available():
+        sys.exit(f"error: --onnx needs tf2onnx and onnxruntime: {onnx_export.INSTALL_HINT}")
+    output_stride = None if FLAGS.output_stride == "keep" else int(FLAGS.output_stride)
+    try:
+        metadata = export_lib.export_from_model_dir(
+            FLAGS.model_dir, FLAGS.export_dir, step=FLAGS.step, output_stride=output_stride,
+            batchnorm_training=FLAGS.batchnorm_training, overwrite=FLAGS.overwrite,
+            onnx=FLAGS.onnx)
+    except export_lib.ExportError as e:
+        sys.exit(f"error: {e}")
+    source = metadata["source"]
+    print(f"exported step {source.get('step')} of {source.get('model_dir')} "
+          f"(output stride {metadata['output_stride']}, C = {metadata['feature_dim']}) "
+          f"to {os.path.abspath(FLAGS.export_dir)}")
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,105 @@
+r"""Downstream evaluation of a pretrained encoder: linear probe, fine-tuning, k-NN.
+
+    python -m harl_tf.finetune --flagfile=flags/linear_eval_imagenet.cfg \
+        --encoder=/exports/harl_r50 --output_dir=/evals/harl_r50_linear
+    python -m harl_tf.finetune --mode=knn --encoder=/runs/harl_r50 \
+        --train_files='/data/train-*' --eval_files='/data/val-*' --output_dir=/evals/knn
+    python -m harl_tf.finetune --mode=finetune --encoder=random \
+        --encoder_config='{"depth": 50}' ...          # supervised-from-scratch baseline
+
+``--encoder`` is an export directory (python -m harl_tf.export), a pretraining model_dir
+(online encoder of the latest checkpoint, or ``--step``) or ``random``. Training and
+evaluation records are TFRecords of harl_tf.data.schema with labels (label -1 is an
+error). Writes ``results.json`` (top-1 / top-5), ``train_ids.txt`` and, for the trained
+modes, epoch metrics (TensorBoard when installed), a resumable backup and the final weights
+to ``--output_dir``.
+See harl_tf/downstream/evaluation.py for the protocols.
+"""
+import json
+import sys
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_enum("mode", "linear", ["linear", "finetune", "knn"],
+                  "linear: frozen encoder + linear head; finetune: train everything; "
+                  "knn: weighted k-NN on frozen features.")
+flags.DEFINE_string("encoder", None, "Export directory, pretraining model_dir, or 'random'.")
+flags.DEFINE_string("encoder_config", "",
+                    "For --encoder=random: JSON object (e.g. '{\"depth\": 50}'), JSON file, "
+                    "or an export directory whose architecture to copy.")
+flags.DEFINE_integer("step", None, "Checkpoint step when --encoder is a model_dir.")
+flags.DEFINE_enum("output_stride", "keep", ["keep", "32", "16", "8"],
+                  "Output stride of the encoder ('keep' = as exported / pretrained).")
+flags.DEFINE_string("train_files", None, "Glob(s) of labelled training TFRecords.")
+flags.DEFINE_string("eval_files", None, "Glob(s) of labelled evaluation TFRecords.")
+flags.DEFINE_string("output_dir", None, "Results, TensorBoard logs, checkpoints.")
+flags.DEFINE_float("label_fraction", 1.0, "Fraction of training labels to use "
+                   "(class-balanced, deterministic, disjoint from --eval_files).")
+flags.DEFINE_integer("subset_seed", 0, "Seed of the --label_fraction subset.")
+flags.DEFINE_integer("num_classes", 0, "Number of classes (0 = max label + 1).")
+flags.DEFINE_integer("image_size", 224, "Side of the square training / evaluation crops.")
+flags.DEFINE_float("crop_fraction", 0.875, "Evaluation centre crop (fraction of the short side).")
+flags.DEFINE_float("min_crop_area", 0.08, "Smallest random-crop area for training.")
+flags.DEFINE_integer("batch_size", 256, "Global training batch size.")
+flags.DEFINE_integer("eval_batch_size", 256, "Batch size for feature extraction / evaluation.")
+flags.DEFINE_integer("epochs", 90, "Training epochs (linear / finetune).")
+flags.DEFINE_float("learning_rate", 0.1, "Peak learning rate (SGD, Nesterov, cosine decay).")
+flags.DEFINE_float("momentum", 0.9, "SGD momentum.")
+flags.DEFINE_float("weight_decay", 0.0, "Decoupled weight decay.")
+flags.DEFINE_bool("linear_augmentation", False,
+                  "Linear mode: train on random crops + flips through the frozen encoder "
+                  "(paper protocol) instead of precomputed centre-crop features (fast).")
+flags.DEFINE_integer("knn_k", 20, "k of the k-NN classifier.")
+flags.DEFINE_float("knn_temperature", 0.07, "Temperature T of the exp(cos / T) votes.")
+flags.DEFINE_integer("seed", 0, "Random seed.")
+flags.DEFINE_string("strategy", "default", "Distribution strategy (harl_tf.distribute).")
+flags.DEFINE_integer("verbose", 1, "Keras fit verbosity (0, 1, 2).")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    for name in ("encoder", "train_files", "eval_files", "output_dir"):
+        if not getattr(FLAGS, name):
+            sys.exit(f"error: --{name} is required.")
+
+    from harl_tf import distribute  # heavy imports after the cheap checks
+    from harl_tf.downstream import encoder_source, evaluation
+
+    if FLAGS.strategy not in distribute.STRATEGIES:
+        sys.exit(f"error: --strategy must be one of {', '.join(distribute.STRATEGIES)}, "
+                 f"got {FLAGS.strategy!r}.")
+    try:
+        encoder_config = (encoder_source.parse_encoder_config(FLAGS.encoder_config)
+                          if FLAGS.encoder_config else None)
+        config = evaluation.EvaluationConfig(
+            mode=FLAGS.mode, encoder=FLAGS.encoder, encoder_config=encoder_config,
+            step=FLAGS.step,
+            output_stride=None if FLAGS.output_stride == "keep" else int(FLAGS.output_stride),
+            train_files=FLAGS.train_files, eval_files=FLAGS.eval_files,
+            output_dir=FLAGS.output_dir, label_fraction=FLAGS.label_fraction,
+            subset_seed=FLAGS.subset_seed, num_classes=FLAGS.num_classes,
+            image_size=FLAGS.image_size, crop_fraction=FLAGS.crop_fraction,
+            min_crop_area=FLAGS.min_crop_area, batch_size=FLAGS.batch_size,
+            eval_batch_size=FLAGS.eval_batch_size, epochs=FLAGS.epochs,
+            learning_rate=FLAGS.learning_rate, momentum=FLAGS.momentum,
+            weight_decay=FLAGS.weight_decay, linear_augmentation=FLAGS.linear_augmentation,
+            knn_k=FLAGS.knn_k, knn_temperature=FLAGS.knn_temperature, seed=FLAGS.seed,
+            verbose=FLAGS.verbose)
+        config.check()
+        strategy = distribute.make_strategy(FLAGS.strategy)
+        results = evaluation.evaluate(config, strategy)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    print(json.dumps({k: results[k] for k in ("mode", "top1", "top5", "num_train",
+                                              "num_eval")}))
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
