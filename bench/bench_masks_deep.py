@@ -1,0 +1,174 @@
+"""Deep masks (frozen encoder + 1×1 head) vs conventional masks on /work/shared/data/cutouts.
+
+1. Encoder: ``--encoder`` (an export SavedModel), or else a RANDOMLY INITIALISED ResNet
+   (``--encoder_config``, default ResNet-18 at output stride 8) exported to a temporary
+   SavedModel through :mod:`harl_tf.downstream.export_lib`, so both cases run the same
+   SavedModel path. A random encoder is a baseline, labelled as such in the output.
+2. Train the head on a seeded subset of ``--train_limit`` TRAIN images whose pseudo-masks
+   are the CONVENTIONAL masks (``get_method("conventional")``, computed here; no labels).
+3. On a seeded subset of ``--test_limit`` TEST images: mean IoU against the ground-truth
+   masks of the deep masks after every training round and of the conventional masks of
+   the same images; deep inference speed (images/s: JPEG decode, resize, encoder, head,
+   upsampling, threshold; batched through ``predict_files``) and conventional speed.
+
+Writes ``bench/results/bench_masks_deep.json``.
+
+    python bench/bench_masks_deep.py [--train_limit 400] [--test_limit 400]
+        [--image_size 128] [--epochs 20] [--self_training_rounds 1] [--encoder DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from harl_tf.masks import deep, folder, get_method, quality  # noqa: E402
+
+DATA = "/work/shared/data/cutouts"
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                       "bench_masks_deep.json")
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def subset(paths, limit, seed):
+    if 0 < limit < len(paths):
+        chosen = np.random.default_rng(seed).choice(len(paths), limit, replace=False)
+        paths = [paths[i] for i in sorted(chosen)]
+    return paths
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", default=DATA)
+    parser.add_argument("--encoder", default=None, help="encoder SavedModel export dir")
+    parser.add_argument("--encoder_config", default='{"depth": 18, "output_stride": 8}',
+                        help="ResNet config (JSON) of the random encoder without --encoder")
+    parser.add_argument("--train_limit", type=int, default=400)
+    parser.add_argument("--test_limit", type=int, default=400)
+    parser.add_argument("--image_size", type=int, default=128)
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--self_training_rounds", type=int, default=1)
+    parser.add_argument("--balance_classes", action=argparse.BooleanOptionalAction,
+                        default=True)
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", default=RESULTS)
+    args = parser.parse_args(argv)
+    started = time.time()
+
+    with tempfile.TemporaryDirectory() as workdir:
+        if args.encoder:
+            encoder_path, encoder_label = args.encoder, "export " + os.path.abspath(args.encoder)
+        else:
+            config = json.loads(args.encoder_config)
+            encoder_path = os.path.join(workdir, "random_encoder")
+            deep.FrozenEncoder.from_config(config).save(encoder_path)
+            encoder_label = f"RANDOMLY INITIALISED ResNet {config} (not pretrained)"
+        encoder = deep.FrozenEncoder.from_saved_model(encoder_path)
+
+        # Train on conventional pseudo-masks of TRAIN images.
+        t0 = time.time()
+        _, train_images, pseudo, provenance = deep.load_training_set(
+            os.path.join(args.data, "train", "images"), limit=args.train_limit,
+            seed=args.seed)
+        pseudo_seconds = time.time() - t0
+        heads = {}
+        t0 = time.time()
+        model = deep.train_saliency_head(
+            encoder, train_images, pseudo, input_size=args.image_size,
+            config=deep.TrainConfig(epochs=args.epochs,
+                                    self_training_rounds=args.self_training_rounds,
+                                    balance_classes=args.balance_classes, seed=args.seed),
+            batch_size=args.batch_size, provenance=provenance,
+            on_round=lambda r, head: heads.__setitem__(r, head))
+        train_seconds = time.time() - t0
+
+        # Evaluate on TEST images against ground truth.
+        images_dir = os.path.join(args.data, "test", "images")
+        masks_dir = os.path.join(args.data, "test", "masks")
+        relative = subset(folder.list_images(images_dir), args.test_limit, args.seed)
+        paths = [os.path.join(images_dir, rel) for rel in relative]
+        truth = [quality.read_mask(os.path.join(masks_dir, folder.mask_relpath(rel)))
+                 for rel in relative]
+        classes = [rel.split("/")[0] for rel in relative]
+        method = deep.DeepSaliencyMasks(model=model, batch_size=args.batch_size)
+        method.predict_arrays([folder.read_image(paths[0])])  # warm-up (tracing)
+        rounds = []
+        for r, head in sorted(heads.items()):
+            method.model.head = head
+            t0 = time.time()
+            predicted = [mask for _, mask in method.predict_files(paths)]
+            seconds = time.time() - t0
+            report = quality.evaluate_arrays(predicted, truth, classes)
+            rounds.append({"round": r, "test_mean_iou": report.mean_iou,
+                           "test_class_mean_iou": report.class_mean_iou,
+                           "test_mean_foreground": float(np.mean([m.mean() for m in predicted])),
+                           "train_pseudo_mask_iou": model.training["history"][r]["pseudo_mask_iou"],
+                           "inference_images_per_second": len(paths) / seconds})
+        conventional = get_method("conventional")
+        t0 = time.time()
+        conventional_masks = [conventional(folder.read_image(p)) for p in paths]
+        conventional_seconds = time.time() - t0
+        conventional_report = quality.evaluate_arrays(conventional_masks, truth, classes)
+
+    final = rounds[-1]
+    result = {
+        "benchmark": "bench_masks_deep",
+        "command": "python bench/bench_masks_deep.py " + " ".join(sys.argv[1:] if argv is None
+                                                                  else argv),
+        "encoder": encoder_label,
+        "encoder_random_init": not args.encoder,
+        "args": vars(args),
+        "train": {"images": len(train_images), "pseudo_masks": "conventional",
+                  "pseudo_mask_seconds": pseudo_seconds, "train_seconds": train_seconds,
+                  "feature_grid": model.training["feature_grid"],
+                  "history": model.training["history"]},
+        "test": {"images": len(paths), "rounds": rounds,
+                 "deep_mean_iou": final["test_mean_iou"],
+                 "conventional_mean_iou": conventional_report.mean_iou,
+                 "conventional_class_mean_iou": conventional_report.class_mean_iou,
+                 "conventional_mean_foreground": float(np.mean([m.mean()
+                                                                for m in conventional_masks])),
+                 "deep_images_per_second": final["inference_images_per_second"],
+                 "conventional_images_per_second": len(paths) / conventional_seconds,
+                 "deep_per_class_iou": {c: v["iou"] for c, v in quality.evaluate_arrays(
+                     predicted, truth, classes).per_class().items()},
+                 "conventional_per_class_iou": {c: v["iou"] for c, v in
+                                                conventional_report.per_class().items()}},
+        "paper_reference": {"deep": 0.485, "conventional": 0.398,
+                            "note": "Pixel-ImageNet subset, pretrained ResNet-50"},
+        "machine": {"cpu_count": os.cpu_count(), "cpu_model": cpu_model(),
+                    "load_average": list(os.getloadavg()), "tensorflow": tf.__version__,
+                    "python": platform.python_version()},
+        "seconds": time.time() - started,
+    }
+    print(json.dumps({k: result[k] for k in ("encoder", "test", "machine")}, indent=2))
+    os.makedirs(os.path.dirname(args.output), exist_ok=True)
+    with open(args.output + ".tmp", "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(args.output + ".tmp", args.output)
+    return result
+
+
+if __name__ == "__main__":
+    main()
