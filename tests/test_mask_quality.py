@@ -106,3 +106,43 @@ def test_quality_tool_prints_table_writes_json_and_flags_missing(folders, tmp_pa
     assert "class-mean IoU 0.7000" in done.stdout
     summary = json.load(open(out))
     assert summary["mean_iou"] == pytest.approx(0.7) and summary["num_missing"] == 1
+
+
+def _write_records(path, masks, ids, labels):
+    import tensorflow as tf
+
+    from harl_tf.data import schema
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for mask, example_id, label in zip(masks, ids, labels):
+            image = tf.io.encode_png(np.zeros(mask.shape + (3,), np.uint8)).numpy()
+            writer.write(schema.serialize_example(
+                image_bytes=image, image_format="png", height=mask.shape[0],
+                width=mask.shape[1], mask_png=schema.encode_mask_png(mask), label=label,
+                example_id=example_id))
+
+
+def test_record_masks_are_scored_against_records_and_folders(tmp_path):
+    """Masks inside TFRecords score the hand-computed IoU, matched by id to ground truth
+    held in other records or in a cut-outs style mask folder."""
+    from PIL import Image
+
+    from harl_tf.masks.quality import evaluate, iter_record_pairs
+    pred = np.zeros((4, 4), np.uint8)
+    pred[:2, :2] = 1                      # 4 pixels
+    gt = np.zeros((4, 4), np.uint8)
+    gt[:2, :] = 1                         # 8 pixels, overlap 4 -> IoU 0.5
+    ids = ["test/images/cat/1.jpg"]
+    _write_records(tmp_path / "pred.tfrecord", [pred], ids, [1])
+    _write_records(tmp_path / "gt.tfrecord", [gt], ids, [1])
+    by_records = evaluate(iter_record_pairs(str(tmp_path / "pred.tfrecord"),
+                                            gt_records=str(tmp_path / "gt.tfrecord"),
+                                            class_names=["dog", "cat"]))
+    assert by_records.mean("iou") == pytest.approx(0.5)
+    assert list(by_records.per_class()) == ["cat"]
+    (tmp_path / "data/test/masks/cat").mkdir(parents=True)
+    Image.fromarray(gt * 255).save(tmp_path / "data/test/masks/cat/1.png")
+    by_folder = evaluate(iter_record_pairs(str(tmp_path / "pred.tfrecord"),
+                                           gt_dir=str(tmp_path / "data")))
+    assert by_folder.mean("iou") == pytest.approx(0.5)
+    with pytest.raises(FileNotFoundError, match="no TFRecord file matches"):
+        list(iter_record_pairs(str(tmp_path / "none-*"), gt_dir=str(tmp_path)))

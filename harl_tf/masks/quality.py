@@ -203,3 +203,58 @@ def iter_mask_folder_pairs(pred_dir: str, gt_dir: str
 def evaluate_folders(pred_dir: str, gt_dir: str) -> QualityReport:
     """Scores every mask under ``gt_dir`` against the mirrored one under ``pred_dir``."""
     return evaluate(iter_mask_folder_pairs(pred_dir, gt_dir))
+
+
+def _record_masks(file_pattern: str) -> Iterator[Tuple[str, int, np.ndarray]]:
+    """``(id, label, mask uint8 {0,1} [H, W])`` of every record matching ``file_pattern``
+    (comma-separated globs), in file order."""
+    import glob
+
+    from harl_tf.data import schema  # local: keeps TensorFlow out of folder-only use
+
+    files = sorted({f for pattern in file_pattern.split(",") for f in glob.glob(pattern)})
+    if not files:
+        raise FileNotFoundError(f"no TFRecord file matches {file_pattern!r}")
+    for path in files:
+        for record in schema.read_examples(path, decode=False):
+            mask = schema.decode_mask({"mask": record["mask"]}).numpy()[..., 0]
+            yield record["id"], record["label"], mask
+
+
+def iter_record_pairs(pred_records: str, *, gt_records: Optional[str] = None,
+                      gt_dir: Optional[str] = None,
+                      class_names: Optional[Sequence[str]] = None
+                      ) -> Iterator[Tuple[str, str, Optional[np.ndarray], np.ndarray]]:
+    """Yields ``(id, class, pred, gt)`` for the masks stored in TFRecords.
+
+    Ground truth comes either from other records (matched by record id: e.g. the same
+    source built once with ground-truth masks) or from a mask folder: a record id is the
+    image's path relative to the builder's ``--images_dir``; its mask is looked up under
+    ``gt_dir`` at that path with ``images/`` replaced by ``masks/`` and any mask extension
+    (the layout of the cut-outs data). The class is ``class_names[label]`` when given, else
+    the label. Every ground-truth mask is yielded; a missing prediction is ``None``.
+    """
+    if (gt_records is None) == (gt_dir is None):
+        raise ValueError("iter_record_pairs: give exactly one of gt_records and gt_dir")
+
+    def class_of(label: int) -> str:
+        if class_names is not None and 0 <= label < len(class_names):
+            return str(class_names[label])
+        return str(label)
+
+    preds = {example_id: (label, mask) for example_id, label, mask
+             in _record_masks(pred_records)}
+    if gt_records is not None:
+        for example_id, label, gt in _record_masks(gt_records):
+            pred = preds.get(example_id)
+            yield example_id, class_of(label), (pred[1] if pred else None), gt
+        return
+    if not os.path.isdir(gt_dir):
+        raise FileNotFoundError(f"ground-truth folder {gt_dir!r} does not exist")
+    for example_id, (label, pred) in sorted(preds.items()):
+        stem = os.path.splitext(example_id.replace("images/", "masks/", 1))[0]
+        path = _find_with_any_extension(gt_dir, stem)
+        if path is None:
+            raise FileNotFoundError(
+                f"record {example_id!r}: no ground-truth mask {stem}.* under {gt_dir!r}")
+        yield example_id, class_of(label), pred, read_mask(path)
