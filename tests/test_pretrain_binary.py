@@ -1,0 +1,221 @@
+"""The pretraining binary and library end to end: flag errors, flagfiles, a short run that
+learns and resumes after SIGTERM, and a 2-process multi-worker run on 127.0.0.1."""
+import glob
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from harl_tf import training
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.join(REPO, "tests")
+
+
+def _env(**extra):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO + os.pathsep + TESTS,
+               CUDA_VISIBLE_DEVICES="")
+    env.update(extra)
+    return env
+
+
+def _tiny(tmp_path, **overrides):
+    kw = dict(train_files=str(tmp_path / "records" / "train-*.tfrecord"), synthetic_records=96,
+              num_train_examples=96, image_size=32, depth=18, output_stride=16,
+              projector_hidden_dim=64, projection_dim=32, predictor_hidden_dim=64,
+              batch_size=8, train_steps=16, base_learning_rate=8.0, warmup_epochs=0.34,
+              weight_decay=1e-6, tau_base=0.99, num_classes=8, shuffle_buffer=96, seed=0,
+              model_dir=str(tmp_path / "model"), checkpoint_every_steps=4,
+              log_every_steps=4, image_summaries=2)
+    kw.update(overrides)
+    return training.PretrainConfig(**kw)
+
+
+@pytest.mark.parametrize("change, flag", [
+    (dict(depth=19), "--depth"), (dict(output_stride=4), "--output_stride"),
+    (dict(loss_mode="simclr"), "--loss_mode"), (dict(alpha_base=1.5), "--alpha_base"),
+    (dict(mixed_precision="fp8"), "--mixed_precision"), (dict(batch_size=0), "--batch_size"),
+    (dict(model_dir=""), "--model_dir"), (dict(deterministic=True, seed=None), "--seed"),
+    (dict(synthetic_records=0, train_files="/nonexistent/train-*.tfrecord"), "--train_files"),
+])
+def test_invalid_config_names_the_flag_in_one_line(tmp_path, change, flag):
+    with pytest.raises(ValueError) as e:
+        training.validate_config(_tiny(tmp_path, **change))
+    assert flag in str(e.value) and "\n" not in str(e.value)
+
+
+def test_validation_constants_match_the_library():
+    from harl_tf import distribute, losses
+    from harl_tf.models import harl
+    assert training.LOSS_MODES == losses.LOSS_MODES
+    assert training.SCHEDULE_KINDS == harl.SCHEDULE_KINDS
+    assert training.STRATEGIES == distribute.STRATEGIES
+
+
+def test_binary_rejects_bad_flags_with_one_line_and_status_2(tmp_path):
+    """Before importing TensorFlow: one line on stderr naming the flag, exit status 2."""
+    cases = {
+        "--depth": ["--depth=19", f"--train_files={tmp_path}/x", f"--model_dir={tmp_path}"],
+        "--loss_mode": ["--loss_mode=simclr"],
+        "--train_files": [f"--train_files={tmp_path}/none-*.tfrecord",
+                          f"--model_dir={tmp_path}/m"],
+    }
+    procs = {flag: subprocess.Popen([sys.executable, "-m", "harl_tf.pretrain", *args],
+                                    cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
+             for flag, args in cases.items()}
+    for flag, proc in procs.items():
+        _, err = proc.communicate(timeout=120)
+        errors = [line for line in err.splitlines() if "error" in line.lower()]
+        assert proc.returncode == 2, err
+        assert len(errors) == 1 and flag in errors[0] and "Traceback" not in err, err
+        assert err.strip().splitlines() == errors, err          # nothing else, not even TF
+
+
+@pytest.mark.parametrize("name, expect", [
+    ("quickstart", dict(depth=18, image_size=64, loss_mode="hybrid")),
+    ("cutouts", {}),
+    ("imagenet_harl_r50_1000ep", dict(depth=50, epochs=1000, batch_size=4096,
+                                      loss_mode="hybrid", tau_base=0.996)),
+    ("imagenet_harl_r50_100ep", dict(epochs=100, tau_base=0.99)),
+    ("imagenet_byol_r50_100ep", dict(loss_mode="byol", epochs=100)),
+    ("imagenet_harl_r50_100ep_mask_alpha0.7", dict(loss_mode="mask", alpha_base=0.7)),
+    ("imagenet_harl_r50_100ep_hybrid_lambda0.7", dict(loss_mode="hybrid", lambda_base=0.7)),
+    ("imagenet_harl_r50_100ep_stride16", dict(output_stride=16)),
+])
+def test_flagfiles_parse_into_valid_configs(name, expect):
+    from harl_tf import pretrain
+    flags = pretrain.FLAGS
+    try:
+        flags(["pretrain", f"--flagfile={os.path.join(REPO, 'flags', name + '.cfg')}"])
+        config = pretrain.config_from_flags()
+    finally:
+        flags.unparse_flags()
+    training.validate_config(config, check_files=False)
+    for key, value in expect.items():
+        assert getattr(config, key) == value, key
+
+
+def test_short_run_learns_and_resumes_after_sigterm(tmp_path):
+    config = _tiny(tmp_path)
+    state_file = tmp_path / "model" / "checkpoints" / "checkpoint"
+
+    def terminate_after_first_checkpoint():
+        deadline = time.time() + 240
+        while time.time() < deadline and not state_file.exists():
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    killer = threading.Thread(target=terminate_after_first_checkpoint, daemon=True)
+    killer.start()
+    first = training.run_pretraining(config)
+    killer.join()
+    assert first["stopped_by_signal"] and not first["completed"]
+    stopped = first["final_step"]
+    assert 4 <= stopped < 16 and stopped in first["checkpoint_steps"]
+
+    second = training.run_pretraining(config)          # same model_dir: resumes
+    assert second["start_step"] == stopped and second["completed"]
+    assert second["final_step"] == 16 and second["checkpoint_steps"][-1] == 16
+    summary = json.load(open(tmp_path / "model" / "summary.json"))
+    assert summary["final_step"] == 16
+    # The loss (two directions of 2 − 2cos; ≈ 4 at initialisation) comes down.
+    start_loss, end_loss = first["first_metrics"]["loss"], second["final_metrics"]["loss"]
+    assert start_loss > 3.0 and end_loss < 0.8 * start_loss, (start_loss, end_loss)
+    final = second["final_metrics"]
+    assert 0.0 <= final["probe_top1"] <= 1.0 and final["labelled"] == 1.0
+    assert 0.0 < final["valid_fg"] <= 1.0 and final["valid_bg"] > 0.5
+    for path in ("config.json", "model_config.json"):
+        assert (tmp_path / "model" / path).exists()
+    assert glob.glob(str(tmp_path / "model" / "train" / "events.out.tfevents.*"))
+
+
+WORKER = textwrap.dedent("""
+    import json, sys
+    import numpy as np, tensorflow as tf
+    from harl_tf import distribute
+    strategy = distribute.make_strategy("multi_worker")
+    from harl_tf.models.harl import make_distributed_step
+    from test_harl_model import batch, make_model
+    task = json.loads(__import__("os").environ["TF_CONFIG"])["task"]["index"]
+    model = make_model(strategy)
+    init = np.load(sys.argv[2])
+    for i, v in enumerate(model.weights):          # start from the test's initial weights
+        v.assign(init[f"w{i}"])
+    def dataset_fn(ctx):
+        half = {k: v[4 * ctx.input_pipeline_id: 4 * ctx.input_pipeline_id + 4]
+                for k, v in batch(3).items()}
+        return tf.data.Dataset.from_tensors(half).repeat()
+    iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
+    step = make_distributed_step(model, strategy, compile=sys.argv[3] == "graph")
+    losses = [float(step(next(iterator))["loss"]) for _ in range(2)]
+    np.savez(sys.argv[1], losses=np.array(losses),
+             **{f"w{i}": v.numpy() for i, v in enumerate(model.weights)})
+""")
+
+
+def _free_ports(n):
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def test_two_workers_end_with_identical_weights_equal_to_one_replica(tmp_path):
+    """Two processes × one replica × 4 examples take the same two steps as one replica on
+    the global batch of 8, and end with bit-identical weights on both workers."""
+    from test_harl_model import batch, make_model
+    from harl_tf.models.harl import make_distributed_step
+    reference = make_model()
+    np.savez(tmp_path / "init.npz", **{f"w{i}": v.numpy() for i, v in enumerate(reference.weights)})
+    ports = _free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    procs = []
+    for i in range(2):
+        tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})
+        procs.append(subprocess.Popen(
+            [sys.executable, "-c", WORKER, str(tmp_path / f"w{i}.npz"),
+             str(tmp_path / "init.npz"), "eager"], cwd=REPO,
+            env=_env(TF_CONFIG=tf_config), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True))
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-3000:]
+    w0, w1 = (np.load(tmp_path / f"w{i}.npz") for i in range(2))
+    assert len(w0.files) == len(w1.files) > 10
+    for key in w0.files:
+        np.testing.assert_array_equal(w0[key], w1[key], err_msg=key)
+
+    step = make_distributed_step(reference, tf.distribute.get_strategy(), compile=False)
+    data = {k: tf.constant(v) for k, v in batch(3).items()}
+    losses = [float(step(data)["loss"]) for _ in range(2)]
+    np.testing.assert_allclose(w0["losses"], losses, atol=1e-5)
+    for i, v in enumerate(reference.weights):
+        np.testing.assert_allclose(w0[f"w{i}"], v.numpy(), atol=1e-5, err_msg=v.path)
+
+
+def test_nan_weights_with_a_finite_loss_stop_as_training_diverged(tmp_path):
+    from harl_tf import checkpoints
+    from test_harl_model import make_model
+    model = make_model()
+    manager = checkpoints.CheckpointManager(str(tmp_path), model, every_n_steps=1)
+    model.step_counter.assign(1)
+    manager.save()
+    model.step_counter.assign(2)
+    weight = model.online_variables[0]
+    weight.assign(np.full(weight.shape, np.nan, np.float32))
+    with pytest.raises(training.TrainingDiverged, match="last good checkpoint .* step 1"):
+        training._save_or_diverged(manager.maybe_save)
+    assert checkpoints.available_steps(str(tmp_path)) == [1]
