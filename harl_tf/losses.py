@@ -97,8 +97,10 @@ def harl_loss(predictions: Mapping[str, tf.Tensor], targets: Mapping[str, tf.Ten
     """One direction v → v' of the hybrid objective (mask: λ = 1, BYOL: λ = 0).
 
     Args:
-      predictions: {"fg", "bg", "glob"}: online predictions p_r, [B, D].
-      targets: {"fg", "bg", "glob"}: target projections z_r, [B, D]; stop-gradient is applied.
+      predictions: {"fg", "bg", "glob"}: online predictions p_r, [B, D]. A region left out
+        (see :func:`regions_for_mode`) contributes 0: its weight must be 0.
+      targets: the target projections z_r of the same regions, [B, D]; stop-gradient is
+        applied.
       fg_valid, bg_valid: float32 [B], 1 where the region is valid in both views.
       alpha, lam: α and λ (python floats or scalar tensors).
       fg_count, bg_count, batch_count: global Σ fg_valid, Σ bg_valid and number of examples;
@@ -112,11 +114,27 @@ def harl_loss(predictions: Mapping[str, tf.Tensor], targets: Mapping[str, tf.Ten
     terms = {}
     for region, valid, count in (("fg", fg_valid, fg_count), ("bg", bg_valid, bg_count),
                                  ("glob", ones, batch_count)):
+        if region not in predictions:
+            terms[region] = tf.constant(0.0, tf.float32)
+            continue
         per_example = regression_loss(predictions[region],
                                       tf.stop_gradient(targets[region]))
         terms[region] = masked_mean_contribution(per_example, valid, count)
     loss = combine(terms["fg"], terms["bg"], terms["glob"], alpha=alpha, lam=lam)
     return LossTerms(loss=loss, fg=terms["fg"], bg=terms["bg"], glob=terms["glob"])
+
+
+def regions_for_mode(mode: str) -> tuple:
+    """The regions whose heads a loss mode needs: byol only the whole image, mask only
+    foreground and background (λ = 1), hybrid all three. A mode skips the head passes of
+    the regions it gives zero weight, so BYOL costs what BYOL costs."""
+    if mode == "byol":
+        return ("glob",)
+    if mode == "mask":
+        return ("fg", "bg")
+    if mode == "hybrid":
+        return REGIONS
+    raise ValueError(f"loss mode must be one of {LOSS_MODES}, got {mode!r}.")
 
 
 def mode_weights(mode: str, alpha, lam):

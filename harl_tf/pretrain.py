@@ -38,7 +38,8 @@ def _define_flags():
                          "examples of the embedded synthetic set there.")
     # Encoder and heads
     flags.DEFINE_integer("depth", d.depth, "ResNet depth: 18, 34, 50, 101, 152, 200.")
-    flags.DEFINE_integer("width_multiplier", d.width_multiplier, "ResNet width multiplier.")
+    flags.DEFINE_float("width_multiplier", d.width_multiplier, "ResNet width multiplier "
+                       "(channels scale, e.g. 0.5 for small CPU runs).")
     flags.DEFINE_integer("output_stride", d.output_stride,
                          "Encoder output stride: 32 (7x7 at 224 px), 16 (14x14) or 8.")
     flags.DEFINE_bool("small_stem", d.small_stem, "3x3 stride-1 stem, no max-pool (small "

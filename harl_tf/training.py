@@ -55,7 +55,7 @@ class PretrainConfig:
     synthetic_records: int = 0     # >0: build this many synthetic examples if no file matches
     # Encoder and heads
     depth: int = 50
-    width_multiplier: int = 1
+    width_multiplier: float = 1.0
     output_stride: int = 32
     small_stem: bool = False
     projector_hidden_dim: int = 4096
@@ -151,8 +151,8 @@ def validate_config(c: PretrainConfig, *, check_files: bool = True) -> None:
     _require(c.depth in DEPTHS, f"--depth must be one of {DEPTHS}, got {c.depth}.")
     _require(c.output_stride in OUTPUT_STRIDES,
              f"--output_stride must be one of {OUTPUT_STRIDES}, got {c.output_stride}.")
-    _require(c.width_multiplier >= 1,
-             f"--width_multiplier must be >= 1, got {c.width_multiplier}.")
+    _require(c.width_multiplier > 0,
+             f"--width_multiplier must be > 0, got {c.width_multiplier}.")
     for name in ("image_size", "batch_size", "projector_hidden_dim", "projection_dim",
                  "predictor_hidden_dim", "num_train_examples", "keep_checkpoints",
                  "log_every_steps"):

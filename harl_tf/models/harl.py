@@ -26,8 +26,9 @@ the target's moving statistics themselves; they matter only if someone evaluates
 
 Schedules (step k of K = ``total_steps``): τ_k = 1 − (1 − τ_base)(cos(πk/K) + 1)/2;
 α_k, λ_k either constant or the same cosine rise from α_base, λ_base (``schedules``).
-Loss modes: "mask" (λ = 1), "hybrid", "byol" (λ = 0, fg/bg terms still computed for
-metrics but weighted 0).
+Loss modes: "mask" (λ = 1; the whole-image head pass is skipped), "hybrid" (all three
+regions), "byol" (λ = 0; the fg/bg head passes are skipped, so a BYOL step costs exactly a
+BYOL step). A skipped region reports 0 for its loss metric.
 
 Metrics returned by a step (global values, identical on every replica): loss, loss_fg,
 loss_bg, loss_glob (each the sum of both directions), valid_fg, valid_bg (fraction of
@@ -244,13 +245,13 @@ class HARLModel(keras.Model):
         regions = self._regions(self.target_encoder, images, masks, training=True)
         return {r: tf.stop_gradient(tf.cast(
             self.target_projector(getattr(regions, r), training=True), tf.float32))
-            for r in losses.REGIONS}
+            for r in losses.regions_for_mode(self.harl_config.loss_mode)}
 
     def online_predictions(self, images, masks, training=True):
         """(p_r = q(g(pool_r(f(images)))) dict of float32 [B, D], PooledRegions)."""
         regions = self._regions(self.online_encoder, images, masks, training=training)
         preds = {}
-        for r in losses.REGIONS:
+        for r in losses.regions_for_mode(self.harl_config.loss_mode):
             projection = self.online_projector(getattr(regions, r), training=training)
             preds[r] = tf.cast(self.predictor(projection, training=training), tf.float32)
         return preds, regions
