@@ -13,6 +13,8 @@ import sys
 
 from absl import app, flags, logging
 
+from harl_tf import errors
+
 FLAGS = flags.FLAGS
 
 flags.DEFINE_string("model_dir", None, "Pretraining model_dir (checkpoints + config).")
@@ -63,7 +65,7 @@ def main(argv):
 
 
 def run():
-    app.run(main)
+    errors.run_binary("export", main)
 
 
 if __name__ == "__main__":

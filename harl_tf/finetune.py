@@ -20,6 +20,8 @@ import sys
 
 from absl import app, flags
 
+from harl_tf import errors
+
 FLAGS = flags.FLAGS
 
 flags.DEFINE_enum("mode", "linear", ["linear", "finetune", "knn"],
@@ -98,7 +100,7 @@ def main(argv):
 
 
 def run():
-    app.run(main)
+    errors.run_binary("finetune", main)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from absl import app, flags  # noqa: E402
 
+from harl_tf import errors  # noqa: E402
+
 FLAGS = flags.FLAGS
 
 flags.DEFINE_enum("source", "folder", ["folder", "tfds", "synthetic"], "Where examples come from.")
@@ -163,7 +165,7 @@ def main(argv):
 
 def run():
     """Console-script entry point (``harl-build-tfrecords``)."""
-    app.run(main)
+    errors.run_binary("build_tfrecords", main)
 
 
 if __name__ == "__main__":

@@ -69,6 +69,7 @@ import numpy as np
 
 from harl_tf.data.sources import (ExampleRef, RawExample, Source,
                                   estimate_num_shards, shard_bounds)
+from harl_tf.errors import HarlError
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ SIDECAR_DIR = "_shards"
 _CHUNK = 16  # examples per worker task
 
 
-class BuildError(ValueError):
+class BuildError(HarlError):
     """The build cannot go on: names the file(s), flag or record, what was expected and
     what was found."""
 
@@ -161,6 +162,58 @@ def _own_pixel_limit():
 
 def _png_bit_depth(data: bytes) -> int:
     return data[24] if len(data) > 24 else 0  # IHDR: 8 signature + 8 header + 8 w/h
+
+
+def _container_problem(data: bytes, image_format: str) -> Optional[str]:
+    """Why TensorFlow's decoder would refuse bytes that PIL decoded, or ``None``.
+
+    PIL is more lenient than TensorFlow's libpng / libjpeg readers: it does not check the
+    CRC of PNG IDAT chunks, and it pads a JPEG whose marker segment runs past the end of
+    the data. A record holding such bytes would stop training mid-epoch, so the builder
+    checks the container before storing the original bytes (tests/test_fuzz.py).
+    """
+    import zlib
+    if image_format == "png":
+        position, end = 8, len(data)
+        while position + 12 <= end:
+            length = int.from_bytes(data[position:position + 4], "big")
+            kind = data[position + 4:position + 8]
+            stop = position + 8 + length
+            if stop + 4 > end:
+                return f"PNG chunk {kind!r} at byte {position} runs past the end of the file"
+            crc = int.from_bytes(data[stop:stop + 4], "big")
+            if zlib.crc32(data[position + 4:stop]) != crc:
+                return f"PNG chunk {kind!r} at byte {position} fails its CRC check"
+            if kind == b"IEND":
+                return None
+            position = stop + 4
+        return "PNG file has no IEND chunk (truncated)"
+    if image_format == "jpeg":
+        position, end = 2, len(data)  # after SOI
+        while position < end:
+            if data[position] != 0xFF:  # entropy-coded data of a scan: skip to a marker
+                position = data.find(b"\xff", position)
+                if position < 0:
+                    break
+                continue
+            marker = data[position + 1] if position + 1 < end else None
+            if marker is None:
+                break
+            if marker == 0xD9:  # EOI
+                return None
+            if marker in (0x00, 0xFF) or 0xD0 <= marker <= 0xD7 or marker == 0x01:
+                position += 1 if marker == 0xFF else 2  # stuffing, fill, RSTn, TEM
+                continue
+            if position + 4 > end:
+                break
+            length = int.from_bytes(data[position + 2:position + 4], "big")
+            if length < 2 or position + 2 + length > end:
+                return (f"JPEG marker 0x{marker:02X} at byte {position} has length {length},"
+                        f" past the end of the file ({end} bytes)")
+            position += 2 + length
+        # TensorFlow refuses a JPEG that ends before its end-of-image marker.
+        return "JPEG file ends before its end-of-image marker (truncated)"
+    return None
 
 
 def _pil_to_rgb(image) -> np.ndarray:
@@ -253,6 +306,9 @@ class _Processor:
         rgb = None
         if keep:
             image_bytes, image_format = raw.image_bytes, image.format.lower()
+            problem = _container_problem(image_bytes, image_format)
+            if problem:
+                raise _Skip(f"corrupt image: {problem}")
         else:
             rgb = _pil_to_rgb(image)
             image_bytes, image_format = _encode_png(rgb), "png"
@@ -366,12 +422,17 @@ def _sha256(path: str) -> str:
 
 def _write_json_atomic(path: str, value: Any) -> None:
     temporary = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
-    with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump(value, handle, indent=1, sort_keys=True)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "w", encoding="utf-8") as handle:
+            json.dump(value, handle, indent=1, sort_keys=True)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
+        raise
 
 
 def _read_sidecar(output_dir: str, shard: _Shard) -> Optional[Dict[str, Any]]:
@@ -537,21 +598,41 @@ def build_dataset(source: Source, output_dir: str, *, splits: Optional[Sequence[
                 pending.append(shard)
 
     total = sum(len(s.refs) for s in pending)
-    written = _build_shards(source, output_dir, pending, processor_kwargs, parent_processor,
-                            num_workers=num_workers, strict=strict, progress=progress,
-                            total=total, writer_factory=tf.io.TFRecordWriter)
-    seconds = time.time() - started
-    manifest = _manifest(output_dir, source, plan, options, mask_info, num_partitions,
-                         partition_index)
-    manifest["last_run"] = {
-        "shards_built": len(pending), "images_processed": written,
-        "seconds": round(seconds, 3), "num_workers": int(num_workers),
-        "images_per_second": round(written / seconds, 2) if seconds > 0 else None}
-    _write_json_atomic(os.path.join(output_dir, MANIFEST_NAME), manifest)
+    with _naming_write_errors(output_dir):
+        written = _build_shards(source, output_dir, pending, processor_kwargs,
+                                parent_processor, num_workers=num_workers, strict=strict,
+                                progress=progress, total=total,
+                                writer_factory=tf.io.TFRecordWriter)
+        seconds = time.time() - started
+        manifest = _manifest(output_dir, source, plan, options, mask_info, num_partitions,
+                             partition_index)
+        manifest["last_run"] = {
+            "shards_built": len(pending), "images_processed": written,
+            "seconds": round(seconds, 3), "num_workers": int(num_workers),
+            "images_per_second": round(written / seconds, 2) if seconds > 0 else None}
+        _write_json_atomic(os.path.join(output_dir, MANIFEST_NAME), manifest)
     logger.info("built %d shards (%d images) in %.1f s (%.1f images/s); manifest %s",
                 len(pending), written, seconds, written / max(seconds, 1e-9),
                 os.path.join(output_dir, MANIFEST_NAME))
     return manifest
+
+
+@contextlib.contextmanager
+def _naming_write_errors(output_dir: str):
+    """A full disk, a quota or a read-only folder while writing: a :class:`BuildError`
+    (the shard being written has already been removed; finished shards stay valid)."""
+    import errno
+    import tensorflow as tf
+    try:
+        yield
+    except tf.errors.ResourceExhaustedError as err:  # TFRecordWriter: no space left
+        raise BuildError(f"cannot write to --output_dir {output_dir}: {err.message}; free "
+                         f"space and rerun (finished shards are kept and skipped)") from None
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            raise
+        raise BuildError(f"cannot write to --output_dir {output_dir}: {err}; free space "
+                         f"and rerun (finished shards are kept and skipped)") from None
 
 
 def _build_shards(source: Source, output_dir: str, pending: List[_Shard],

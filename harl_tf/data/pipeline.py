@@ -11,12 +11,15 @@ yields the same batches. Nothing is cached: records are read and decoded every e
 """
 from __future__ import annotations
 
+import contextlib
 import random
+import re
 from typing import List, Optional, Sequence
 
 import tensorflow as tf
 
 from harl_tf.data import augment, schema
+from harl_tf.errors import HarlError
 
 AUTOTUNE = tf.data.AUTOTUNE
 # Serialized records held for shuffling; about 110 kB each on ImageNet (JPEG + PNG mask),
@@ -55,6 +58,50 @@ def list_files(file_pattern: str, input_context: Optional[tf.distribute.InputCon
                 f"write at least {count} shards")
         files = files[input_context.input_pipeline_id::count]
     return files
+
+
+class CorruptRecordError(HarlError):
+    """A TFRecord file is truncated or corrupt; the message names the file and the record."""
+
+
+def locate_corrupt_record(file_pattern: str, error: Optional[Exception] = None) -> str:
+    """Which file (and record) of ``file_pattern`` a ``tf.errors.DataLossError`` came from.
+
+    TFRecordDataset's message gives the byte offset ("corrupted record at 5680",
+    "truncated record at 5668") but not the file. Only files longer than that offset can
+    hold it; they are read (framing and CRCs only, nothing decoded) until one fails. Cost:
+    one read of those files, on the failure path only. Returns a one-line description.
+    """
+    message = "" if error is None else getattr(error, "message", str(error))
+    found = re.search(r"record at (\d+)", message)
+    offset = int(found.group(1)) if found else -1
+    files = list_files(file_pattern, caller="locate_corrupt_record")
+    for path in files:
+        if tf.io.gfile.stat(path).length <= offset:
+            continue
+        try:
+            for _ in schema.iterate_records(path):
+                pass
+        except schema.SchemaError as err:
+            return str(err)
+    what = f" ({message.strip().splitlines()[-1]})" if message.strip() else ""
+    return (f"a record of {file_pattern!r} is corrupt or truncated{what}, but none of its "
+            f"{len(files)} file(s) fails when read again (was a file replaced?)")
+
+
+@contextlib.contextmanager
+def naming_corrupt_files(file_pattern: str):
+    """Turns a ``tf.errors.DataLossError`` raised while iterating a dataset of
+    ``file_pattern`` (in a loop or in Keras ``fit``) into :class:`CorruptRecordError`
+    naming the file and the record index::
+
+        with pipeline.naming_corrupt_files(config.train_files):
+            model.fit(dataset, ...)
+    """
+    try:
+        yield
+    except tf.errors.DataLossError as err:
+        raise CorruptRecordError(locate_corrupt_record(file_pattern, err)) from None
 
 
 def _check_sizes(caller: str, batch_size: int, image_size: int) -> None:

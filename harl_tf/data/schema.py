@@ -31,12 +31,14 @@ from typing import Any, Dict, Iterator, Mapping
 import numpy as np
 import tensorflow as tf
 
+from harl_tf.errors import HarlError
+
 SCHEMA_VERSION = 1
 
 IMAGE_FORMATS = ("jpeg", "png")
 
 
-class SchemaError(ValueError):
+class SchemaError(HarlError):
     """A record or an example does not follow this schema."""
 
 
@@ -160,28 +162,60 @@ def _to_python(name: str, value: tf.Tensor) -> Any:
     if name in ("image", "mask"):
         return value
     if isinstance(value, bytes):
-        text = value.decode()
-        return json.loads(text) if name == "mask_params" else text
+        try:
+            text = value.decode()
+            return json.loads(text) if name == "mask_params" else text
+        except ValueError as err:  # UnicodeDecodeError, JSONDecodeError
+            raise SchemaError(f"feature {_KEYS[name]!r} is not valid "
+                              f"{'JSON' if name == 'mask_params' else 'UTF-8'}: {err}") from None
     return int(value)
+
+
+def record_to_python(serialized, *, decode: bool = True) -> Dict[str, Any]:
+    """One serialized example → dict of python/numpy values (see :func:`read_examples`).
+    Raises :class:`SchemaError` for anything that is not a readable record of this
+    schema.
+
+    The bytes are first checked by the protobuf library: TensorFlow 2.21's
+    ``ParseExampleV2`` kernel crashes the process (SIGSEGV) on some malformed wire formats
+    (e.g. one corrupted length varint; tests/test_fuzz.py). Inside tf.data the TFRecord
+    CRCs stop corrupted bytes before they reach the parser.
+    """
+    from google.protobuf.message import DecodeError
+    data = serialized.numpy() if isinstance(serialized, tf.Tensor) else bytes(serialized)
+    try:
+        tf.train.Example.FromString(data)
+    except DecodeError as err:
+        raise SchemaError(f"not a tf.train.Example ({err})") from None
+    try:
+        parsed = parse_example(data)
+        record = {name: _to_python(name, value) for name, value in parsed.items()}
+        if decode:
+            record["image_array"] = decode_image(parsed).numpy()
+            record["mask_array"] = decode_mask(parsed).numpy()[..., 0]
+    except tf.errors.OpError as err:
+        raise SchemaError(err.message.strip()) from None
+    except UnicodeDecodeError:  # TF's own message quoted undecodable bytes of the record
+        raise SchemaError("not a tf.train.Example (TensorFlow could not parse it and its "
+                          "error message is not text)") from None
+    return record
 
 
 def read_examples(path: str, *, decode: bool = True) -> Iterator[Dict[str, Any]]:
     """Eagerly reads a TFRecord file (for tools): yields dicts of python/numpy values; with
     ``decode`` also ``image_array`` (uint8 [H,W,3]) and ``mask_array`` (uint8 {0,1}
     [H,W]). Errors name the file and the record index."""
-    for index, serialized in enumerate(_records(path)):
+    for index, serialized in enumerate(iterate_records(path)):
         try:
-            parsed = parse_example(serialized)
-            record = {name: _to_python(name, value) for name, value in parsed.items()}
-            if decode:
-                record["image_array"] = decode_image(parsed).numpy()
-                record["mask_array"] = decode_mask(parsed).numpy()[..., 0]
-        except tf.errors.OpError as err:
-            raise SchemaError(f"{path}: record {index}: {err.message}") from None
+            record = record_to_python(serialized, decode=decode)
+        except SchemaError as err:
+            raise SchemaError(f"{path}: record {index}: {err}") from None
         yield record
 
 
-def _records(path: str) -> Iterator[tf.Tensor]:
+def iterate_records(path: str) -> Iterator[tf.Tensor]:
+    """The serialized records of one TFRecord file (eager), undecoded. A truncated or
+    corrupt file raises :class:`SchemaError` naming the file and the record index."""
     iterator = iter(tf.data.TFRecordDataset(path))
     index = 0
     while True:

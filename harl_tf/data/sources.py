@@ -40,12 +40,14 @@ from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tu
 
 import numpy as np
 
+from harl_tf.errors import HarlError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
                     ".ppm", ".pgm", ".pnm")
 KNOWN_SPLITS = ("train", "validation", "val", "test")
 
 
-class SourceError(ValueError):
+class SourceError(HarlError):
     """A source cannot be read as asked: names the folder, file, dataset or flag, what was
     expected and what was found."""
 

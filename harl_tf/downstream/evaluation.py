@@ -94,8 +94,16 @@ class EvaluationConfig:
 
 def evaluate(config: EvaluationConfig,
              strategy: Optional[tf.distribute.Strategy] = None) -> Dict[str, Any]:
-    """Runs one evaluation (see the module docstring); returns and writes the results."""
+    """Runs one evaluation (see the module docstring); returns and writes the results.
+    A truncated or corrupt record file raises :class:`pipeline.CorruptRecordError` naming
+    the file and the record."""
     config.check()
+    with pipeline.naming_corrupt_files(f"{config.train_files},{config.eval_files}"):
+        return _evaluate(config, strategy)
+
+
+def _evaluate(config: EvaluationConfig,
+              strategy: Optional[tf.distribute.Strategy]) -> Dict[str, Any]:
     strategy = strategy or tf.distribute.get_strategy()
     started = time.time()
     os.makedirs(config.output_dir, exist_ok=True)

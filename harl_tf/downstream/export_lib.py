@@ -49,6 +49,7 @@ import numpy as np
 import tensorflow as tf
 
 import harl_tf
+from harl_tf.errors import HarlError
 from harl_tf.models import resnet
 
 METADATA_FILE = "harl_export.json"
@@ -67,7 +68,7 @@ def _default_mode(directory: bool) -> int:
     return (0o777 if directory else 0o666) & ~umask
 
 
-class ExportError(ValueError):
+class ExportError(HarlError):
     """An export cannot be written or read (names the directory and what is wrong)."""
 
 
