@@ -40,6 +40,7 @@ that is deleted right away (the TF multi-worker recipe).
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -49,10 +50,17 @@ from typing import Optional
 
 import tensorflow as tf
 
+from harl_tf.errors import HarlError
+
 MODEL_CONFIG_FILE = "model_config.json"
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_NAME = "ckpt"
 CONFIG_FORMAT = 1
+
+
+class CheckpointWriteError(HarlError):
+    """A checkpoint could not be written (disk full, read-only); nothing partial is left
+    and the message names the last complete checkpoint."""
 
 
 class NonFiniteStateError(RuntimeError):
@@ -245,7 +253,19 @@ class CheckpointManager:
                 f"refusing to checkpoint step {step}: the model has NaN/Inf weights; the "
                 f"last good checkpoint in {checkpoint_dir(self.model_dir)} is step "
                 f"{self.last_saved_step}.")
-        path = self.manager.save(checkpoint_number=step)
+        try:
+            path = self.manager.save(checkpoint_number=step)
+        except (tf.errors.ResourceExhaustedError, tf.errors.PermissionDeniedError,
+                OSError) as err:
+            # Disk full / read-only: remove the partial files (the `checkpoint` pointer was
+            # never moved to them) and say which complete checkpoint remains.
+            for partial in glob.glob(os.path.join(self.directory, f"ckpt-{step}_temp*")):
+                shutil.rmtree(partial, ignore_errors=True)
+            reason = getattr(err, "message", None) or str(err)
+            raise CheckpointWriteError(
+                f"cannot write checkpoint step {step} to {self.directory}: "
+                f"{reason.splitlines()[0] if reason else type(err).__name__}; the last "
+                f"complete checkpoint is step {self.last_saved_step}.") from None
         if not self.is_chief:
             shutil.rmtree(self.directory, ignore_errors=True)
         self.last_saved_step = step
@@ -305,8 +325,10 @@ def restore_online_encoder(model_dir: str, step: Optional[int] = None):
 
     config = read_model_config(model_dir)
     encoder_config = export_encoder_config(config["encoder"])
-    path = find_checkpoint(model_dir, step)
+    # Build first, then find and read at once: a running pretraining may prune old
+    # checkpoints, so the gap between choosing a checkpoint and reading it stays short.
     encoder = build_encoder(encoder_config)
+    path = find_checkpoint(model_dir, step)
     step_var = tf.Variable(0, dtype=tf.int64)
     status = tf.train.Checkpoint(online_encoder=encoder, step=step_var).read(path)
     status.expect_partial()

@@ -16,6 +16,8 @@ import sys
 
 from absl import app, flags
 
+from harl_tf.errors import HarlError
+
 FLAGS = flags.FLAGS
 
 
@@ -137,7 +139,7 @@ def main_with_flags(argv):
         _fail(str(e))
     try:
         summary = training.run_pretraining(config)
-    except (training.ConfigError, training.TrainingDiverged) as e:
+    except (HarlError, training.TrainingDiverged) as e:  # ConfigError, corrupt data, disk
         _fail(str(e).splitlines()[0] if str(e) else repr(e))
     state = "done" if summary["completed"] else "stopped"
     print(f"pretrain: {state}: step {summary['final_step']}/{summary['total_steps']}, "

@@ -418,8 +418,11 @@ def run_pretraining(c: PretrainConfig) -> dict:
 def _run(c: PretrainConfig, strategy, chief: bool) -> dict:
     import tensorflow as tf
     from harl_tf import checkpoints, distribute
-    from harl_tf.data.pipeline import distributed_pretrain_dataset
+    from harl_tf.data.pipeline import distributed_pretrain_dataset, naming_corrupt_files
     from harl_tf.models.harl import make_distributed_step
+    if c.seed is not None:  # weights too, not only views and order: a seeded run repeats
+        import keras
+        keras.utils.set_random_seed(c.seed)
     model = build_model(c, strategy)
     if chief:
         try:  # before writing anything: a mistyped --model_dir must not clobber a run
@@ -456,15 +459,17 @@ def _run(c: PretrainConfig, strategy, chief: bool) -> dict:
             dataset = distributed_pretrain_dataset(
                 strategy, c.train_files, c.batch_size, c.image_size, seed=seed,
                 deterministic=c.deterministic, shuffle_buffer=c.shuffle_buffer)
-            if distribute.uses_custom_loop(strategy):
-                step_fn = make_distributed_step(model, strategy)
-                iterator = iter(dataset)
-                for _ in range(remaining):
-                    if hooks.after_step(step_fn(next(iterator))):
-                        break
-            else:
-                model.fit(dataset, epochs=1, steps_per_epoch=remaining, verbose=0,
-                          callbacks=[_hooks_callback(hooks)])
+            # A corrupt shard ends the run with an error naming the file and record.
+            with naming_corrupt_files(c.train_files):
+                if distribute.uses_custom_loop(strategy):
+                    step_fn = make_distributed_step(model, strategy)
+                    iterator = iter(dataset)
+                    for _ in range(remaining):
+                        if hooks.after_step(step_fn(next(iterator))):
+                            break
+                else:
+                    model.fit(dataset, epochs=1, steps_per_epoch=remaining, verbose=0,
+                              callbacks=[_hooks_callback(hooks)])
         final_step = int(model.step_counter.numpy())
         if final_step >= c.total_steps:
             _save_or_diverged(manager.save)

@@ -182,6 +182,7 @@ def built(train_files, tmp_path_factory):
     model = training.build_model(config, tf.distribute.get_strategy())
     checkpoints.write_model_config(model_dir, model.online_encoder.config, image_size=32)
     manager = checkpoints.CheckpointManager(model_dir, model, every_n_steps=0, max_to_keep=1)
+    manager.save()  # the one checkpoint: tests must not depend on each other's order
     return model, manager, config
 
 
@@ -239,12 +240,14 @@ def test_full_disk_leaves_no_checkpoint_or_export_looking_complete(built, tmp_pa
     with small_tmpfs("2m") as disk:
         model_dir = os.path.join(disk, "model")
         manager = checkpoints.CheckpointManager(model_dir, model, every_n_steps=0)
-        with pytest.raises((tf.errors.ResourceExhaustedError, OSError)) as info:
+        with pytest.raises(checkpoints.CheckpointWriteError) as info:
             manager.save()
-        assert "No space left on device" in str(info.value)
+        message = str(info.value)
+        assert "No space left on device" in message and "\n" not in message
+        assert f"step 3 to {manager.directory}" in message
         assert tf.train.latest_checkpoint(checkpoints.checkpoint_dir(model_dir)) is None
         assert checkpoints.available_steps(model_dir) == []
-        assert not glob.glob(os.path.join(model_dir, "checkpoints", "ckpt-*.index"))
+        assert not glob.glob(os.path.join(model_dir, "checkpoints", "ckpt-*"))  # no _temp
 
         export_dir = os.path.join(disk, "export")
         with pytest.raises((export_lib.ExportError, OSError, tf.errors.OpError)) as info:
@@ -273,3 +276,22 @@ def test_nan_weights_with_a_finite_loss_are_reported_as_divergence(built, tmp_pa
     finally:
         _stamp(model, 0)
     assert checkpoints.available_steps(model_dir) == [1]
+
+
+def test_pretraining_on_a_corrupt_shard_stops_naming_the_file(train_files, tmp_path):
+    """A shard with a flipped payload byte: pretraining stops with an error that names the
+    file and the record (not TF's byte offset), before any checkpoint of bad data."""
+    import shutil
+    corrupt_dir = tmp_path / "records"
+    corrupt_dir.mkdir()
+    for path in sorted(glob.glob(train_files)):
+        shutil.copy(path, corrupt_dir)
+    victim = sorted(corrupt_dir.iterdir())[0]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    config = tiny_config(str(corrupt_dir / "train-*.tfrecord"), str(tmp_path / "model"),
+                         train_steps=40, checkpoint_every_steps=100)
+    with pytest.raises(training.HarlError) as info:
+        training.run_pretraining(config)
+    assert victim.name in str(info.value) and "record" in str(info.value)
