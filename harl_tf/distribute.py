@@ -49,6 +49,11 @@ def make_strategy(name: str, *, devices: Optional[Sequence[str]] = None,
         if not devices:
             gpus = tf.config.list_logical_devices("GPU")
             devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
+        if all("CPU" in d.upper() for d in devices):
+            # CPU replicas reduce through one device: no collective ops, whose instance
+            # keys clash between MirroredStrategy objects created in one process.
+            return tf.distribute.MirroredStrategy(
+                list(devices), cross_device_ops=tf.distribute.ReductionToOneDevice())
         return tf.distribute.MirroredStrategy(list(devices))
     if name == "multi_worker":
         describe_tf_config()  # validates TF_CONFIG, with a readable error

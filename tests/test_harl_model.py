@@ -5,9 +5,10 @@ tests fast; the real ResNet is exercised by tests/test_pretrain_binary.py.
 """
 import numpy as np
 import pytest
-import tensorflow as tf
 import keras
+import tensorflow as tf
 
+from harl_tf import distribute
 from harl_tf.lars import LARS
 from harl_tf.models.harl import HARLConfig, HARLModel, make_distributed_step
 
@@ -149,7 +150,7 @@ def _one_step_fit(strategy, reference, run_eagerly=False):
 
 def test_one_and_two_replicas_take_the_same_step():
     """fit on 1 replica, fit on 2 replicas and the strategy.run loop on 2 replicas agree."""
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    strategy = distribute.make_strategy("mirrored", devices=["/cpu:0", "/cpu:1"])
     reference = make_model()
     one, h1 = _one_step_fit(tf.distribute.get_strategy(), reference, run_eagerly=True)
     two, h2 = _one_step_fit(strategy, reference, run_eagerly=True)

@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from harl_tf import distribute
+
 from harl_tf.data import augment, pipeline, schema, synthetic
 
 SHARDS, PER_SHARD, HEIGHT, WIDTH = 4, 6, 40, 56
@@ -186,7 +188,7 @@ def test_classifier_training_batches(jpeg_records):
 
 
 def test_distributed_dataset_gives_each_replica_its_share(jpeg_records):
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    strategy = distribute.make_strategy("mirrored", devices=["/cpu:0", "/cpu:1"])
     dataset = pipeline.distributed_pretrain_dataset(strategy, jpeg_records, 4, 16, seed=0,
                                                     shuffle_buffer=4)
     batch = next(iter(dataset))
