@@ -93,16 +93,21 @@ def test_binary_rejects_bad_flags_with_one_line_and_status_2(tmp_path):
     ("imagenet_harl_r50_100ep_stride16", dict(output_stride=16)),
 ])
 def test_flagfiles_parse_into_valid_configs(name, expect):
-    from harl_tf import pretrain
-    flags = pretrain.FLAGS
-    try:
-        flags(["pretrain", f"--flagfile={os.path.join(REPO, 'flags', name + '.cfg')}"])
-        config = pretrain.config_from_flags()
-    finally:
-        flags.unparse_flags()
-    training.validate_config(config, check_files=False)
+    # Parsed in a fresh process: absl flags are process-global, and other test modules
+    # import binaries whose flag names overlap (--image_size, --seed, ...).
+    script = (
+        "import json, sys; from harl_tf import pretrain, training\n"
+        "pretrain.FLAGS(['pretrain', '--flagfile=' + sys.argv[1]])\n"
+        "c = pretrain.config_from_flags()\n"
+        "training.validate_config(c, check_files=False)\n"
+        "print(json.dumps(c.to_json()))\n")
+    out = subprocess.run(
+        [sys.executable, "-c", script, os.path.join(REPO, "flags", name + ".cfg")],
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    config = json.loads(out.stdout.strip().splitlines()[-1])
     for key, value in expect.items():
-        assert getattr(config, key) == value, key
+        assert config[key] == value, key
 
 
 def test_short_run_learns_and_resumes_after_sigterm(tmp_path):
