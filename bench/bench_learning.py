@@ -1,0 +1,558 @@
+r"""Small-scale reproduction: does HARL's mask pooling beat BYOL at the same budget?
+
+    python bench/bench_learning.py --work_dir=/tmp/harl_bench_learning     # cutouts, ~1 h
+    python bench/bench_learning.py --dataset=fashion_mnist --steps=200 \
+        --work_dir=/tmp/harl_bench_fmnist
+
+Data (cutouts, /work/shared/data/cutouts): the train split's images pretrain (its labels
+are never seen by the encoder: only by the online probe, which is stop-gradient, and by
+the linear probe / k-NN afterwards); the test split is only scored. TFRecords are built
+twice with the real ``tools.build_tfrecords``: masks from ``--mask_method=conventional``
+(unsupervised saliency) and the folder's exact masks (``--mask_method_name=ground_truth``).
+Fashion-MNIST: the idx files are written out as a PNG folder under the work dir (28 px,
+grey → RGB, upsampled to 64 px) and built with conventional masks and ``pixel > 0`` masks.
+
+Methods, all at an identical budget (same encoder, heads, batch, steps, augmentations,
+optimiser, data order via ``--seed --deterministic``), each one ``harl_tf.pretrain``
+subprocess, run one after the other:
+
+- ``random``: randomly initialised encoder (no pretraining; ``--encoder=random``);
+- ``byol``: ``--loss_mode=byol`` (λ = 0; the masks are read but weighted 0);
+- ``mask_conventional``: ``--loss_mode=mask`` (α 0.7 cosine), conventional masks;
+- ``hybrid_conventional``: ``--loss_mode=hybrid`` (SPEC §5 defaults α = λ = 0.7, cosine);
+- ``hybrid_ground_truth``: the same with exact masks (upper bound for the mask source).
+
+Each pretrained encoder is exported (``harl_tf.export --output_stride=keep``) and scored on
+the test split by ``harl_tf.finetune``: ``--mode=linear`` (precomputed centre-crop features,
+fixed recipe, never tuned on test) and ``--mode=knn`` (k = 20, cosine similarity,
+exp(cos/0.07) votes). Plots: training curves (from the TensorBoard events each run writes
+to ``model_dir/train``) and a t-SNE map of test embeddings, BYOL beside HARL hybrid.
+Diagnosis (cutouts): how much of the mean background colour, object colour and class the
+11 k-means clusters of each method's test embeddings explain (η²) — the backgrounds come
+from 11 photographs, so an encoder that keys on the background shows η²(background) ≫
+η²(object).
+
+Stages are resumable: a stage whose output exists (records' manifest.json, a completed
+run's summary.json with the same config, results.json) is not run again, so the script
+can be re-invoked with more ``--methods`` and aggregates everything in ``--work_dir``.
+Writes ``bench/results/bench_learning[_<dataset>].json`` and PNGs next to it.
+"""
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import os
+import subprocess
+import sys
+import time
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from bench import common  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("dataset", "cutouts", ["cutouts", "fashion_mnist"], "Dataset.")
+flags.DEFINE_string("data_dir", "", "Dataset root (default: /work/shared/data/<dataset>).")
+flags.DEFINE_string("work_dir", "/tmp/harl_bench_learning", "Records, runs, evaluations.")
+flags.DEFINE_list("methods", ["random", "byol", "mask_conventional", "hybrid_conventional",
+                              "hybrid_ground_truth"], "Methods (see the module docstring).")
+flags.DEFINE_list("stages", ["build", "pretrain", "evaluate", "report"],
+                  "Stages to run (each skips work already done).")
+# The budget (identical for every method).
+flags.DEFINE_integer("steps", 200, "Pretraining steps.")
+flags.DEFINE_integer("batch_size", 64, "Pretraining batch size.")
+flags.DEFINE_integer("image_size", 64, "Pretraining and evaluation image side, px.")
+flags.DEFINE_integer("depth", 18, "ResNet depth.")
+flags.DEFINE_integer("width_multiplier", 1, "ResNet width multiplier.")
+flags.DEFINE_bool("small_stem", False, "3x3 stride-1 stem without max-pool.")
+flags.DEFINE_integer("output_stride", 16, "Encoder output stride (64 px / 16 = 4x4 map).")
+flags.DEFINE_integer("head_hidden_dim", 1024, "Projector and predictor hidden width.")
+flags.DEFINE_integer("projection_dim", 256, "Projection size.")
+flags.DEFINE_float("base_learning_rate", 0.5, "LARS lr per 256 images.")
+flags.DEFINE_float("warmup_epochs", 1.0, "Warm-up epochs.")
+flags.DEFINE_float("tau_base", 0.99, "EMA decay at step 0.")
+flags.DEFINE_float("alpha_base", 0.7, "HARL alpha at step 0 (cosine rise to 1).")
+flags.DEFINE_float("lambda_base", 0.7, "HARL lambda at step 0 (cosine rise to 1).")
+flags.DEFINE_integer("seed", 0, "Seed of the views and data order (--deterministic).")
+# Evaluation (a fixed recipe: never tuned on the test split).
+flags.DEFINE_integer("linear_epochs", 50, "Linear probe epochs (precomputed features).")
+flags.DEFINE_float("linear_learning_rate", 0.5, "Linear probe peak SGD learning rate.")
+flags.DEFINE_integer("knn_k", 20, "k of the k-NN classifier.")
+flags.DEFINE_integer("fashion_mnist_train", 10000, "Fashion-MNIST train images used.")
+flags.DEFINE_integer("fashion_mnist_test", 2000, "Fashion-MNIST test images used.")
+flags.DEFINE_integer("tsne_points", 1000, "Test embeddings in the t-SNE map.")
+flags.DEFINE_string("results_name", "", "Results file stem (default bench_learning"
+                    "[_fashion_mnist]).")
+# Internal: child process that writes test embeddings (keeps TensorFlow out of the parent).
+flags.DEFINE_string("_embed_encoder", "", "internal")
+flags.DEFINE_string("_embed_files", "", "internal")
+flags.DEFINE_string("_embed_out", "", "internal")
+
+PY = sys.executable
+ROOT = common.ROOT
+
+# name → (loss_mode, mask source) ; loss_mode None = no pretraining.
+METHODS = {
+    "random": (None, None),
+    "byol": ("byol", "conventional"),
+    "mask_conventional": ("mask", "conventional"),
+    "hybrid_conventional": ("hybrid", "conventional"),
+    "mask_ground_truth": ("mask", "ground_truth"),
+    "hybrid_ground_truth": ("hybrid", "ground_truth"),
+}
+
+
+def _run(command, log_path, *, cwd=ROOT) -> float:
+    """Runs ``command`` (list) with output to ``log_path``; returns seconds; raises on error."""
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    print(f"$ {' '.join(command)}", flush=True)
+    started = time.time()
+    with open(log_path, "w") as log:
+        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=cwd).returncode
+    if code != 0:
+        with open(log_path) as log:
+            tail = log.read()[-3000:]
+        raise SystemExit(f"failed ({code}): {' '.join(command)}\n--- {log_path}\n{tail}")
+    return time.time() - started
+
+
+def _paths():
+    w = FLAGS.work_dir
+    return {"records": os.path.join(w, "records"), "runs": os.path.join(w, "runs"),
+            "evals": os.path.join(w, "evals"), "exports": os.path.join(w, "exports"),
+            "logs": os.path.join(w, "logs")}
+
+
+# Data -------------------------------------------------------------------------------------
+
+def _data_dir() -> str:
+    if FLAGS.data_dir:
+        return FLAGS.data_dir
+    return os.path.join("/work/shared/data",
+                        "cutouts" if FLAGS.dataset == "cutouts" else "fashion-mnist")
+
+
+def _records(masks: str) -> str:
+    """Records directory of a mask source: 'conventional' or 'ground_truth'."""
+    short = "gt" if masks == "ground_truth" else masks
+    return os.path.join(_paths()["records"], f"{FLAGS.dataset}_{short}")
+
+
+def _fashion_mnist_folder() -> str:
+    """Writes the Fashion-MNIST subset as images/ + masks/ (pixel > 0) PNG folders."""
+    import cv2
+    src, out = _data_dir(), os.path.join(FLAGS.work_dir, "fashion_mnist_folder")
+    if os.path.exists(os.path.join(out, "classes.txt")):
+        return out
+    names = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
+             "bag", "ankle-boot"]
+    for split, prefix, count in (("train", "train", FLAGS.fashion_mnist_train),
+                                 ("test", "t10k", FLAGS.fashion_mnist_test)):
+        with gzip.open(os.path.join(src, f"{prefix}-images-idx3-ubyte.gz")) as f:
+            images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
+        with gzip.open(os.path.join(src, f"{prefix}-labels-idx1-ubyte.gz")) as f:
+            labels = np.frombuffer(f.read(), np.uint8, offset=8)
+        # The first `count` in file order (the files are not sorted by class).
+        for i in range(min(count, len(images))):
+            name = names[labels[i]]
+            # 28 → 64 px (bicubic, so the conventional method sees edges, not blocks).
+            image = cv2.resize(images[i], (64, 64), interpolation=cv2.INTER_CUBIC)
+            mask = (cv2.resize(images[i], (64, 64), interpolation=cv2.INTER_NEAREST) > 0)
+            for kind, array in (("images", np.stack([image] * 3, -1)),
+                                ("masks", mask.astype(np.uint8) * 255)):
+                path = os.path.join(out, split, kind, name, f"{split}{i:05d}.png")
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                cv2.imwrite(path, array)
+    with open(os.path.join(out, "classes.txt.tmp"), "w") as f:
+        f.write("\n".join(names) + "\n")
+    os.replace(os.path.join(out, "classes.txt.tmp"), os.path.join(out, "classes.txt"))
+    return out
+
+
+def build_records() -> dict:
+    """Both record sets (skipped when their manifest exists); returns seconds per set."""
+    images_dir = _data_dir() if FLAGS.dataset == "cutouts" else _fashion_mnist_folder()
+    seconds = {}
+    for masks, extra, splits in (
+            ("ground_truth", ["--mask_method_name=ground_truth"], "train,test"),
+            ("conventional", ["--mask_method=conventional"], "train")):
+        out = _records(masks)
+        if os.path.exists(os.path.join(out, "manifest.json")):
+            continue
+        seconds[masks] = _run([PY, "-m", "tools.build_tfrecords", "--source=folder",
+                               f"--images_dir={images_dir}", f"--splits={splits}",
+                               f"--output_dir={out}", "--num_workers=2", "--noprogress"]
+                              + extra, os.path.join(_paths()["logs"], f"build_{masks}.log"))
+    return seconds
+
+
+def mask_quality() -> dict:
+    """Mean IoU of the conventional masks against the ground-truth ones, train split."""
+    out = os.path.join(FLAGS.work_dir, "mask_quality_train.json")
+    if not os.path.exists(out):
+        _run([PY, "-m", "tools.mask_quality",
+              f"--pred_records={_records('conventional')}/train-*.tfrecord",
+              f"--gt_records={_records('ground_truth')}/train-*.tfrecord",
+              f"--output_json={out}"], os.path.join(_paths()["logs"], "mask_quality.log"))
+    with open(out) as f:
+        return json.load(f)
+
+
+# Pretraining ------------------------------------------------------------------------------
+
+def pretrain_flags(method: str) -> list:
+    """The full flag list of one method's run: identical except --loss_mode and records."""
+    loss_mode, masks = METHODS[method]
+    num_train = 3000 if FLAGS.dataset == "cutouts" else FLAGS.fashion_mnist_train
+    num_classes = 8 if FLAGS.dataset == "cutouts" else 10
+    return [
+        f"--train_files={_records(masks)}/train-*.tfrecord",
+        f"--model_dir={os.path.join(_paths()['runs'], method)}",
+        f"--loss_mode={loss_mode}",
+        f"--num_train_examples={num_train}", f"--image_size={FLAGS.image_size}",
+        f"--depth={FLAGS.depth}", f"--width_multiplier={FLAGS.width_multiplier}",
+        f"--small_stem={str(FLAGS.small_stem).lower()}",
+        f"--output_stride={FLAGS.output_stride}",
+        f"--projector_hidden_dim={FLAGS.head_hidden_dim}",
+        f"--projection_dim={FLAGS.projection_dim}",
+        f"--predictor_hidden_dim={FLAGS.head_hidden_dim}",
+        f"--alpha_base={FLAGS.alpha_base}", "--alpha_schedule=cosine",
+        f"--lambda_base={FLAGS.lambda_base}", "--lambda_schedule=cosine",
+        f"--batch_size={FLAGS.batch_size}", f"--train_steps={FLAGS.steps}",
+        f"--base_learning_rate={FLAGS.base_learning_rate}",
+        f"--warmup_epochs={FLAGS.warmup_epochs}", "--weight_decay=1e-6",
+        f"--tau_base={FLAGS.tau_base}",
+        # Online probe on the train labels: stop-gradient, for the training curves only.
+        f"--num_classes={num_classes}", "--probe_learning_rate=0.001",
+        f"--shuffle_buffer={num_train}", f"--seed={FLAGS.seed}", "--deterministic",
+        "--strategy=default", f"--checkpoint_every_steps={max(FLAGS.steps // 2, 1)}",
+        "--keep_checkpoints=1", "--log_every_steps=10", "--image_summaries=0",
+    ]
+
+
+def pretrain(method: str) -> dict:
+    """Runs (or reuses) one method's pretraining; returns its summary.json."""
+    model_dir = os.path.join(_paths()["runs"], method)
+    summary_path = os.path.join(model_dir, "summary.json")
+    if os.path.exists(summary_path):
+        with open(summary_path) as f:
+            summary = json.load(f)
+        if summary.get("completed") and summary.get("total_steps") == FLAGS.steps:
+            print(f"{method}: pretraining done before, reusing {model_dir}", flush=True)
+            return summary
+        raise SystemExit(f"{model_dir} holds another run ({summary.get('final_step')}/"
+                         f"{summary.get('total_steps')} steps); remove it or change "
+                         f"--work_dir.")
+    _run([PY, "-m", "harl_tf.pretrain"] + pretrain_flags(method),
+         os.path.join(_paths()["logs"], f"pretrain_{method}.log"))
+    with open(summary_path) as f:
+        return json.load(f)
+
+
+# Evaluation -------------------------------------------------------------------------------
+
+def _encoder_config() -> dict:
+    return {"depth": FLAGS.depth, "width_multiplier": FLAGS.width_multiplier,
+            "output_stride": FLAGS.output_stride, "small_stem": FLAGS.small_stem}
+
+
+def _encoder_args(method: str) -> list:
+    if METHODS[method][0] is None:
+        return ["--encoder=random", f"--encoder_config={json.dumps(_encoder_config())}"]
+    export_dir = os.path.join(_paths()["exports"], method)
+    if not os.path.exists(os.path.join(export_dir, "harl_export.json")):
+        _run([PY, "-m", "harl_tf.export", f"--model_dir={os.path.join(_paths()['runs'], method)}",
+              f"--export_dir={export_dir}", "--output_stride=keep", "--overwrite"],
+             os.path.join(_paths()["logs"], f"export_{method}.log"))
+    return [f"--encoder={export_dir}"]
+
+
+def evaluate(method: str) -> dict:
+    """Linear probe and k-NN on the test split; returns {mode: results.json}."""
+    out = {}
+    gt = _records("ground_truth")
+    for mode, extra in (("linear", [f"--epochs={FLAGS.linear_epochs}",
+                                    f"--learning_rate={FLAGS.linear_learning_rate}",
+                                    "--batch_size=128", "--weight_decay=0.0"]),
+                        ("knn", [f"--knn_k={FLAGS.knn_k}", "--knn_temperature=0.07"])):
+        output_dir = os.path.join(_paths()["evals"], f"{method}_{mode}")
+        results_path = os.path.join(output_dir, "results.json")
+        if not os.path.exists(results_path):
+            _run([PY, "-m", "harl_tf.finetune", f"--mode={mode}"] + _encoder_args(method)
+                 + [f"--train_files={gt}/train-*.tfrecord", f"--eval_files={gt}/test-*.tfrecord",
+                    f"--output_dir={output_dir}", f"--image_size={FLAGS.image_size}",
+                    "--crop_fraction=1.0", "--eval_batch_size=128", f"--seed={FLAGS.seed}",
+                    "--verbose=0"] + extra,
+                 os.path.join(_paths()["logs"], f"finetune_{method}_{mode}.log"))
+        with open(results_path) as f:
+            out[mode] = json.load(f)
+    return out
+
+
+def embeddings(method: str) -> dict:
+    """Test-split embeddings (global-average-pooled, centre crop) from a child process."""
+    path = os.path.join(_paths()["evals"], f"{method}_embeddings.npz")
+    if not os.path.exists(path):
+        encoder = _encoder_args(method)[0].split("=", 1)[1]
+        _run([PY, os.path.abspath(__file__), f"--_embed_encoder={encoder}",
+              f"--_embed_files={_records('ground_truth')}/test-*.tfrecord",
+              f"--_embed_out={path}", f"--image_size={FLAGS.image_size}"]
+             + ([f"--depth={FLAGS.depth}"] if encoder == "random" else []),
+             os.path.join(_paths()["logs"], f"embed_{method}.log"))
+    data = np.load(path)
+    return {"features": data["features"], "labels": data["labels"]}
+
+
+def _embed_child() -> None:
+    from harl_tf.data import pipeline
+    from harl_tf.downstream import encoder_source, linear
+    source = encoder_source.load_encoder(FLAGS._embed_encoder, encoder_config=_encoder_config(),
+                                         seed=FLAGS.seed)
+    dataset = pipeline.eval_dataset(FLAGS._embed_files, 128, FLAGS.image_size,
+                                    crop_fraction=1.0)
+    features = linear.extract_features(source.encoder, dataset, desc="test embeddings")
+    np.savez(FLAGS._embed_out + ".tmp.npz", features=features.features, labels=features.labels)
+    os.replace(FLAGS._embed_out + ".tmp.npz", FLAGS._embed_out)
+
+
+# Report -----------------------------------------------------------------------------------
+
+def read_curves(model_dir: str) -> dict:
+    """{tag: (steps, values)} from the run's TensorBoard events (model_dir/train)."""
+    import tensorflow as tf
+    curves = {}
+    for path in sorted(glob.glob(os.path.join(model_dir, "train", "events.out.tfevents.*"))):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                if value.HasField("tensor") and value.tensor.dtype == tf.float32.as_datatype_enum:
+                    number = float(tf.make_ndarray(value.tensor))
+                elif value.HasField("simple_value"):
+                    number = float(value.simple_value)
+                else:
+                    continue
+                curves.setdefault(value.tag, []).append((int(event.step), number))
+    return {tag: [list(x) for x in zip(*sorted(points))] for tag, points in curves.items()}
+
+
+def plot_curves(curves: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    panels = [("loss", "training loss (each method's own objective)"),
+              ("loss_glob", "global term ℓ(p_glob, z_glob), both directions"),
+              ("loss_fg", "foreground term ℓ(p_fg, z_fg)"),
+              ("probe_top1", "online linear probe top-1 (train batches)")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    for ax, (tag, title) in zip(axes, panels):
+        for method, tags in curves.items():
+            if tag in tags:
+                ax.plot(*tags[tag], label=method)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_tsne(panels: dict, class_names, path: str, seed: int) -> dict:
+    """t-SNE of each method's test embeddings (L2-normalised: the k-NN's geometry)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.manifold import TSNE
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 5.6))
+    axes = np.atleast_1d(axes)
+    cmap = plt.get_cmap("tab10")
+    for ax, (title, data) in zip(axes, panels.items()):
+        features, labels = data["features"], data["labels"]
+        rng = np.random.default_rng(seed)
+        keep = np.sort(rng.permutation(len(labels))[:FLAGS.tsne_points])
+        x = features[keep] / (np.linalg.norm(features[keep], axis=1, keepdims=True) + 1e-12)
+        points = TSNE(n_components=2, init="pca", perplexity=30, random_state=seed,
+                      metric="cosine").fit_transform(x)
+        for label in np.unique(labels):
+            sel = labels[keep] == label
+            ax.scatter(points[sel, 0], points[sel, 1], s=6, color=cmap(int(label) % 10),
+                       label=class_names[int(label)] if class_names else str(label))
+        ax.set_title(title, fontsize=10)
+        ax.set_xticks([]), ax.set_yticks([])
+    axes[-1].legend(fontsize=7, markerscale=2, loc="center left", bbox_to_anchor=(1, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return {"points": int(min(FLAGS.tsne_points, len(labels))), "perplexity": 30,
+            "metric": "cosine", "init": "pca"}
+
+
+def background_diagnosis(methods, seed: int) -> dict:
+    """Does an embedding encode the background photograph or the object?
+
+    k-means (11 clusters: the cutouts backgrounds come from 11 photographs) of each
+    method's L2-normalised test embeddings; η² = share of the variance of a per-image
+    quantity explained by the clusters, for the mean background colour, the mean object
+    colour (exact masks) and the one-hot class. A diagnosis, not a choice: nothing is tuned.
+    """
+    from sklearn.cluster import KMeans
+    from harl_tf.data import schema
+    files = sorted(glob.glob(f"{_records('ground_truth')}/test-*.tfrecord"))
+    labels, background, foreground = [], [], []
+    for path in files:
+        for example in schema.read_examples(path):
+            image = example["image_array"].astype(np.float32) / 255.0
+            mask = example["mask_array"] > 0
+            labels.append(example["label"])
+            background.append(image[~mask].mean(0) if (~mask).any() else np.zeros(3))
+            foreground.append(image[mask].mean(0) if mask.any() else np.zeros(3))
+    labels, background, foreground = map(np.asarray, (labels, background, foreground))
+
+    def eta2(x, clusters):
+        total = ((x - x.mean(0)) ** 2).sum()
+        within = sum(((x[clusters == k] - x[clusters == k].mean(0)) ** 2).sum()
+                     for k in np.unique(clusters))
+        return float(1.0 - within / total)
+
+    out = {}
+    for method in methods:
+        data = embeddings(method)
+        if len(data["labels"]) != len(labels) or (data["labels"] != labels).any():
+            print(f"{method}: embedding order differs from the records; diagnosis skipped")
+            continue
+        x = data["features"] / (np.linalg.norm(data["features"], axis=1, keepdims=True)
+                                + 1e-12)
+        clusters = KMeans(11, n_init=4, random_state=seed).fit_predict(x)
+        out[method] = {"eta2_background_colour": round(eta2(background, clusters), 3),
+                       "eta2_object_colour": round(eta2(foreground, clusters), 3),
+                       "eta2_class": round(eta2(np.eye(labels.max() + 1)[labels], clusters), 3)}
+    return out
+
+
+def _class_names():
+    path = os.path.join(_data_dir(), "classes.txt")
+    if FLAGS.dataset == "fashion_mnist":
+        path = os.path.join(FLAGS.work_dir, "fashion_mnist_folder", "classes.txt")
+    if os.path.exists(path):
+        with open(path) as f:
+            return [line.strip() for line in f if line.strip()]
+    return None
+
+
+def main(argv) -> None:
+    del argv
+    if FLAGS._embed_out:
+        return _embed_child()
+    unknown = [m for m in FLAGS.methods if m not in METHODS]
+    if unknown:
+        raise app.UsageError(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
+    machine = common.machine_info()
+    print(common.describe_machine(machine), flush=True)
+    name = FLAGS.results_name or ("bench_learning" if FLAGS.dataset == "cutouts"
+                                  else f"bench_learning_{FLAGS.dataset}")
+    stages = set(FLAGS.stages)
+    build_seconds = build_records() if "build" in stages else {}
+
+    summaries, evaluations = {}, {}
+    for method in FLAGS.methods:
+        if METHODS[method][0] is not None and "pretrain" in stages:
+            summaries[method] = pretrain(method)
+        if "evaluate" in stages:
+            evaluations[method] = evaluate(method)
+    if "report" not in stages:
+        return
+
+    # Aggregate every method with results in the work dir (earlier invocations included).
+    rows, methods = [], {}
+    for method in METHODS:
+        linear_path = os.path.join(_paths()["evals"], f"{method}_linear", "results.json")
+        knn_path = os.path.join(_paths()["evals"], f"{method}_knn", "results.json")
+        if not (os.path.exists(linear_path) and os.path.exists(knn_path)):
+            continue
+        with open(linear_path) as f:
+            lin = json.load(f)
+        with open(knn_path) as f:
+            knn = json.load(f)
+        entry = {"loss_mode": METHODS[method][0], "masks": METHODS[method][1],
+                 "linear_top1": lin["top1"], "linear_top5": lin["top5"],
+                 "knn_top1": knn["top1"], "num_train": lin["num_train"],
+                 "num_eval": lin["num_eval"], "eval_seconds": lin["seconds"] + knn["seconds"]}
+        summary_path = os.path.join(_paths()["runs"], method, "summary.json")
+        if os.path.exists(summary_path):
+            with open(summary_path) as f:
+                s = json.load(f)
+            entry.update(pretrain_minutes=round(s["wall_seconds"] / 60, 2),
+                         images_per_second=round(s["images_per_second"], 2),
+                         steps=s["final_step"], first_metrics=s.get("first_metrics"),
+                         final_metrics=s.get("final_metrics"),
+                         pretrain_flags=pretrain_flags(method))
+        methods[method] = entry
+        rows.append([method, entry["linear_top1"], entry["knn_top1"],
+                     entry.get("pretrain_minutes")])
+
+    curves = {m: read_curves(os.path.join(_paths()["runs"], m)) for m in methods
+              if METHODS[m][0] is not None}
+    results_dir = common.RESULTS_DIR
+    os.makedirs(results_dir, exist_ok=True)
+    figures = {}
+    if curves:
+        figures["curves"] = os.path.join(results_dir, f"{name}_curves.png")
+        plot_curves(curves, figures["curves"])
+    tsne_methods = [m for m in ("byol", "hybrid_conventional", "hybrid_ground_truth")
+                    if m in methods]
+    tsne = None
+    if len(tsne_methods) >= 2:
+        figures["tsne"] = os.path.join(results_dir, f"{name}_tsne.png")
+        panels = {f"{m} (linear {methods[m]['linear_top1']:.3f}, k-NN "
+                  f"{methods[m]['knn_top1']:.3f})": embeddings(m) for m in tsne_methods[:2]}
+        tsne = plot_tsne(panels, _class_names(), figures["tsne"], FLAGS.seed)
+
+    quality = None
+    try:
+        q = mask_quality()
+        quality = {k: q[k] for k in ("mean_iou", "mean_precision", "mean_recall",
+                                     "mean_f_measure") if k in q} or q
+    except SystemExit as e:  # the table matters more than this figure
+        print(f"mask quality skipped: {e}", flush=True)
+
+    diagnosis = None
+    if FLAGS.dataset == "cutouts":
+        diagnosis = background_diagnosis(list(methods), FLAGS.seed)
+        print(common.table([[m, d["eta2_background_colour"], d["eta2_object_colour"],
+                             d["eta2_class"]] for m, d in diagnosis.items()],
+                           ["method", "η² background colour", "η² object colour",
+                            "η² class"]))
+    table = common.table(rows, ["method", "linear top-1", "k-NN top-1 (k=20)",
+                                "pretrain min"])
+    print(table)
+    result = {
+        "dataset": FLAGS.dataset, "data_dir": _data_dir(), "work_dir": FLAGS.work_dir,
+        "budget": {"steps": FLAGS.steps, "batch_size": FLAGS.batch_size,
+                   "image_size": FLAGS.image_size, "encoder": _encoder_config(),
+                   "feature_map": FLAGS.image_size // FLAGS.output_stride,
+                   "head_hidden_dim": FLAGS.head_hidden_dim,
+                   "projection_dim": FLAGS.projection_dim,
+                   "base_learning_rate": FLAGS.base_learning_rate,
+                   "warmup_epochs": FLAGS.warmup_epochs, "tau_base": FLAGS.tau_base,
+                   "alpha_base": FLAGS.alpha_base, "lambda_base": FLAGS.lambda_base,
+                   "seed": FLAGS.seed},
+        "evaluation": {"linear": {"epochs": FLAGS.linear_epochs,
+                                  "learning_rate": FLAGS.linear_learning_rate,
+                                  "features": "precomputed centre crop, crop_fraction 1.0"},
+                       "knn": {"k": FLAGS.knn_k, "temperature": 0.07, "similarity": "cosine"},
+                       "split": "test (never used for any choice)"},
+        "methods": methods, "table_markdown": table,
+        "conventional_mask_quality_train": quality, "build_seconds": build_seconds,
+        "background_diagnosis_11_clusters": diagnosis,
+        "tsne": tsne, "figures": {k: os.path.relpath(v, ROOT) for k, v in figures.items()},
+        "machine": machine,
+    }
+    common.write_result(name, result)
+
+
+if __name__ == "__main__":
+    app.run(main)
