@@ -6,7 +6,7 @@ Cases, each in a fresh child process (so peak RSS is the run's own):
   synthetic images (a few unique renders, copied to N files: the builder's cost per file
   does not depend on the content; rendering 500×375 costs ~0.6 s, far more than building);
   N and 2N images with 1 and 2 workers — peak RSS at N vs 2N shows memory stays flat.
-- ``cutouts``: ``/work/shared/data/cutouts`` (128×128 JPEGs + masks), one split, 1 and 2
+- ``cutouts``: ``../shared/data/cutouts`` (128×128 JPEGs + masks), one split, 1 and 2
   workers.
 - ``synthetic_500x375``: the synthetic source itself (rendering included), a few images.
 
@@ -35,7 +35,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-CUTOUTS = "/work/shared/data/cutouts"
+CUTOUTS = "../shared/data/cutouts"
 
 
 def _child(args) -> None:

@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from bench import common  # noqa: E402
 from harl_tf.data import augment, pipeline, schema, synthetic  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
@@ -106,17 +107,6 @@ def _process_cpu_seconds() -> float:
     return time.process_time()
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def load_average() -> list:
     try:
         return [round(x, 2) for x in os.getloadavg()]
@@ -191,7 +181,7 @@ def main(argv=None) -> dict:
         "decode_and_crop_cpu_ms_per_example": {
             "fused_crop": round(decode_ms[True], 3), "full_decode": round(decode_ms[False], 3)},
         "default_fused_crop": pipeline.DEFAULT_FUSED_CROP,
-        "machine": {"cpu_count": os.cpu_count(), "cpu_model": cpu_model(),
+        "machine": {"cpu_count": os.cpu_count(), "cpu_model": common.cpu_model(),
                     "load_average_1_5_15": load_average(),
                     "tensorflow": tf.__version__, "numpy": np.__version__,
                     "python": platform.python_version()},

@@ -4,7 +4,7 @@ r"""Small-scale reproduction: does HARL's mask pooling beat BYOL at the same bud
     python bench/bench_learning.py --dataset=fashion_mnist --steps=200 \
         --work_dir=/tmp/harl_bench_fmnist
 
-Data (cutouts, /work/shared/data/cutouts): the train split's images pretrain (its labels
+Data (cutouts, ../shared/data/cutouts): the train split's images pretrain (its labels
 are never seen by the encoder: only by the online probe, which is stop-gradient, and by
 the linear probe / k-NN afterwards); the test split is only scored. TFRecords are built
 twice with the real ``tools.build_tfrecords``: masks from ``--mask_method=conventional``
@@ -57,7 +57,7 @@ from bench import common  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("dataset", "cutouts", ["cutouts", "fashion_mnist"], "Dataset.")
-flags.DEFINE_string("data_dir", "", "Dataset root (default: /work/shared/data/<dataset>).")
+flags.DEFINE_string("data_dir", "", "Dataset root (default: ../shared/data/<dataset>).")
 flags.DEFINE_string("work_dir", "/tmp/harl_bench_learning", "Records, runs, evaluations.")
 flags.DEFINE_list("methods", ["random", "byol", "mask_conventional", "hybrid_conventional",
                               "hybrid_ground_truth"], "Methods (see the module docstring).")
@@ -133,7 +133,7 @@ def _paths():
 def _data_dir() -> str:
     if FLAGS.data_dir:
         return FLAGS.data_dir
-    return os.path.join("/work/shared/data",
+    return os.path.join("../shared/data",
                         "cutouts" if FLAGS.dataset == "cutouts" else "fashion-mnist")
 
 

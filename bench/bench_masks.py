@@ -1,6 +1,6 @@
 r"""Benchmark of the conventional heuristic mask: quality on cutouts, and speed.
 
-  python bench/bench_masks.py --data_dir=/work/shared/data/cutouts --split=test
+  python bench/bench_masks.py --data_dir=../shared/data/cutouts --split=test
 
 Quality: mean IoU (and per class, precision, recall, F-measure β² = 0.3) against the exact
 ground-truth masks of the cutouts split, for the conventional method and two baselines in
@@ -36,7 +36,7 @@ from harl_tf.masks.folder import list_images, read_image, write_bytes_atomic  # 
 from harl_tf.masks.quality import evaluate, read_mask  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("data_dir", "/work/shared/data/cutouts", "cutouts dataset root.")
+flags.DEFINE_string("data_dir", "../shared/data/cutouts", "cutouts dataset root.")
 flags.DEFINE_string("split", "test", "Split to score (tune on train, report on test).")
 flags.DEFINE_integer("limit", None, "Score only the first N images (sorted paths).")
 flags.DEFINE_integer("speed_images", 40, "Images timed at 400x300 (0: skip speed).")

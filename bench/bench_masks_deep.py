@@ -1,4 +1,4 @@
-"""Deep masks (frozen encoder + 1×1 head) vs conventional masks on /work/shared/data/cutouts.
+"""Deep masks (frozen encoder + 1×1 head) vs conventional masks on ../shared/data/cutouts.
 
 1. Encoder: ``--encoder`` (an export SavedModel), or else a RANDOMLY INITIALISED ResNet
    (``--encoder_config``, default ResNet-18 at output stride 8) exported to a temporary
@@ -32,22 +32,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from bench import common  # noqa: E402
 from harl_tf.masks import deep, folder, get_method, quality  # noqa: E402
 
-DATA = "/work/shared/data/cutouts"
+DATA = "../shared/data/cutouts"
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                        "bench_masks_deep.json")
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def subset(paths, limit, seed):
@@ -157,7 +147,7 @@ def main(argv=None) -> dict:
                                                 conventional_report.per_class().items()}},
         "paper_reference": {"deep": 0.485, "conventional": 0.398,
                             "note": "Pixel-ImageNet subset, pretrained ResNet-50"},
-        "machine": {"cpu_count": os.cpu_count(), "cpu_model": cpu_model(),
+        "machine": {"cpu_count": os.cpu_count(), "cpu_model": common.cpu_model(),
                     "load_average": list(os.getloadavg()), "tensorflow": tf.__version__,
                     "python": platform.python_version()},
         "seconds": time.time() - started,

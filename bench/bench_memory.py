@@ -39,7 +39,7 @@ from absl import app, flags  # noqa: E402
 from bench import common  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("cutouts_dir", "/work/shared/data/cutouts", "cutouts dataset root.")
+flags.DEFINE_string("cutouts_dir", "../shared/data/cutouts", "cutouts dataset root.")
 flags.DEFINE_string("split", "train", "Split whose first images the builder cases use.")
 flags.DEFINE_integer("n", 500, "N (the builder runs N and 2N images).")
 flags.DEFINE_string("records", "/tmp/harl_bench_learning/records/cutouts_gt/train-*.tfrecord",

@@ -2,8 +2,8 @@
 
 Examples::
 
-  # image + mask folders (the layout of /work/shared/data/cutouts), both splits
-  harl-build-tfrecords --source=folder --images_dir=/work/shared/data/cutouts \\
+  # image + mask folders (the layout of ../shared/data/cutouts), both splits
+  harl-build-tfrecords --source=folder --images_dir=../shared/data/cutouts \\
       --mask_method_name=ground_truth --output_dir=/tmp/cutouts_tfr
 
   # the embedded synthetic set, exact masks

@@ -7,7 +7,7 @@ r"""PNG contact sheet of images with their masks, or of the pipeline's augmented
     python tools/preview.py --mode=views --records='records/train-*' --output=/tmp/views.png
 
 ``--masks_dir`` mirrors ``--images_dir`` (default: ``images`` → ``masks`` in the path, the
-layout of /work/shared/data/cutouts). See :mod:`harl_tf.viz`.
+layout of ../shared/data/cutouts). See :mod:`harl_tf.viz`.
 """
 import os
 import sys

@@ -15,7 +15,7 @@ Two kinds of source:
 
 Nothing here imports TensorFlow at module level: worker processes import this module.
 
-Folder layout (the default mask rule is the one of ``/work/shared/data/cutouts``)::
+Folder layout (the default mask rule is the one of ``../shared/data/cutouts``)::
 
     <images_dir>/[<split>/][images/]<class>/<name>.<ext>   class sub-folders -> labels
     <images_dir>/[<split>/][images/]<name>.<ext>           flat -> label -1
