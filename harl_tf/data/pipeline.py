@@ -187,14 +187,21 @@ def pretrain_dataset(file_pattern: str, batch_size: int, image_size: int, *,
         return augment.two_views(schema.parse_example(serialized), example_seed,
                                  image_size, view_configs=configs, fused_crop=fused_crop)
 
-    dataset = _numbered_records(files, seed=seed,
-                                deterministic=deterministic,
+    return _augmented_batches(files, make_views, batch_size, seed=seed,
+                              deterministic=deterministic, shuffle_buffer=shuffle_buffer,
+                              repeat=repeat, sharded=input_context is not None)
+
+
+def _augmented_batches(files, map_fn, batch_size, *, seed, deterministic, shuffle_buffer,
+                       repeat, sharded):
+    """Numbered, shuffled records → ``map_fn(index, serialized)`` → full batches →
+    prefetch: the tail shared by the training pipelines."""
+    dataset = _numbered_records(files, seed=seed, deterministic=deterministic,
                                 shuffle_buffer=shuffle_buffer, repeat=repeat)
-    dataset = dataset.map(make_views, num_parallel_calls=AUTOTUNE,
-                          deterministic=deterministic)
+    dataset = dataset.map(map_fn, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
     dataset = dataset.batch(int(batch_size), drop_remainder=True)
     dataset = dataset.prefetch(AUTOTUNE)
-    return dataset.with_options(_options(deterministic, input_context is not None))
+    return dataset.with_options(_options(deterministic, sharded))
 
 
 def distributed_pretrain_dataset(strategy: tf.distribute.Strategy, file_pattern: str,
@@ -245,14 +252,9 @@ def train_classifier_dataset(file_pattern: str, batch_size: int, image_size: int
                                        fused_crop=fused_crop, with_mask=False)
         return {"image": view.image, "label": parsed["label"]}
 
-    dataset = _numbered_records(files, seed=seed,
-                                deterministic=deterministic,
-                                shuffle_buffer=shuffle_buffer, repeat=repeat)
-    dataset = dataset.map(make_view, num_parallel_calls=AUTOTUNE,
-                          deterministic=deterministic)
-    dataset = dataset.batch(int(batch_size), drop_remainder=True)
-    dataset = dataset.prefetch(AUTOTUNE)
-    return dataset.with_options(_options(deterministic, input_context is not None))
+    return _augmented_batches(files, make_view, batch_size, seed=seed,
+                              deterministic=deterministic, shuffle_buffer=shuffle_buffer,
+                              repeat=repeat, sharded=input_context is not None)
 
 
 def eval_dataset(file_pattern: str, batch_size: int, image_size: int, *,
