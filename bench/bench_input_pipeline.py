@@ -193,10 +193,7 @@ def main(argv=None) -> dict:
     faster = min((True, False), key=lambda f: decode_ms[f])
     result["cheaper_decode_and_crop"] = "fused_crop" if faster else "full_decode"
     print(json.dumps(result, indent=2))
-    os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    with open(args.output + ".tmp", "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(args.output + ".tmp", args.output)
+    common.write_json_atomic(args.output, result)
     return result
 
 

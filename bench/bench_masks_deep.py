@@ -153,10 +153,7 @@ def main(argv=None) -> dict:
         "seconds": time.time() - started,
     }
     print(json.dumps({k: result[k] for k in ("encoder", "test", "machine")}, indent=2))
-    os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    with open(args.output + ".tmp", "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(args.output + ".tmp", args.output)
+    common.write_json_atomic(args.output, result)
     return result
 
 
