@@ -53,6 +53,9 @@ flags.DEFINE_float("weight_decay", 0.0, "Decoupled weight decay.")
 flags.DEFINE_bool("linear_augmentation", False,
                   "Linear mode: train on random crops + flips through the frozen encoder "
                   "(paper protocol) instead of precomputed centre-crop features (fast).")
+flags.DEFINE_bool("standardize_features", True,
+                  "Linear mode on precomputed features: standardise each feature channel "
+                  "with the train split's mean and std before the linear layer.")
 flags.DEFINE_integer("knn_k", 20, "k of the k-NN classifier.")
 flags.DEFINE_float("knn_temperature", 0.07, "Temperature T of the exp(cos / T) votes.")
 flags.DEFINE_integer("seed", 0, "Random seed.")
@@ -88,6 +91,7 @@ def main(argv):
             eval_batch_size=FLAGS.eval_batch_size, epochs=FLAGS.epochs,
             learning_rate=FLAGS.learning_rate, momentum=FLAGS.momentum,
             weight_decay=FLAGS.weight_decay, linear_augmentation=FLAGS.linear_augmentation,
+            standardize_features=FLAGS.standardize_features,
             knn_k=FLAGS.knn_k, knn_temperature=FLAGS.knn_temperature, seed=FLAGS.seed,
             verbose=FLAGS.verbose)
         config.check()

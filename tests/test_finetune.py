@@ -45,6 +45,34 @@ def test_linear_probe_separates_linearly_separable_features():
     assert accuracy["top1"] >= 0.95 and chance == 0.25
 
 
+def test_standardised_probe_is_invariant_to_feature_scale_and_offset():
+    """Encoders differ in feature scale by orders of magnitude; the probe standardises
+    with the train statistics, so x and 1000·x + 50 give the same classifier, while the
+    unstandardised probe at the same learning rate fails on the rescaled features."""
+    x_train, y_train = separable_features(50, seed=0)
+    x_test, y_test = separable_features(50, seed=1)
+    scores = {}
+    for name, scale, offset, standardize in (("plain", 1.0, 0.0, True),
+                                              ("scaled", 1000.0, 50.0, True),
+                                              ("scaled_raw", 1000.0, 50.0, False)):
+        model = linear.train_linear_on_features(
+            linear.Features(scale * x_train + offset, y_train, np.arange(len(y_train))),
+            num_classes=4, epochs=10, batch_size=32, learning_rate=0.1,
+            standardize=standardize)
+        scores[name] = model.predict(scale * x_test + offset, verbose=0)
+    top1 = {k: linear.topk_accuracy(v, y_test)["top1"] for k, v in scores.items()}
+    assert top1["plain"] >= 0.95
+    np.testing.assert_allclose(scores["scaled"], scores["plain"], rtol=1e-3, atol=1e-3)
+    assert np.max(np.abs(scores["scaled_raw"] - scores["plain"])) > 1.0
+
+
+def test_feature_statistics_floor_the_variance_of_constant_channels():
+    features = np.stack([np.arange(6.0), np.full(6, 7.0)], axis=1)
+    mean, variance = linear.feature_statistics(features)
+    np.testing.assert_allclose(mean, [2.5, 7.0])
+    np.testing.assert_allclose(variance, [np.var(np.arange(6.0)), 1e-12], rtol=1e-6)
+
+
 def test_knn_classifies_clusters_and_weights_votes_by_similarity():
     x_train, y_train = separable_features(30, seed=2)
     x_test, y_test = separable_features(30, seed=3)

@@ -58,6 +58,7 @@ class EvaluationConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0
     linear_augmentation: bool = False
+    standardize_features: bool = True
     knn_k: int = 20
     knn_temperature: float = 0.07
     seed: int = 0
@@ -151,11 +152,13 @@ def _evaluate(config: EvaluationConfig,
                 train_features, num_classes, epochs=config.epochs,
                 batch_size=config.batch_size, learning_rate=config.learning_rate,
                 momentum=config.momentum, weight_decay=config.weight_decay,
-                seed=config.seed, output_dir=config.output_dir, strategy=strategy,
+                seed=config.seed, standardize=config.standardize_features,
+                output_dir=config.output_dir, strategy=strategy,
                 verbose=config.verbose)
             metrics = linear.topk_accuracy(model.predict(eval_features.features, verbose=0),
                                            eval_features.labels)
-            details = {"training": "precomputed centre-crop features, no augmentation"}
+            details = {"training": "precomputed centre-crop features, no augmentation",
+                       "standardized": config.standardize_features}
         num_train, num_eval = len(train_features), len(eval_features)
     else:
         with strategy.scope():

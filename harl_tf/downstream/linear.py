@@ -6,6 +6,10 @@ Two ways to train a linear probe on the frozen encoder (BatchNorm in inference m
   centre-cropped images are computed once (:func:`extract_features`) and a linear
   classifier is trained on them (:func:`train_linear_on_features`). No augmentation.
   This is also the transfer protocol of BYOL (logistic regression on frozen features).
+  The features are standardised per channel with the train split's mean and standard
+  deviation (fixed, part of the saved model, as MAE's BatchNorm-without-affine probe), so
+  one learning rate probes encoders whose feature scales differ by orders of magnitude
+  (a random-init encoder and a pretrained one, or two pretraining methods) equally.
 - **augmented** (the ImageNet linear-evaluation protocol of BYOL / SimCLR): a
   :class:`Classifier` with a frozen encoder is trained on random crops + flips
   (``pipeline.train_classifier_dataset``) and evaluated on centre crops.
@@ -154,25 +158,46 @@ def compile_classifier(model: keras.Model, optimizer: keras.optimizers.Optimizer
                                                              name="top5")])
 
 
+def feature_statistics(features: np.ndarray, *, min_std: float = 1e-6):
+    """Per-channel ``(mean, variance)`` of ``features [N, C]`` (float64 accumulation), the
+    variance floored at ``min_std²`` so that a constant channel maps to 0, not to NaN."""
+    features = np.asarray(features, np.float64)
+    mean = features.mean(axis=0)
+    variance = np.maximum(features.var(axis=0), min_std ** 2)
+    return mean.astype(np.float32), variance.astype(np.float32)
+
+
 def train_linear_on_features(train: Features, num_classes: int, *, epochs: int = 90,
                              batch_size: int = 1024, learning_rate: float = 0.1,
                              momentum: float = 0.9, weight_decay: float = 0.0,
-                             seed: int = 0, output_dir: Optional[str] = None,
+                             seed: int = 0, standardize: bool = True,
+                             output_dir: Optional[str] = None,
                              strategy: Optional[tf.distribute.Strategy] = None,
                              verbose: int = 0) -> keras.Model:
-    """Trains ``logits = W x + b`` on precomputed features; returns the Keras model
-    (``model(features [N, C]) -> logits [N, num_classes]``). With ``output_dir``:
-    epoch metrics (``metrics.csv``, and TensorBoard when installed), per-epoch backup for
-    resume, final weights ``linear.weights.h5``."""
+    """Trains ``logits = W x̂ + b`` on precomputed features; returns the Keras model
+    (``model(features [N, C]) -> logits [N, num_classes]``, raw features in).
+
+    ``standardize``: ``x̂ = (x − μ) / σ`` per channel with the TRAIN features' μ, σ (a fixed
+    ``Normalization`` layer inside the model, so evaluation features go through the same
+    map); without it ``x̂ = x``. With ``output_dir``: epoch metrics (``metrics.csv``, and
+    TensorBoard when installed), per-epoch backup for resume, final weights
+    ``linear.weights.h5``."""
     strategy = strategy or tf.distribute.get_strategy()
     keras.utils.set_random_seed(seed)
+    if len(train) == 0:
+        raise ValueError("train_linear_on_features: no training features.")
     batch_size = min(batch_size, len(train))
     steps = math.ceil(len(train) / batch_size)
+    dim = train.features.shape[1]
     with strategy.scope():
-        model = keras.Sequential([
-            keras.Input((train.features.shape[1],)),
-            keras.layers.Dense(num_classes, kernel_initializer="zeros", name="head")],
-            name="linear")
+        layers = [keras.Input((dim,))]
+        if standardize:
+            mean, variance = feature_statistics(train.features)
+            layers.append(keras.layers.Normalization(mean=mean, variance=variance,
+                                                     name="standardize"))
+        layers.append(keras.layers.Dense(num_classes, kernel_initializer="zeros",
+                                         name="head"))
+        model = keras.Sequential(layers, name="linear")
         compile_classifier(model, sgd(learning_rate, steps * epochs, momentum=momentum,
                                       weight_decay=weight_decay), num_classes)
     model.fit(train.features, train.labels, batch_size=batch_size, epochs=epochs,
