@@ -61,6 +61,9 @@ flags.DEFINE_string("image_size", "64", "Synthetic image size: S or HxW (e.g. 37
 flags.DEFINE_integer("seed", 0, "Synthetic set seed.")
 flags.DEFINE_enum("image_format", "jpeg", ["jpeg", "png"], "Synthetic image encoding.")
 flags.DEFINE_integer("jpeg_quality", 95, "Synthetic JPEG quality (1-100).")
+flags.DEFINE_enum("object_colour", "random", ["random", "class"],
+                  "Synthetic object colours: random (the default set) or one hue per class "
+                  "(an easy variant whose labels a random encoder can read).")
 # masks
 flags.DEFINE_string("mask_method", None, "Compute masks with this harl_tf.masks method "
                     "(e.g. conventional) instead of reading the source's masks.")
@@ -130,7 +133,7 @@ def make_source_from_flags():
     return sources.SyntheticSource(
         FLAGS.num_images, image_size=_image_size(FLAGS.image_size), seed=FLAGS.seed,
         num_test_images=FLAGS.num_test_images, image_format=FLAGS.image_format,
-        jpeg_quality=FLAGS.jpeg_quality)
+        jpeg_quality=FLAGS.jpeg_quality, object_colour=FLAGS.object_colour)
 
 
 def main(argv):

@@ -10,6 +10,12 @@ The clutter is deliberate: a whole-image embedding can separate many images by t
 backgrounds alone, while the label depends only on the object's shape. That is the setting
 in which HARL's foreground/background split is supposed to help.
 
+``object_colour="class"`` gives an easy variant: each class is painted in its own hue
+(:data:`CLASS_COLOURS`, jittered), so the label is readable from colour statistics that
+even a randomly initialised encoder's pooled features carry. It exists to check that
+pretraining keeps information rather than collapsing (a probe stays above chance), not to
+measure representation quality, which the default ``"random"`` colours are for.
+
 Nothing is downloaded or read from disk. Image ``i`` of a set depends only on ``(seed,
 i)`` and the image size, so ``generate(100)`` is a prefix of ``generate(2000)``.
 """
@@ -25,6 +31,18 @@ CLASS_NAMES: Tuple[str, ...] = (
 NUM_CLASSES = len(CLASS_NAMES)
 
 Size = Union[int, Tuple[int, int]]
+
+OBJECT_COLOURS = ("random", "class")
+
+
+def _hsv_to_rgb(h: float, s: float, v: float) -> Tuple[float, float, float]:
+    import colorsys
+    return colorsys.hsv_to_rgb(h, s, v)
+
+
+# One saturated hue per class, evenly spaced on the colour wheel (object_colour="class").
+CLASS_COLOURS = np.array([_hsv_to_rgb(k / NUM_CLASSES, 0.85, 0.9)
+                          for k in range(NUM_CLASSES)])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,13 +146,23 @@ def _distractor(rng: np.random.Generator, y: np.ndarray, x: np.ndarray,
     return blob
 
 
-def render(index: int, image_size: Size = 64, seed: int = 0, object_fill=None):
+def _check_object_colour(object_colour: str) -> None:
+    if object_colour not in OBJECT_COLOURS:
+        raise ValueError(f"object_colour must be one of {OBJECT_COLOURS}, "
+                         f"got {object_colour!r}")
+
+
+def render(index: int, image_size: Size = 64, seed: int = 0, object_fill=None,
+           object_colour: str = "random"):
     """Draws image ``index`` of the set ``seed``: returns ``(image uint8 [H,W,3], mask uint8
     {0,1} [H,W], label int)``.
 
     ``object_fill`` (RGB in [0, 1]) paints the object in one flat colour instead of its
     random colour and texture, everything else unchanged: it shows which pixels the object
-    covers (used to check that the mask is exactly those pixels)."""
+    covers (used to check that the mask is exactly those pixels). ``object_colour="class"``
+    paints it in its class's hue (:data:`CLASS_COLOURS` ± 0.05 per channel) with the same
+    texture; background, shape, pose and mask are the same as with ``"random"``."""
+    _check_object_colour(object_colour)
     height, width = _height_width(image_size)
     side = float(min(height, width))
     label = label_for(index, seed)
@@ -165,7 +193,10 @@ def render(index: int, image_size: Size = 64, seed: int = 0, object_fill=None):
     if not mask.any():  # a tiny image can miss every pixel centre; mark the centre pixel
         mask[int(min(cy, height - 1)), int(min(cx, width - 1))] = True
     if object_fill is None:
-        fill = _random_colour(rng) + 0.2 * _texture(rng, y, x, side)[..., None]
+        colour = _random_colour(rng)  # drawn in both modes: the texture stream is shared
+        if object_colour == "class":
+            colour = CLASS_COLOURS[label] + rng.uniform(-0.05, 0.05, size=3)
+        fill = colour + 0.2 * _texture(rng, y, x, side)[..., None]
     else:
         fill = np.asarray(object_fill, np.float64)
     image = np.where(mask[..., None], fill, image)
@@ -174,11 +205,14 @@ def render(index: int, image_size: Size = 64, seed: int = 0, object_fill=None):
     return image, mask.astype(np.uint8), label
 
 
-def generate(num_images: int, image_size: Size = 64, seed: int = 0) -> SyntheticSet:
+def generate(num_images: int, image_size: Size = 64, seed: int = 0,
+             object_colour: str = "random") -> SyntheticSet:
     """Generates ``num_images`` images of ``image_size`` (int, or ``(height, width)``).
 
-    The same ``(num_images, image_size, seed)`` always gives byte-identical arrays.
+    The same ``(num_images, image_size, seed, object_colour)`` always gives byte-identical
+    arrays.
     """
+    _check_object_colour(object_colour)
     if num_images < 0:
         raise ValueError(f"num_images must be >= 0, got {num_images}")
     height, width = _height_width(image_size)
@@ -186,13 +220,15 @@ def generate(num_images: int, image_size: Size = 64, seed: int = 0) -> Synthetic
     masks = np.empty((num_images, height, width), np.uint8)
     labels = np.empty((num_images,), np.int64)
     for i in range(num_images):
-        images[i], masks[i], labels[i] = render(i, (height, width), seed)
+        images[i], masks[i], labels[i] = render(i, (height, width), seed,
+                                                object_colour=object_colour)
     return SyntheticSet(images, masks, labels)
 
 
-def iterate(indices: Sequence[int], image_size: Size = 64, seed: int = 0):
+def iterate(indices: Sequence[int], image_size: Size = 64, seed: int = 0,
+            object_colour: str = "random"):
     """Yields ``(index, image, mask, label)`` for the given indices without holding the set
     in memory (the TFRecord builder's source)."""
     for i in indices:
-        image, mask, label = render(int(i), image_size, seed)
+        image, mask, label = render(int(i), image_size, seed, object_colour=object_colour)
         yield int(i), image, mask, label
