@@ -61,6 +61,21 @@ def test_validation_constants_match_the_library():
     assert training.STRATEGIES == distribute.STRATEGIES
 
 
+def test_pretrain_defaults_are_the_model_defaults():
+    """PretrainConfig (one field per flag) repeats HARLConfig's defaults; they must agree,
+    so the binary and the library build the same model when nothing is set."""
+    import dataclasses
+    from harl_tf.models import harl
+    model_defaults = harl.HARLConfig()
+    built = training.PretrainConfig().harl_config()
+    shared = [f.name for f in dataclasses.fields(harl.HARLConfig)
+              if f.name not in ("encoder", "total_steps")]
+    assert len(shared) >= 15
+    for name in shared:
+        assert getattr(built, name) == getattr(model_defaults, name), name
+    assert built.encoder["depth"] == model_defaults.encoder["depth"] == 50
+
+
 def test_binary_rejects_bad_flags_with_one_line_and_status_2(tmp_path):
     """Before importing TensorFlow: one line on stderr naming the flag, exit status 2."""
     cases = {
