@@ -23,7 +23,8 @@ subprocess, run one after the other:
 - ``hybrid_ground_truth``: the same with exact masks (upper bound for the mask source).
 
 Each pretrained encoder is exported (``harl_tf.export --output_stride=keep``) and scored on
-the test split by ``harl_tf.finetune``: ``--mode=linear`` (precomputed centre-crop features,
+the test split by ``harl_tf.finetune``: ``--mode=linear`` (precomputed centre-crop features
+standardised with the train split's statistics,
 fixed recipe, never tuned on test) and ``--mode=knn`` (k = 20, cosine similarity,
 exp(cos/0.07) votes). Plots: training curves (from the TensorBoard events each run writes
 to ``model_dir/train``) and a t-SNE map of test embeddings, BYOL beside HARL hybrid.
@@ -542,7 +543,8 @@ def main(argv) -> None:
                    "seed": FLAGS.seed},
         "evaluation": {"linear": {"epochs": FLAGS.linear_epochs,
                                   "learning_rate": FLAGS.linear_learning_rate,
-                                  "features": "precomputed centre crop, crop_fraction 1.0"},
+                                  "features": "precomputed centre crop, crop_fraction 1.0, "
+                                              "standardised with train statistics"},
                        "knn": {"k": FLAGS.knn_k, "temperature": 0.07, "similarity": "cosine"},
                        "split": "test (never used for any choice)"},
         "methods": methods, "table_markdown": table,
