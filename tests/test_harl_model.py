@@ -120,9 +120,12 @@ def test_byol_mode_equals_hybrid_with_lambda_zero():
     mh = make_distributed_step(hybrid, tf.distribute.get_strategy(), compile=False)(data)
     assert mb["loss"].numpy() == pytest.approx(mh["loss"].numpy(), abs=1e-7)
     assert mb["loss"].numpy() == pytest.approx(mb["loss_glob"].numpy(), abs=1e-7)
+    # Hybrid runs its three regions through each head layer as one matrix product, BYOL
+    # its one region alone: the same rows, summed in a different blocking, so the weights
+    # agree to float32 rounding (a region weighted wrongly would move them by ~1e-2).
     for a, b in zip(byol.online_variables + byol.target_variables,
                     hybrid.online_variables + hybrid.target_variables):
-        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-7)
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=2e-6)
 
 
 def test_batch_without_foreground_gives_finite_loss_and_no_gradient_from_it():

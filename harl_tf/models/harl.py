@@ -243,18 +243,28 @@ class HARLModel(keras.Model):
     def target_projections(self, images, masks):
         """z_r = g_ξ(pool_r(f_ξ(images))), stop-gradient; dict of float32 [B, D]."""
         regions = self._regions(self.target_encoder, images, masks, training=True)
-        return {r: tf.stop_gradient(tf.cast(
-            self.target_projector(getattr(regions, r), training=True), tf.float32))
-            for r in losses.regions_for_mode(self.harl_config.loss_mode)}
+        names = losses.regions_for_mode(self.harl_config.loss_mode)
+        projections = self._head_groups(self.target_projector,
+                                        [getattr(regions, r) for r in names], True)
+        return {r: tf.stop_gradient(tf.cast(z, tf.float32))
+                for r, z in zip(names, projections)}
 
     def online_predictions(self, images, masks, training=True):
         """(p_r = q(g(pool_r(f(images)))) dict of float32 [B, D], PooledRegions)."""
         regions = self._regions(self.online_encoder, images, masks, training=training)
-        preds = {}
-        for r in losses.regions_for_mode(self.harl_config.loss_mode):
-            projection = self.online_projector(getattr(regions, r), training=training)
-            preds[r] = tf.cast(self.predictor(projection, training=training), tf.float32)
-        return preds, regions
+        names = losses.regions_for_mode(self.harl_config.loss_mode)
+        projections = self._head_groups(self.online_projector,
+                                        [getattr(regions, r) for r in names], training)
+        predictions = self._head_groups(self.predictor, projections, training)
+        return {r: tf.cast(p, tf.float32) for r, p in zip(names, predictions)}, regions
+
+    @staticmethod
+    def _head_groups(head, inputs, training):
+        """``[head(x) for x in inputs]``, batched through ``call_groups`` when the head has
+        it (``heads.MLPHead``: one matrix product per layer, BatchNorm per region)."""
+        if hasattr(head, "call_groups"):
+            return head.call_groups(inputs, training=training)
+        return [head(x, training=training) for x in inputs]
 
     # The step -------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ Under a mixed-precision policy the layers compute in float16/bfloat16 and the ou
 cast to float32 so the loss is computed in float32.
 """
 import keras
+import tensorflow as tf
 from keras import ops
 
 from harl_tf.models.resnet import BN_EPSILON, BN_MOMENTUM
@@ -57,6 +58,49 @@ class MLPHead(keras.layers.Layer):
     def call(self, x, training=None):
         h = ops.relu(self.bn(self.linear1(x), training=training))
         return ops.cast(self.linear2(h), "float32")
+
+    def call_groups(self, xs, training=None):
+        """``[call(x) for x in xs]`` with each layer run once on the concatenation.
+
+        Every group is normalised with its own batch statistics (synchronised across
+        replicas when ``sync_batchnorm``), and the moving statistics receive the updates
+        that separate calls would make, in the same order (folded into one assignment), so
+        the result equals separate calls up to float rounding. One matrix product and one
+        normalisation per layer instead of ``len(xs)`` small ones is what makes HARL's
+        fg/bg/global head passes cost little more than BYOL's single one.
+        """
+        xs = list(xs)
+        sizes = [x.shape[0] for x in xs]
+        if len(xs) == 1 or None in sizes or len(set(sizes)) != 1:
+            return [self(x, training=training) for x in xs]
+        hidden = self.linear1(tf.concat(xs, axis=0))
+        if training and self.bn.trainable:
+            hidden = self._grouped_batchnorm(hidden, len(xs))
+        else:
+            hidden = self.bn(hidden, training=False)
+        out = ops.cast(self.linear2(ops.relu(hidden)), "float32")
+        return tf.split(out, len(xs), axis=0)
+
+    def _grouped_batchnorm(self, hidden, groups: int):
+        """Training-mode BatchNorm of ``groups`` equal consecutive row blocks, each with
+        its own statistics; the same arithmetic as ``keras.layers.BatchNormalization``."""
+        bn = self.bn
+        compute_dtype = keras.backend.result_type(hidden.dtype, "float32")
+        x = ops.cast(hidden, compute_dtype)
+        x = ops.reshape(x, (groups, -1, x.shape[-1]))                   # [G, B, H]
+        mean, variance = ops.moments(x, axes=[1], synchronized=bn.synchronized)  # [G, H]
+        momentum = bn.momentum
+        moving_mean = ops.cast(bn.moving_mean, compute_dtype)
+        moving_variance = ops.cast(bn.moving_variance, compute_dtype)
+        for g in range(groups):  # the updates of `groups` successive calls, in order
+            moving_mean = moving_mean * momentum + mean[g] * (1.0 - momentum)
+            moving_variance = moving_variance * momentum + variance[g] * (1.0 - momentum)
+        bn.moving_mean.assign(moving_mean)
+        bn.moving_variance.assign(moving_variance)
+        inv = ops.rsqrt(variance + bn.epsilon) * ops.cast(bn.gamma, compute_dtype)
+        out = x * inv[:, None, :] + (ops.cast(bn.beta, compute_dtype)
+                                     - mean * inv)[:, None, :]
+        return ops.cast(ops.reshape(out, (-1, out.shape[-1])), bn.compute_dtype)
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (self.output_dim,)
