@@ -21,6 +21,7 @@ i)`` and the image size, so ``generate(100)`` is a prefix of ``generate(2000)``.
 """
 from __future__ import annotations
 
+import colorsys
 import dataclasses
 from typing import Sequence, Tuple, Union
 
@@ -35,13 +36,8 @@ Size = Union[int, Tuple[int, int]]
 OBJECT_COLOURS = ("random", "class")
 
 
-def _hsv_to_rgb(h: float, s: float, v: float) -> Tuple[float, float, float]:
-    import colorsys
-    return colorsys.hsv_to_rgb(h, s, v)
-
-
 # One saturated hue per class, evenly spaced on the colour wheel (object_colour="class").
-CLASS_COLOURS = np.array([_hsv_to_rgb(k / NUM_CLASSES, 0.85, 0.9)
+CLASS_COLOURS = np.array([colorsys.hsv_to_rgb(k / NUM_CLASSES, 0.85, 0.9)
                           for k in range(NUM_CLASSES)])
 
 
