@@ -173,35 +173,41 @@ def pretrain_dataset(file_pattern: str, batch_size: int, image_size: int, *,
       Dataset of {"view1", "view2": float32 [B, S, S, 3] in [0, 1], "mask1", "mask2":
       float32 [B, S, S, 1] in {0, 1}, "label": int64 [B]}.
     """
-    caller = "pretrain_dataset"
+    configs = tuple(view_configs or augment.default_view_configs())
+
+    def make_views(serialized, example_seed):
+        return augment.two_views(schema.parse_example(serialized), example_seed,
+                                 image_size, view_configs=configs, fused_crop=fused_crop)
+
+    return _augmented_batches(
+        "pretrain_dataset", file_pattern, make_views, batch_size, image_size,
+        input_context=input_context, seed=seed, deterministic=deterministic,
+        shuffle_buffer=shuffle_buffer, repeat=repeat)
+
+
+def _augmented_batches(caller, file_pattern, map_fn, batch_size, image_size, *,
+                       input_context, seed, deterministic, shuffle_buffer, repeat):
+    """The pipeline shared by the training datasets: checks, this worker's files,
+    numbered shuffled records → ``map_fn(serialized, example_seed)`` → full batches →
+    prefetch. ``example_seed`` = fold_in([seed, worker], record number): a stateless seed
+    per example, so the views do not depend on parallelism or order of the map."""
     _check_sizes(caller, batch_size, image_size)
     files = list_files(file_pattern, input_context, caller=caller)
     base = _base_seed(seed, deterministic, caller)
     worker = 0 if input_context is None else input_context.input_pipeline_id
     base_seed = tf.constant([base, worker], tf.int64)
-    configs = tuple(view_configs or augment.default_view_configs())
 
     @tf.autograph.experimental.do_not_convert  # plain tf ops; tracing stays fast
-    def make_views(index, serialized):
-        example_seed = tf.random.experimental.stateless_fold_in(base_seed, index)
-        return augment.two_views(schema.parse_example(serialized), example_seed,
-                                 image_size, view_configs=configs, fused_crop=fused_crop)
+    def numbered_map(index, serialized):
+        return map_fn(serialized, tf.random.experimental.stateless_fold_in(base_seed, index))
 
-    return _augmented_batches(files, make_views, batch_size, seed=seed,
-                              deterministic=deterministic, shuffle_buffer=shuffle_buffer,
-                              repeat=repeat, sharded=input_context is not None)
-
-
-def _augmented_batches(files, map_fn, batch_size, *, seed, deterministic, shuffle_buffer,
-                       repeat, sharded):
-    """Numbered, shuffled records → ``map_fn(index, serialized)`` → full batches →
-    prefetch: the tail shared by the training pipelines."""
     dataset = _numbered_records(files, seed=seed, deterministic=deterministic,
                                 shuffle_buffer=shuffle_buffer, repeat=repeat)
-    dataset = dataset.map(map_fn, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+    dataset = dataset.map(numbered_map, num_parallel_calls=AUTOTUNE,
+                          deterministic=deterministic)
     dataset = dataset.batch(int(batch_size), drop_remainder=True)
     dataset = dataset.prefetch(AUTOTUNE)
-    return dataset.with_options(_options(deterministic, sharded))
+    return dataset.with_options(_options(deterministic, input_context is not None))
 
 
 def distributed_pretrain_dataset(strategy: tf.distribute.Strategy, file_pattern: str,
@@ -235,26 +241,19 @@ def train_classifier_dataset(file_pattern: str, batch_size: int, image_size: int
     Returns a dataset of {"image": float32 [B, S, S, 3] in [0, 1], "label": int64 [B]};
     arguments as in :func:`pretrain_dataset`.
     """
-    caller = "train_classifier_dataset"
-    _check_sizes(caller, batch_size, image_size)
-    files = list_files(file_pattern, input_context, caller=caller)
-    base = _base_seed(seed, deterministic, caller)
-    worker = 0 if input_context is None else input_context.input_pipeline_id
-    base_seed = tf.constant([base, worker], tf.int64)
     config = augment.ViewConfig(crop_area=tuple(crop_area),
                                 flip_prob=flip_prob).geometry_only()
 
-    @tf.autograph.experimental.do_not_convert
-    def make_view(index, serialized):
+    def make_view(serialized, example_seed):
         parsed = schema.parse_example(serialized)
-        example_seed = tf.random.experimental.stateless_fold_in(base_seed, index)
         (view,) = augment.record_views(parsed, example_seed, [config], image_size,
                                        fused_crop=fused_crop, with_mask=False)
         return {"image": view.image, "label": parsed["label"]}
 
-    return _augmented_batches(files, make_view, batch_size, seed=seed,
-                              deterministic=deterministic, shuffle_buffer=shuffle_buffer,
-                              repeat=repeat, sharded=input_context is not None)
+    return _augmented_batches(
+        "train_classifier_dataset", file_pattern, make_view, batch_size, image_size,
+        input_context=input_context, seed=seed, deterministic=deterministic,
+        shuffle_buffer=shuffle_buffer, repeat=repeat)
 
 
 def eval_dataset(file_pattern: str, batch_size: int, image_size: int, *,
