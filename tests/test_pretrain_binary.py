@@ -148,11 +148,13 @@ def test_short_run_learns_and_resumes_after_sigterm(tmp_path):
     assert second["final_step"] == 16 and second["checkpoint_steps"][-1] == 16
     summary = json.load(open(tmp_path / "model" / "summary.json"))
     assert summary["final_step"] == 16
-    # The loss (two directions of 2 − 2cos; ≈ 4 at initialisation) comes down. Both values
-    # are single batches of 8 and the SIGTERM lands at a timing-dependent step, so the
-    # margin is 10 % (seen: 19-45 % lower after 16 steps).
+    # The loss (two directions of 2 − 2cos, in [0, 8]) comes down. The first logged value is
+    # the mean of steps 1-4, which already fall under the 4-step warmup at this learning
+    # rate, and the data order is not deterministic here; over 7 runs it was 2.8-4.0 and the
+    # last logged value 0.30-0.54 of it. So: a scale check (not collapsed, not diverged) and
+    # a 10 % fall.
     start_loss, end_loss = first["first_metrics"]["loss"], second["final_metrics"]["loss"]
-    assert start_loss > 3.0 and end_loss < 0.9 * start_loss, (start_loss, end_loss)
+    assert 1.5 < start_loss < 6.0 and end_loss < 0.9 * start_loss, (start_loss, end_loss)
     final = second["final_metrics"]
     assert 0.0 <= final["probe_top1"] <= 1.0 and final["labelled"] == 1.0
     assert 0.0 < final["valid_fg"] <= 1.0 and final["valid_bg"] > 0.5
