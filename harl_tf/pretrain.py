@@ -31,7 +31,9 @@ def _define_flags():
     flags.DEFINE_integer("num_train_examples", d.num_train_examples,
                          "Examples per epoch (for epoch-based schedules).")
     flags.DEFINE_integer("image_size", d.image_size, "Side of the square views, px.")
-    flags.DEFINE_integer("shuffle_buffer", d.shuffle_buffer, "Records held for shuffling.")
+    flags.DEFINE_integer("shuffle_buffer", d.shuffle_buffer,
+                         "Records permuted together per block (a block as large as the "
+                         "dataset: a full shuffle each epoch).")
     flags.DEFINE_integer("seed", None, "Random seed (views, order); unset: random.")
     flags.DEFINE_bool("deterministic", d.deterministic, "Reproducible batch order "
                       "(needs --seed; slower).")

@@ -453,12 +453,15 @@ def _run(c: PretrainConfig, strategy, chief: bool) -> dict:
     with checkpoints.PreemptionGuard() as guard:
         hooks = _StepHooks(c, manager, writer, guard, model)
         if remaining > 0:
-            # A resumed run continues with a fresh stream (seed + start step) instead of
-            # replaying the batches the first run already saw.
-            seed = None if c.seed is None else c.seed + start_step
+            # A resumed run continues the data stream where the saved step left it (with
+            # --seed: the batches the uninterrupted run would have seen).
+            if start_step:
+                log.info("continuing the data stream after %d steps (reading, not decoding, "
+                         "the records of the current epoch already used)", start_step)
             dataset = distributed_pretrain_dataset(
-                strategy, c.train_files, c.batch_size, c.image_size, seed=seed,
-                deterministic=c.deterministic, shuffle_buffer=c.shuffle_buffer)
+                strategy, c.train_files, c.batch_size, c.image_size, seed=c.seed,
+                deterministic=c.deterministic, shuffle_buffer=c.shuffle_buffer,
+                start_step=start_step)
             # A corrupt shard ends the run with an error naming the file and record.
             with naming_corrupt_files(c.train_files):
                 if distribute.uses_custom_loop(strategy):

@@ -204,3 +204,55 @@ def test_eval_fused_and_full_decode_agree(jpeg_records):
     for a, b in zip(fused, full):
         np.testing.assert_array_equal(a["id"], b["id"])
         assert np.abs(a["image"] - b["image"]).mean() < 0.01
+
+
+def test_a_resumed_stream_continues_the_uninterrupted_one(jpeg_records):
+    """start_example = k gives exactly the uninterrupted stream from record k on, views
+    included, in the epoch of k and after it; every epoch is one whole pass."""
+    def stream(start, batches):
+        return _take(pipeline.pretrain_dataset(
+            jpeg_records, 4, 16, seed=3, deterministic=True, shuffle_buffer=8,
+            start_example=start), batches)
+    whole = stream(0, 15)                          # 60 records: epochs 0, 1 and half of 2
+    epoch_labels = np.concatenate([b["label"] for b in whole])[:48].reshape(2, 24)
+    for labels in epoch_labels:                    # each shard's 6 records once per epoch
+        assert np.bincount(labels, minlength=SHARDS).tolist() == [PER_SHARD] * SHARDS
+    assert not np.array_equal(epoch_labels[0], epoch_labels[1])   # a new order each epoch
+    for first_batch in (3, 7, 12):                 # mid epoch 0, mid epoch 1, epoch 2
+        resumed = stream(4 * first_batch, 15 - first_batch)
+        assert len(resumed) == 15 - first_batch
+        for a, b in zip(whole[first_batch:], resumed):
+            for key in a:
+                np.testing.assert_array_equal(a[key], b[key], err_msg=(first_batch, key))
+
+
+def test_a_resumed_distributed_stream_continues_per_step(jpeg_records):
+    """Two replicas: start_step = s skips s global batches of the one input pipeline."""
+    strategy = distribute.make_strategy("mirrored", devices=["/cpu:0", "/cpu:1"])
+
+    def steps(start_step, count):
+        dataset = pipeline.distributed_pretrain_dataset(
+            strategy, jpeg_records, 4, 16, seed=1, deterministic=True, shuffle_buffer=8,
+            start_step=start_step)
+        iterator = iter(dataset)
+        return [np.concatenate([s.numpy() for s in strategy.experimental_local_results(
+            next(iterator)["view1"])]) for _ in range(count)]
+    whole, resumed = steps(0, 9), steps(5, 4)      # step 5 starts at record 20 of 24
+    for a, b in zip(whole[5:], resumed):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_records_are_counted_from_the_manifest_or_by_reading(jpeg_records, tmp_path):
+    from harl_tf.data.builder import build_dataset
+    from harl_tf.data.sources import SyntheticSource
+    assert pipeline.count_records(pipeline.list_files(jpeg_records)) == SHARDS * PER_SHARD
+    build_dataset(SyntheticSource(21, image_size=16), str(tmp_path), splits=["train"],
+                  min_shards=3, progress=False)
+    files = pipeline.list_files(str(tmp_path / "train-*.tfrecord"))
+    read = sum(1 for f in files for _ in tf.data.TFRecordDataset(f))
+    assert len(files) == 3 and read == 21
+    assert pipeline.count_records(files) == 21
+    os.remove(tmp_path / "manifest.json")
+    assert pipeline.count_records(files) == 21
+    with pytest.raises(ValueError, match="start must be >= 0"):
+        pipeline.pretrain_dataset(jpeg_records, 4, 16, seed=0, start_example=-1)

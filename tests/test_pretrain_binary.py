@@ -163,6 +163,32 @@ def test_short_run_learns_and_resumes_after_sigterm(tmp_path):
     assert glob.glob(str(tmp_path / "model" / "train" / "events.out.tfevents.*"))
 
 
+def test_a_resumed_deterministic_run_ends_with_the_uninterrupted_runs_weights(tmp_path):
+    """Stopped by SIGTERM after its first checkpoint and rerun, a --deterministic run
+    continues the data stream where it stopped (40 records, so the 16 steps of 8 cross
+    three epoch boundaries) and ends with exactly the weights of a run never stopped."""
+    def config(name):
+        return _tiny(tmp_path / name, deterministic=True, synthetic_records=40,
+                     num_train_examples=40)
+    straight = training.run_pretraining(config("straight"))
+    state_file = tmp_path / "stopped" / "model" / "checkpoints" / "checkpoint"
+
+    def terminate_after_first_checkpoint():
+        deadline = time.time() + 240
+        while time.time() < deadline and not state_file.exists():
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    killer = threading.Thread(target=terminate_after_first_checkpoint, daemon=True)
+    killer.start()
+    first = training.run_pretraining(config("stopped"))
+    killer.join()
+    assert first["stopped_by_signal"] and 4 <= first["final_step"] < 16
+    resumed = training.run_pretraining(config("stopped"))
+    assert resumed["start_step"] == first["final_step"] and resumed["final_step"] == 16
+    assert resumed["weights_fingerprint"] == straight["weights_fingerprint"]
+
+
 def test_short_run_keeps_the_online_probe_above_chance(tmp_path):
     """No collapse: on the easy synthetic variant (one hue per class, so even the encoder
     at initialisation carries the label) a short hybrid run lowers the loss and its online

@@ -1,17 +1,21 @@
 """Input pipelines: two-view pretraining, linear-evaluation training, evaluation.
 
 Pretraining (per worker): list the files → keep this worker's share of the FILES (through
-``tf.distribute.InputContext``) → shuffle files → interleave records → shuffle records →
-repeat → number each record → parse (:mod:`harl_tf.data.schema`) and make two views
+``tf.distribute.InputContext``) → for each epoch e: shuffle the files, interleave their
+records, permute them in blocks of ``shuffle_buffer``, all seeded by (seed, e) → number
+each record → parse (:mod:`harl_tf.data.schema`) and make two views
 (:mod:`harl_tf.data.augment`) → batch per replica, drop the remainder → prefetch.
 
 Views are drawn from a per-example seed ``fold_in([seed, worker], n)``, n the record's
 position in this worker's stream, so with ``deterministic=True`` and a ``seed`` every run
-yields the same batches. Nothing is cached: records are read and decoded every epoch.
+yields the same batches, and a resumed run (``start_example``) continues the stream of
+the run it resumes. Nothing is cached: records are read and decoded every epoch.
 """
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import random
 import re
 from typing import List, Optional, Sequence
@@ -22,8 +26,9 @@ from harl_tf.data import augment, schema
 from harl_tf.errors import HarlError
 
 AUTOTUNE = tf.data.AUTOTUNE
-# Serialized records held for shuffling; about 110 kB each on ImageNet (JPEG + PNG mask),
-# so about 1 GB per worker.
+# Serialized records permuted together as one block; about 110 kB each on ImageNet (JPEG +
+# PNG mask), so about 1 GB per block, and up to two blocks (one emptying, one filling) per
+# worker.
 DEFAULT_SHUFFLE_BUFFER = 10_000
 # Full decode then crop: two views need two crops, and two cropped JPEG decodes cost more
 # CPU than one full decode (bench/bench_input_pipeline.py, 500x375 JPEGs, decode-and-crop
@@ -120,21 +125,79 @@ def _options(deterministic: bool, sharded_by_us: bool) -> tf.data.Options:
     return options
 
 
-def _numbered_records(files: Sequence[str], *, seed: Optional[int], deterministic: bool,
-                      shuffle_buffer: int, repeat: bool) -> tf.data.Dataset:
-    """(n int64, serialized record) in a shuffled, optionally endless order."""
-    dataset = tf.data.Dataset.from_tensor_slices(list(files))
-    dataset = dataset.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
-    dataset = dataset.interleave(
-        tf.data.TFRecordDataset, cycle_length=min(len(files), _MAX_CYCLE_LENGTH),
-        block_length=1, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
-    if shuffle_buffer > 1:
-        dataset = dataset.shuffle(shuffle_buffer,
-                                  seed=None if seed is None else seed + 1,
-                                  reshuffle_each_iteration=True)
-    if repeat:
-        dataset = dataset.repeat()
-    return dataset.enumerate()
+def count_records(files: Sequence[str]) -> int:
+    """Records in ``files``: from the builder's ``manifest.json`` next to each file when it
+    lists the file, else by reading the file (records only, nothing is decoded)."""
+    manifests: dict = {}
+    total = 0
+    for path in files:
+        directory, name = os.path.split(path)
+        if directory not in manifests:
+            manifests[directory] = _manifest_counts(directory)
+        if name in manifests[directory]:
+            total += manifests[directory][name]
+        else:
+            total += int(tf.data.TFRecordDataset(path).reduce(
+                tf.constant(0, tf.int64), lambda n, _: n + 1))
+    return total
+
+
+def _manifest_counts(directory: str) -> dict:
+    path = os.path.join(directory, "manifest.json")
+    try:
+        with tf.io.gfile.GFile(path) as f:
+            manifest = json.load(f)
+        return {shard["file"]: int(shard["num_records"])
+                for split in manifest.get("splits", {}).values()
+                for shard in split.get("shards", [])}
+    except (tf.errors.NotFoundError, OSError, ValueError, KeyError, TypeError):
+        return {}     # no manifest, or not one of ours: the files are counted instead
+
+
+def _numbered_records(files: Sequence[str], *, seed: int, deterministic: bool,
+                      shuffle_buffer: int, repeat: bool, start: int = 0) -> tf.data.Dataset:
+    """(n int64, serialized record): epochs of shuffled files, interleaved, then shuffled in
+    blocks of ``shuffle_buffer`` records (each block permuted as a whole; a block as large
+    as the dataset gives a full permutation per epoch).
+
+    Every permutation is stateless, seeded by (seed, epoch, block), so the stream can start
+    at record ``start`` of the endless stream: at epoch start // N (N records in
+    ``files``), skipping the rest by reading them (at most one epoch of records, none
+    decoded). With ``deterministic`` that is the uninterrupted stream's tail, numbers
+    included. (``Dataset.shuffle`` cannot do this: its order depends on the iterations
+    before, and it rejects a seed tensor when the global seed is 0.)
+    """
+    start = int(start)
+    if start < 0:
+        raise ValueError(f"pipeline: start must be >= 0, got {start}")
+    first_epoch, skip = 0, start
+    if start:
+        size = count_records(files)
+        if size == 0:
+            raise ValueError(f"pipeline: the files hold no records: {list(files)[:3]}")
+        first_epoch, skip = divmod(start, size)
+    seeds = tf.constant([seed, 0x5EED], tf.int64)
+    file_names = tf.constant(list(files))
+    fold_in = tf.random.experimental.stateless_fold_in
+
+    @tf.autograph.experimental.do_not_convert
+    def epoch_records(epoch):
+        epoch_seed = fold_in(seeds, epoch)
+        order = tf.random.experimental.stateless_shuffle(file_names, seed=epoch_seed)
+        dataset = tf.data.Dataset.from_tensor_slices(order).interleave(
+            tf.data.TFRecordDataset, cycle_length=min(len(files), _MAX_CYCLE_LENGTH),
+            block_length=1, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+        if shuffle_buffer > 1:
+            dataset = dataset.batch(int(shuffle_buffer)).enumerate().map(
+                lambda block, records: tf.random.experimental.stateless_shuffle(
+                    records, seed=fold_in(epoch_seed, block + 1))).unbatch()
+        return dataset
+
+    last_epoch = tf.int64.max if repeat else 1
+    dataset = tf.data.Dataset.range(first_epoch, last_epoch).flat_map(epoch_records)
+    if skip:
+        dataset = dataset.skip(skip)
+    return dataset.enumerate(start=start)
 
 
 def _base_seed(seed: Optional[int], deterministic: bool, caller: str) -> int:
@@ -151,7 +214,7 @@ def pretrain_dataset(file_pattern: str, batch_size: int, image_size: int, *,
                      shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
                      view_configs: Optional[Sequence[augment.ViewConfig]] = None,
                      fused_crop: bool = DEFAULT_FUSED_CROP,
-                     repeat: bool = True) -> tf.data.Dataset:
+                     repeat: bool = True, start_example: int = 0) -> tf.data.Dataset:
     """Two-view pretraining batches.
 
     Args:
@@ -165,10 +228,15 @@ def pretrain_dataset(file_pattern: str, batch_size: int, image_size: int, *,
       seed: seeds file order, record shuffling and the views. None: a fresh random seed.
       deterministic: keep element order fixed (needs ``seed``); identical batches across
         runs. False lets parallel stages reorder for speed.
-      shuffle_buffer: records held for shuffling.
+      shuffle_buffer: records permuted together (held in memory as one block).
       view_configs: (view 1, view 2) :class:`augment.ViewConfig`; default SPEC §2.
       fused_crop: decode only each crop window of a JPEG (True) or the whole image.
       repeat: repeat forever (training is step-based).
+      start_example: begin at this record of this worker's endless stream (a resumed run:
+        steps done × examples per step and worker). Epoch orders depend on the seed and
+        the epoch only, so with ``deterministic`` the batches are the ones an
+        uninterrupted run would see from there; getting there reads (does not decode)
+        up to one epoch of records.
     Returns:
       Dataset of {"view1", "view2": float32 [B, S, S, 3] in [0, 1], "mask1", "mask2":
       float32 [B, S, S, 1] in {0, 1}, "label": int64 [B]}.
@@ -182,11 +250,12 @@ def pretrain_dataset(file_pattern: str, batch_size: int, image_size: int, *,
     return _augmented_batches(
         "pretrain_dataset", file_pattern, make_views, batch_size, image_size,
         input_context=input_context, seed=seed, deterministic=deterministic,
-        shuffle_buffer=shuffle_buffer, repeat=repeat)
+        shuffle_buffer=shuffle_buffer, repeat=repeat, start_example=start_example)
 
 
 def _augmented_batches(caller, file_pattern, map_fn, batch_size, image_size, *,
-                       input_context, seed, deterministic, shuffle_buffer, repeat):
+                       input_context, seed, deterministic, shuffle_buffer, repeat,
+                       start_example):
     """The pipeline shared by the training datasets: checks, this worker's files,
     numbered shuffled records → ``map_fn(serialized, example_seed)`` → full batches →
     prefetch. ``example_seed`` = fold_in([seed, worker], record number): a stateless seed
@@ -201,8 +270,9 @@ def _augmented_batches(caller, file_pattern, map_fn, batch_size, image_size, *,
     def numbered_map(index, serialized):
         return map_fn(serialized, tf.random.experimental.stateless_fold_in(base_seed, index))
 
-    dataset = _numbered_records(files, seed=seed, deterministic=deterministic,
-                                shuffle_buffer=shuffle_buffer, repeat=repeat)
+    dataset = _numbered_records(files, seed=base, deterministic=deterministic,
+                                shuffle_buffer=shuffle_buffer, repeat=repeat,
+                                start=start_example)
     dataset = dataset.map(numbered_map, num_parallel_calls=AUTOTUNE,
                           deterministic=deterministic)
     dataset = dataset.batch(int(batch_size), drop_remainder=True)
@@ -211,19 +281,24 @@ def _augmented_batches(caller, file_pattern, map_fn, batch_size, image_size, *,
 
 
 def distributed_pretrain_dataset(strategy: tf.distribute.Strategy, file_pattern: str,
-                                 global_batch_size: int, image_size: int, **kwargs):
+                                 global_batch_size: int, image_size: int, *,
+                                 start_step: int = 0, **kwargs):
     """:func:`pretrain_dataset` on every worker through
     ``strategy.distribute_datasets_from_function``; each replica gets
-    ``global_batch_size / num_replicas`` examples. ``kwargs`` go to pretrain_dataset."""
+    ``global_batch_size / num_replicas`` examples. ``start_step``: steps already trained
+    (a resumed run); every worker's stream continues where those steps left it.
+    ``kwargs`` go to pretrain_dataset."""
     replicas = strategy.num_replicas_in_sync
     if global_batch_size % replicas:
         raise ValueError(f"distributed_pretrain_dataset: global_batch_size "
                          f"{global_batch_size} is not divisible by the {replicas} replicas")
 
     def dataset_fn(input_context: tf.distribute.InputContext) -> tf.data.Dataset:
+        per_replica = input_context.get_per_replica_batch_size(global_batch_size)
+        replicas_here = replicas // input_context.num_input_pipelines
         return pretrain_dataset(
-            file_pattern, input_context.get_per_replica_batch_size(global_batch_size),
-            image_size, input_context=input_context, **kwargs)
+            file_pattern, per_replica, image_size, input_context=input_context,
+            start_example=int(start_step) * per_replica * replicas_here, **kwargs)
 
     return strategy.distribute_datasets_from_function(dataset_fn)
 
@@ -234,7 +309,7 @@ def train_classifier_dataset(file_pattern: str, batch_size: int, image_size: int
                              shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
                              crop_area=(0.08, 1.0), flip_prob: float = 0.5,
                              fused_crop: bool = DEFAULT_FUSED_CROP,
-                             repeat: bool = True) -> tf.data.Dataset:
+                             repeat: bool = True, start_example: int = 0) -> tf.data.Dataset:
     """Training batches for linear evaluation / fine-tuning (SPEC §8): Inception crop
     (area ``crop_area``, aspect 3/4–4/3) and horizontal flip, no colour.
 
@@ -253,7 +328,7 @@ def train_classifier_dataset(file_pattern: str, batch_size: int, image_size: int
     return _augmented_batches(
         "train_classifier_dataset", file_pattern, make_view, batch_size, image_size,
         input_context=input_context, seed=seed, deterministic=deterministic,
-        shuffle_buffer=shuffle_buffer, repeat=repeat)
+        shuffle_buffer=shuffle_buffer, repeat=repeat, start_example=start_example)
 
 
 def eval_dataset(file_pattern: str, batch_size: int, image_size: int, *,
