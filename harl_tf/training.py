@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import json
 import logging
 import math
 import os
@@ -394,6 +395,37 @@ def weight_fingerprint(model):
     return out
 
 
+DATA_SEED_FILE = "data_seed.json"
+_DATA_SEED_WAIT_SECONDS = 300
+
+
+def _data_seed(c: PretrainConfig, chief: bool) -> int:
+    """The seed of the data stream: ``--seed`` when set; otherwise one drawn by the chief on
+    the first start and kept in ``model_dir/data_seed.json``, so a resumed run continues the
+    same epochs (each example once per epoch across preemptions). Other workers read the
+    chief's file (waiting for it on a first start)."""
+    if c.seed is not None:
+        return int(c.seed)
+    from harl_tf import checkpoints
+    path = os.path.join(c.model_dir, DATA_SEED_FILE)
+    if chief and not os.path.exists(path):
+        import random
+        checkpoints.write_json_atomic(path, {"data_seed": random.SystemRandom().randrange(2**31)})
+    deadline = time.time() + _DATA_SEED_WAIT_SECONDS
+    while not os.path.exists(path):
+        if time.time() > deadline:
+            raise ConfigError(f"--seed is unset and the chief has not written {path} within "
+                              f"{_DATA_SEED_WAIT_SECONDS} s; is --model_dir shared by all "
+                              f"workers? Set --seed to the same value on every worker instead.")
+        time.sleep(0.5)
+    try:
+        with open(path) as f:
+            return int(json.load(f)["data_seed"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{path} is unreadable ({e}); delete it (the data order starts "
+                          f"afresh) or set --seed") from None
+
+
 def run_pretraining(c: PretrainConfig) -> dict:
     """Pretrain as configured; returns the summary (also written to model_dir/summary.json)."""
     import keras
@@ -433,6 +465,7 @@ def _run(c: PretrainConfig, strategy, chief: bool) -> dict:
         checkpoints.write_json_atomic(os.path.join(c.model_dir, "config.json"), c.to_json())
         checkpoints.write_model_config(c.model_dir, model.online_encoder.config,
                                        dataclasses.asdict(model.harl_config), c.image_size)
+    data_seed = _data_seed(c, chief)
     _, task_id = distribute.task_info(strategy)
     manager = checkpoints.CheckpointManager(
         c.model_dir, model, every_n_steps=c.checkpoint_every_steps,
@@ -454,12 +487,12 @@ def _run(c: PretrainConfig, strategy, chief: bool) -> dict:
         hooks = _StepHooks(c, manager, writer, guard, model)
         if remaining > 0:
             # A resumed run continues the data stream where the saved step left it (with
-            # --seed: the batches the uninterrupted run would have seen).
+            # --deterministic: the batches the uninterrupted run would have seen).
             if start_step:
                 log.info("continuing the data stream after %d steps (reading, not decoding, "
                          "the records of the current epoch already used)", start_step)
             dataset = distributed_pretrain_dataset(
-                strategy, c.train_files, c.batch_size, c.image_size, seed=c.seed,
+                strategy, c.train_files, c.batch_size, c.image_size, seed=data_seed,
                 deterministic=c.deterministic, shuffle_buffer=c.shuffle_buffer,
                 start_step=start_step)
             # A corrupt shard ends the run with an error naming the file and record.
@@ -481,7 +514,8 @@ def _run(c: PretrainConfig, strategy, chief: bool) -> dict:
     summary = {
         "model_dir": c.model_dir, "start_step": start_step, "final_step": final_step,
         "total_steps": c.total_steps, "completed": final_step >= c.total_steps,
-        "stopped_by_signal": hooks.stopped_by_signal, "first_loss": hooks.first_loss,
+        "stopped_by_signal": hooks.stopped_by_signal, "data_seed": data_seed,
+        "first_loss": hooks.first_loss,
         "first_metrics": hooks.first_metrics,
         "final_metrics": hooks.last_metrics, "images_per_second_last": hooks.images_per_second,
         "images_per_second": (final_step - start_step) * c.batch_size / max(wall, 1e-9),

@@ -295,3 +295,27 @@ def test_nan_weights_with_a_finite_loss_stop_as_training_diverged(tmp_path):
     with pytest.raises(training.TrainingDiverged, match="last good checkpoint .* step 1"):
         training._save_or_diverged(manager.maybe_save)
     assert checkpoints.available_steps(str(tmp_path)) == [1]
+
+
+def test_an_unseeded_run_keeps_its_drawn_data_seed_across_a_resume(tmp_path, monkeypatch):
+    """Without --seed the chief draws the data seed once and keeps it in model_dir, so the
+    resumed run continues the same epochs; a worker that cannot find it, or a damaged
+    file, is a one-line error naming the file."""
+    first = training.run_pretraining(_tiny(tmp_path, seed=None, train_steps=4))
+    seed_file = tmp_path / "model" / training.DATA_SEED_FILE
+    kept = json.load(open(seed_file))["data_seed"]
+    assert first["data_seed"] == kept and 0 <= kept < 2 ** 31
+    second = training.run_pretraining(_tiny(tmp_path, seed=None, train_steps=8))
+    assert second["start_step"] == 4 and second["final_step"] == 8
+    assert second["data_seed"] == kept == json.load(open(seed_file))["data_seed"]
+    seeded = _tiny(tmp_path / "other", seed=7)
+    assert training._data_seed(seeded, chief=True) == 7
+    assert not (tmp_path / "other" / "model" / training.DATA_SEED_FILE).exists()
+
+    monkeypatch.setattr(training, "_DATA_SEED_WAIT_SECONDS", 0.2)
+    with pytest.raises(training.ConfigError, match="--seed") as e:
+        training._data_seed(_tiny(tmp_path / "worker", seed=None), chief=False)
+    assert training.DATA_SEED_FILE in str(e.value) and "\n" not in str(e.value)
+    seed_file.write_text("{not json")
+    with pytest.raises(training.ConfigError, match="data_seed.json is unreadable"):
+        training._data_seed(_tiny(tmp_path, seed=None), chief=True)
