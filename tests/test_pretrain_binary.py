@@ -319,3 +319,45 @@ def test_an_unseeded_run_keeps_its_drawn_data_seed_across_a_resume(tmp_path, mon
     seed_file.write_text("{not json")
     with pytest.raises(training.ConfigError, match="data_seed.json is unreadable"):
         training._data_seed(_tiny(tmp_path, seed=None), chief=True)
+
+
+PRETRAIN_WORKER = textwrap.dedent("""
+    import json, sys, pathlib
+    from test_pretrain_binary import _tiny
+    from harl_tf import training
+    config = _tiny(pathlib.Path(sys.argv[1]), seed=None, strategy="multi_worker",
+                   sync_batchnorm=True, train_steps=int(sys.argv[2]))
+    print("SUMMARY " + json.dumps(training.run_pretraining(config)), flush=True)
+""")
+
+
+def test_two_unseeded_workers_pretrain_resume_and_share_one_data_seed(tmp_path):
+    """The pretraining library end to end under MultiWorkerMirroredStrategy (2 processes on
+    127.0.0.1, custom loop), without --seed: both workers use the chief's data seed, stop at
+    step 8, resume to 12 from the chief's checkpoint and end with identical weights. (With
+    synchronised BatchNorm; without it only the BN moving statistics differ, each worker's
+    from its own batches, and the checkpoint keeps the chief's.)"""
+    training.ensure_synthetic_records(_tiny(tmp_path))        # no build race between workers
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in _free_ports(2)]}
+    summaries = {}
+    for steps in (8, 12):
+        procs = [subprocess.Popen(
+            [sys.executable, "-c", PRETRAIN_WORKER, str(tmp_path), str(steps)], cwd=REPO,
+            env=_env(TF_CONFIG=json.dumps({"cluster": cluster,
+                                           "task": {"type": "worker", "index": i}})),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+        outputs = [p.communicate(timeout=400)[0] for p in procs]
+        for p, out in zip(procs, outputs):
+            assert p.returncode == 0, out[-3000:]
+        summaries[steps] = [json.loads(out.split("SUMMARY ", 1)[1].splitlines()[0])
+                            for out in outputs]
+    kept = json.load(open(tmp_path / "model" / training.DATA_SEED_FILE))["data_seed"]
+    for steps, start in ((8, 0), (12, 8)):
+        chief, other = summaries[steps]
+        assert chief["task_id"] == 0 and other["task_id"] == 1
+        assert chief["start_step"] == other["start_step"] == start
+        assert chief["final_step"] == other["final_step"] == steps
+        assert chief["data_seed"] == other["data_seed"] == kept
+        assert chief["replicas"] == 2
+        assert chief["weights_fingerprint"] == other["weights_fingerprint"]
+    assert summaries[8][0]["weights_fingerprint"] != summaries[12][0]["weights_fingerprint"]
