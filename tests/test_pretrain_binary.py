@@ -125,20 +125,27 @@ def test_flagfiles_parse_into_valid_configs(name, expect):
         assert config[key] == value, key
 
 
-def test_short_run_learns_and_resumes_after_sigterm(tmp_path):
-    config = _tiny(tmp_path)
-    state_file = tmp_path / "model" / "checkpoints" / "checkpoint"
+def _run_until_sigterm_after_first_checkpoint(config):
+    """run_pretraining(config), sent SIGTERM (in this process) once the run's first
+    checkpoint exists; returns its summary."""
+    state_file = os.path.join(config.model_dir, "checkpoints", "checkpoint")
 
     def terminate_after_first_checkpoint():
         deadline = time.time() + 240
-        while time.time() < deadline and not state_file.exists():
-            time.sleep(0.05)
+        while time.time() < deadline and not os.path.exists(state_file):
+            time.sleep(0.02)
         os.kill(os.getpid(), signal.SIGTERM)
 
     killer = threading.Thread(target=terminate_after_first_checkpoint, daemon=True)
     killer.start()
-    first = training.run_pretraining(config)
+    summary = training.run_pretraining(config)
     killer.join()
+    return summary
+
+
+def test_short_run_learns_and_resumes_after_sigterm(tmp_path):
+    config = _tiny(tmp_path)
+    first = _run_until_sigterm_after_first_checkpoint(config)
     assert first["stopped_by_signal"] and not first["completed"]
     stopped = first["final_step"]
     assert 4 <= stopped < 16 and stopped in first["checkpoint_steps"]
@@ -171,18 +178,7 @@ def test_a_resumed_deterministic_run_ends_with_the_uninterrupted_runs_weights(tm
         return _tiny(tmp_path / name, deterministic=True, synthetic_records=40,
                      num_train_examples=40)
     straight = training.run_pretraining(config("straight"))
-    state_file = tmp_path / "stopped" / "model" / "checkpoints" / "checkpoint"
-
-    def terminate_after_first_checkpoint():
-        deadline = time.time() + 240
-        while time.time() < deadline and not state_file.exists():
-            time.sleep(0.02)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    killer = threading.Thread(target=terminate_after_first_checkpoint, daemon=True)
-    killer.start()
-    first = training.run_pretraining(config("stopped"))
-    killer.join()
+    first = _run_until_sigterm_after_first_checkpoint(config("stopped"))
     assert first["stopped_by_signal"] and 4 <= first["final_step"] < 16
     resumed = training.run_pretraining(config("stopped"))
     assert resumed["start_step"] == first["final_step"] and resumed["final_step"] == 16
