@@ -9,13 +9,13 @@ keras-team/keras#20585). Both run the same ``HARLModel.train_step`` and the same
 Files written to ``model_dir`` (chief only, all atomically): ``config.json`` (the full
 PretrainConfig) at the start, ``model_config.json`` (checkpoints.py), ``train/`` TensorBoard
 events (every metric every ``log_every_steps`` steps, and an image summary of a few view pairs
-with their masks overlaid at the start), ``checkpoints/``, and ``summary.json`` at the end.
+with their masks overlaid at the start), ``checkpoints/``, ``data_seed.json`` (the data
+seed drawn when ``--seed`` is unset) and ``summary.json`` at the end.
 """
 from __future__ import annotations
 
 import dataclasses
 import glob
-import json
 import logging
 import math
 import os
@@ -419,8 +419,7 @@ def _data_seed(c: PretrainConfig, chief: bool) -> int:
                               f"workers? Set --seed to the same value on every worker instead.")
         time.sleep(0.5)
     try:
-        with open(path) as f:
-            return int(json.load(f)["data_seed"])
+        return int(checkpoints.read_json(path, "the data seed")["data_seed"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"{path} is unreadable ({e}); delete it (the data order starts "
                           f"afresh) or set --seed") from None

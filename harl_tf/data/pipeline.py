@@ -22,7 +22,7 @@ from typing import List, Optional, Sequence
 
 import tensorflow as tf
 
-from harl_tf.data import augment, schema
+from harl_tf.data import augment, builder, schema
 from harl_tf.errors import HarlError
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -143,7 +143,7 @@ def count_records(files: Sequence[str]) -> int:
 
 
 def _manifest_counts(directory: str) -> dict:
-    path = os.path.join(directory, "manifest.json")
+    path = os.path.join(directory, builder.MANIFEST_NAME)
     try:
         with tf.io.gfile.GFile(path) as f:
             manifest = json.load(f)
