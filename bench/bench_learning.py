@@ -57,9 +57,18 @@ from absl import app, flags  # noqa: E402
 from bench import common  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("dataset", "cutouts", ["cutouts", "fashion_mnist"], "Dataset.")
+flags.DEFINE_enum("dataset", "cutouts", ["cutouts", "fashion_mnist", "fmnist_scenes"],
+                  "Dataset.")
 flags.DEFINE_string("data_dir", "", "Dataset root (default: ../shared/data/<dataset>).")
-flags.DEFINE_string("work_dir", "/tmp/harl_bench_learning", "Records, runs, evaluations.")
+flags.DEFINE_string("work_dir", "/tmp/harl_bench_learning", "Runs and evaluations.")
+flags.DEFINE_string("records_dir", "", "Records (and fmnist_scenes' split folders and "
+                    "conventional masks), shared by work dirs (default: work_dir/records).")
+flags.DEFINE_enum("eval_split", "test", ["test", "validation"],
+                  "fmnist_scenes: score on the test split (pretrain on all of train), or on "
+                  "a validation split carved from train (pretrain and fit probes on the "
+                  "rest): the split every recipe choice is made on.")
+flags.DEFINE_integer("validation_size", 2000, "Train images held out by --eval_split="
+                     "validation (a fixed permutation, seed 0, whatever --seed).")
 flags.DEFINE_list("methods", ["random", "byol", "mask_conventional", "hybrid_conventional",
                               "hybrid_ground_truth"], "Methods (see the module docstring).")
 flags.DEFINE_list("stages", ["build", "pretrain", "evaluate", "report"],
@@ -69,13 +78,17 @@ flags.DEFINE_integer("steps", 200, "Pretraining steps.")
 flags.DEFINE_integer("batch_size", 64, "Pretraining batch size.")
 flags.DEFINE_integer("image_size", 64, "Pretraining and evaluation image side, px.")
 flags.DEFINE_integer("depth", 18, "ResNet depth.")
-flags.DEFINE_integer("width_multiplier", 1, "ResNet width multiplier.")
+flags.DEFINE_float("width_multiplier", 1.0, "ResNet width multiplier.")
 flags.DEFINE_bool("small_stem", False, "3x3 stride-1 stem without max-pool.")
 flags.DEFINE_integer("output_stride", 16, "Encoder output stride (64 px / 16 = 4x4 map).")
 flags.DEFINE_integer("head_hidden_dim", 1024, "Projector and predictor hidden width.")
 flags.DEFINE_integer("projection_dim", 256, "Projection size.")
 flags.DEFINE_float("base_learning_rate", 0.5, "LARS lr per 256 images.")
 flags.DEFINE_float("warmup_epochs", 1.0, "Warm-up epochs.")
+flags.DEFINE_float("trust_coefficient", 1e-3, "LARS trust coefficient.")
+flags.DEFINE_float("weight_decay", 1e-6, "LARS weight decay.")
+flags.DEFINE_string("extra_pretrain_flags", "", "Space-separated extra harl_tf.pretrain "
+                    "flags, appended to every method's run (e.g. --min_region_fraction=0.1).")
 flags.DEFINE_float("tau_base", 0.99, "EMA decay at step 0.")
 flags.DEFINE_float("alpha_base", 0.7, "HARL alpha at step 0 (cosine rise to 1).")
 flags.DEFINE_float("lambda_base", 0.7, "HARL lambda at step 0 (cosine rise to 1).")
@@ -105,7 +118,10 @@ METHODS = {
     "hybrid_conventional": ("hybrid", "conventional"),
     "mask_ground_truth": ("mask", "ground_truth"),
     "hybrid_ground_truth": ("hybrid", "ground_truth"),
+    "supervised": (None, None),
 }
+# Trained with labels instead of pretrained: the ceiling at the same encoder and budget.
+SUPERVISED = ("supervised",)
 
 
 def _run(command, log_path, *, cwd=ROOT) -> float:
@@ -134,14 +150,89 @@ def _paths():
 def _data_dir() -> str:
     if FLAGS.data_dir:
         return FLAGS.data_dir
-    return os.path.join("../shared/data",
-                        "cutouts" if FLAGS.dataset == "cutouts" else "fashion-mnist")
+    return os.path.join("../shared/data", {"cutouts": "cutouts", "fashion_mnist": "fashion-mnist",
+                                           "fmnist_scenes": "fmnist-scenes"}[FLAGS.dataset])
+
+
+def _records_root() -> str:
+    return FLAGS.records_dir or _paths()["records"]
+
+
+def _eval_name() -> str:
+    """The scored split's name in the records: 'val' for --eval_split=validation."""
+    return "val" if FLAGS.dataset == "fmnist_scenes" and FLAGS.eval_split == "validation" \
+        else "test"
 
 
 def _records(masks: str) -> str:
     """Records directory of a mask source: 'conventional' or 'ground_truth'."""
     short = "gt" if masks == "ground_truth" else masks
-    return os.path.join(_paths()["records"], f"{FLAGS.dataset}_{short}")
+    if FLAGS.dataset == "fmnist_scenes":
+        short = f"{FLAGS.eval_split}_{short}"
+    return os.path.join(_records_root(), f"{FLAGS.dataset}_{short}")
+
+
+def _num_train() -> int:
+    if FLAGS.dataset == "cutouts":
+        return 3000
+    if FLAGS.dataset == "fashion_mnist":
+        return FLAGS.fashion_mnist_train
+    manifest = os.path.join(_records("ground_truth"), "manifest.json")
+    with open(manifest) as f:
+        return int(json.load(f)["splits"]["train"]["num_records"])
+
+
+def _fmnist_scenes_folders() -> dict:
+    """fmnist_scenes as folders for the builder: {mask source: images root}.
+
+    Conventional masks are computed once for every train and test image (the real
+    ``tools.generate_masks``, no labels). Each mask source gets a tree of symbolic links,
+    ``<split>/images/<class>/<id>.jpg`` + ``<split>/masks/...``, with the splits
+    train/test (--eval_split=test) or train/val (--eval_split=validation: ``validation_size``
+    train images, a fixed seed-0 permutation, held out; the test split is not linked at all).
+    """
+    src = os.path.abspath(_data_dir())
+    root = os.path.join(_records_root(), "fmnist_scenes_folders")
+    conv = os.path.join(root, "conventional_masks")
+    for split in ("train", "test"):
+        if not os.path.exists(os.path.join(conv, split, "summary.json")):
+            _run([PY, "-m", "tools.generate_masks", f"--images_dir={src}/{split}/images",
+                  f"--masks_dir={conv}/{split}", "--method=conventional", "--num_workers=2",
+                  "--noprogress"], os.path.join(_paths()["logs"], f"masks_{split}.log"))
+    images = sorted(glob.glob(os.path.join(src, "train", "images", "*", "*.jpg")))
+    order = np.random.default_rng(0).permutation(len(images))
+    held_out = set(order[:FLAGS.validation_size].tolist())
+    layout = {"test": {"train": [(p, "train") for p in images],
+                       "test": [(p, "test") for p in sorted(glob.glob(
+                           os.path.join(src, "test", "images", "*", "*.jpg")))]},
+              "validation": {"train": [(p, "train") for i, p in enumerate(images)
+                                       if i not in held_out],
+                             "val": [(p, "train") for i, p in enumerate(images)
+                                     if i in held_out]}}[FLAGS.eval_split]
+    out = {}
+    for masks in ("ground_truth", "conventional"):
+        tree = os.path.join(root, f"{FLAGS.eval_split}_{masks}")
+        out[masks] = tree
+        if os.path.exists(os.path.join(tree, "classes.txt")):
+            continue
+        for split, entries in layout.items():
+            for image, source_split in entries:
+                rel = os.path.relpath(image, os.path.join(src, source_split, "images"))
+                mask = (os.path.join(src, source_split, "masks", rel) if masks == "ground_truth"
+                        else os.path.join(conv, source_split, rel))
+                mask = os.path.splitext(mask)[0] + ".png"
+                for kind, target in (("images", image), ("masks", mask)):
+                    link = os.path.join(tree, split, kind, os.path.splitext(rel)[0]
+                                        + os.path.splitext(target)[1])
+                    os.makedirs(os.path.dirname(link), exist_ok=True)
+                    if not os.path.lexists(link):
+                        os.symlink(target, link)
+        with open(os.path.join(src, "classes.txt")) as f:
+            classes = f.read()
+        with open(os.path.join(tree, "classes.txt.tmp"), "w") as f:
+            f.write(classes)
+        os.replace(os.path.join(tree, "classes.txt.tmp"), os.path.join(tree, "classes.txt"))
+    return out
 
 
 def _fashion_mnist_folder() -> str:
@@ -177,8 +268,20 @@ def _fashion_mnist_folder() -> str:
 
 def build_records() -> dict:
     """Both record sets (skipped when their manifest exists); returns seconds per set."""
-    images_dir = _data_dir() if FLAGS.dataset == "cutouts" else _fashion_mnist_folder()
     seconds = {}
+    if FLAGS.dataset == "fmnist_scenes":
+        folders = _fmnist_scenes_folders()
+        for masks, name in (("ground_truth", "ground_truth"), ("conventional", "conventional")):
+            out = _records(masks)
+            if os.path.exists(os.path.join(out, "manifest.json")):
+                continue
+            seconds[masks] = _run(
+                [PY, "-m", "tools.build_tfrecords", "--source=folder",
+                 f"--images_dir={folders[masks]}", f"--splits=train,{_eval_name()}",
+                 f"--output_dir={out}", f"--mask_method_name={name}", "--num_workers=2",
+                 "--noprogress"], os.path.join(_paths()["logs"], f"build_{masks}.log"))
+        return seconds
+    images_dir = _data_dir() if FLAGS.dataset == "cutouts" else _fashion_mnist_folder()
     for masks, extra, splits in (
             ("ground_truth", ["--mask_method_name=ground_truth"], "train,test"),
             ("conventional", ["--mask_method=conventional"], "train")):
@@ -209,7 +312,7 @@ def mask_quality() -> dict:
 def pretrain_flags(method: str) -> list:
     """The full flag list of one method's run: identical except --loss_mode and records."""
     loss_mode, masks = METHODS[method]
-    num_train = 3000 if FLAGS.dataset == "cutouts" else FLAGS.fashion_mnist_train
+    num_train = _num_train()
     num_classes = 8 if FLAGS.dataset == "cutouts" else 10
     return [
         f"--train_files={_records(masks)}/train-*.tfrecord",
@@ -226,14 +329,15 @@ def pretrain_flags(method: str) -> list:
         f"--lambda_base={FLAGS.lambda_base}", "--lambda_schedule=cosine",
         f"--batch_size={FLAGS.batch_size}", f"--train_steps={FLAGS.steps}",
         f"--base_learning_rate={FLAGS.base_learning_rate}",
-        f"--warmup_epochs={FLAGS.warmup_epochs}", "--weight_decay=1e-6",
+        f"--warmup_epochs={FLAGS.warmup_epochs}", f"--weight_decay={FLAGS.weight_decay}",
+        f"--trust_coefficient={FLAGS.trust_coefficient}",
         f"--tau_base={FLAGS.tau_base}",
         # Online probe on the train labels: stop-gradient, for the training curves only.
         f"--num_classes={num_classes}", "--probe_learning_rate=0.001",
         f"--shuffle_buffer={num_train}", f"--seed={FLAGS.seed}", "--deterministic",
         "--strategy=default", f"--checkpoint_every_steps={max(FLAGS.steps // 2, 1)}",
         "--keep_checkpoints=1", "--log_every_steps=10", "--image_summaries=0",
-    ]
+    ] + FLAGS.extra_pretrain_flags.split()
 
 
 def pretrain(method: str) -> dict:
@@ -273,10 +377,36 @@ def _encoder_args(method: str) -> list:
     return [f"--encoder={export_dir}"]
 
 
+def supervised_epochs() -> int:
+    """Epochs that give the supervised ceiling the pretraining budget (steps x batch)."""
+    return max(1, round(FLAGS.steps * FLAGS.batch_size / _num_train()))
+
+
 def evaluate(method: str) -> dict:
-    """Linear probe and k-NN on the test split; returns {mode: results.json}."""
+    """Linear probe and k-NN on the scored split; returns {mode: results.json}.
+
+    ``supervised``: the same encoder trained from random init with labels
+    (``finetune --mode=finetune``) for the pretraining budget's images; its own top-1.
+    """
     out = {}
     gt = _records("ground_truth")
+    files = [f"--train_files={gt}/train-*.tfrecord",
+             f"--eval_files={gt}/{_eval_name()}-*.tfrecord"]
+    if method in SUPERVISED:
+        output_dir = os.path.join(_paths()["evals"], f"{method}_finetune")
+        results_path = os.path.join(output_dir, "results.json")
+        if not os.path.exists(results_path):
+            _run([PY, "-m", "harl_tf.finetune", "--mode=finetune", "--encoder=random",
+                  f"--encoder_config={json.dumps(_encoder_config())}"] + files
+                 + [f"--output_dir={output_dir}", f"--image_size={FLAGS.image_size}",
+                    "--crop_fraction=1.0", "--min_crop_area=0.2",
+                    f"--epochs={supervised_epochs()}", f"--batch_size={FLAGS.batch_size}",
+                    "--learning_rate=0.1", "--weight_decay=5e-4", "--eval_batch_size=128",
+                    f"--seed={FLAGS.seed}", "--verbose=0"],
+                 os.path.join(_paths()["logs"], f"finetune_{method}.log"))
+        with open(results_path) as f:
+            out["finetune"] = json.load(f)
+        return out
     for mode, extra in (("linear", [f"--epochs={FLAGS.linear_epochs}",
                                     f"--learning_rate={FLAGS.linear_learning_rate}",
                                     "--batch_size=128", "--weight_decay=0.0"]),
@@ -285,8 +415,7 @@ def evaluate(method: str) -> dict:
         results_path = os.path.join(output_dir, "results.json")
         if not os.path.exists(results_path):
             _run([PY, "-m", "harl_tf.finetune", f"--mode={mode}"] + _encoder_args(method)
-                 + [f"--train_files={gt}/train-*.tfrecord", f"--eval_files={gt}/test-*.tfrecord",
-                    f"--output_dir={output_dir}", f"--image_size={FLAGS.image_size}",
+                 + files + [f"--output_dir={output_dir}", f"--image_size={FLAGS.image_size}",
                     "--crop_fraction=1.0", "--eval_batch_size=128", f"--seed={FLAGS.seed}",
                     "--verbose=0"] + extra,
                  os.path.join(_paths()["logs"], f"finetune_{method}_{mode}.log"))
@@ -301,7 +430,7 @@ def embeddings(method: str) -> dict:
     if not os.path.exists(path):
         encoder = _encoder_args(method)[0].split("=", 1)[1]
         _run([PY, os.path.abspath(__file__), f"--_embed_encoder={encoder}",
-              f"--_embed_files={_records('ground_truth')}/test-*.tfrecord",
+              f"--_embed_files={_records('ground_truth')}/{_eval_name()}-*.tfrecord",
               f"--_embed_out={path}", f"--image_size={FLAGS.image_size}"]
              + ([f"--depth={FLAGS.depth}"] if encoder == "random" else []),
              os.path.join(_paths()["logs"], f"embed_{method}.log"))
@@ -470,6 +599,15 @@ def main(argv) -> None:
     # Aggregate every method with results in the work dir (earlier invocations included).
     rows, methods = [], {}
     for method in METHODS:
+        supervised_path = os.path.join(_paths()["evals"], f"{method}_finetune",
+                                       "results.json")
+        if method in SUPERVISED and os.path.exists(supervised_path):
+            with open(supervised_path) as f:
+                sup = json.load(f)
+            methods[method] = {"loss_mode": None, "masks": None, "supervised_top1": sup["top1"],
+                               "epochs": supervised_epochs(), "num_eval": sup["num_eval"]}
+            rows.append([f"{method} (own classifier)", sup["top1"], None, None])
+            continue
         linear_path = os.path.join(_paths()["evals"], f"{method}_linear", "results.json")
         knn_path = os.path.join(_paths()["evals"], f"{method}_knn", "results.json")
         if not (os.path.exists(linear_path) and os.path.exists(knn_path)):
@@ -539,6 +677,9 @@ def main(argv) -> None:
                    "projection_dim": FLAGS.projection_dim,
                    "base_learning_rate": FLAGS.base_learning_rate,
                    "warmup_epochs": FLAGS.warmup_epochs, "tau_base": FLAGS.tau_base,
+                   "trust_coefficient": FLAGS.trust_coefficient,
+                   "weight_decay": FLAGS.weight_decay,
+                   "extra_pretrain_flags": FLAGS.extra_pretrain_flags,
                    "alpha_base": FLAGS.alpha_base, "lambda_base": FLAGS.lambda_base,
                    "seed": FLAGS.seed},
         "evaluation": {"linear": {"epochs": FLAGS.linear_epochs,
@@ -546,7 +687,9 @@ def main(argv) -> None:
                                   "features": "precomputed centre crop, crop_fraction 1.0, "
                                               "standardised with train statistics"},
                        "knn": {"k": FLAGS.knn_k, "temperature": 0.07, "similarity": "cosine"},
-                       "split": "test (never used for any choice)"},
+                       "split": ("validation (carved from train; the split recipe "
+                                 "choices are made on)" if _eval_name() == "val" else
+                                 "test (never used for any choice)")},
         "methods": methods, "table_markdown": table,
         "conventional_mask_quality_train": quality, "build_seconds": build_seconds,
         "background_diagnosis_11_clusters": diagnosis,

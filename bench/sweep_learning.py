@@ -1,0 +1,136 @@
+r"""The CPU-scale recipe sweep on fmnist-scenes, scored on a validation split carved from train.
+
+    python bench/sweep_learning.py --records_dir=/tmp/hb/records --work_dir=/tmp/hb/sweep
+    python bench/sweep_learning.py ... --configs=byol_solo,hybrid_solo --parallel=2
+
+Every configuration is one ``bench/bench_learning.py --dataset=fmnist_scenes
+--eval_split=validation`` invocation with its own work dir (records are shared through
+``--records_dir``): pretraining sees the 8,000 train images left after holding out 2,000
+(a fixed permutation), and the k-NN and linear probes are fit on those 8,000 and scored on
+the 2,000 held-out ones. The test split is never read. Configurations differ from BASE by
+the flags in CONFIGS; the table (written to ``bench/results/sweep_fmnist_scenes.json``)
+is what the recipe in ``flags/fmnist_scenes_*.cfg`` was chosen from. Each configuration
+is resumable (bench_learning skips finished stages), so the sweep can be re-run with more
+``--configs``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+from bench import common  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("records_dir", "/tmp/harl_bench_records", "Shared records.")
+flags.DEFINE_string("work_dir", "/tmp/harl_sweep", "One sub-folder per configuration.")
+flags.DEFINE_list("configs", [], "Configurations to run (default: all).")
+flags.DEFINE_integer("parallel", 1, "Configurations run at once.")
+flags.DEFINE_string("results_name", "sweep_fmnist_scenes", "Results file stem.")
+
+# The budget every configuration shares, unless it overrides a flag.
+BASE = {
+    "steps": 400, "batch_size": 128, "image_size": 32, "depth": 18, "width_multiplier": 0.5,
+    "output_stride": 8, "head_hidden_dim": 1024, "projection_dim": 256,
+    "base_learning_rate": 1.0, "trust_coefficient": 0.02, "weight_decay": 1e-5,
+    "warmup_epochs": 1.0, "tau_base": 0.99, "alpha_base": 0.7, "lambda_base": 0.7,
+}
+
+# name → (methods of bench_learning, flag overrides).
+CONFIGS = {
+    "random": (["random"], {}),
+    "byol_imagenet_lars": (["byol"], {"base_learning_rate": 0.5, "trust_coefficient": 1e-3,
+                                      "weight_decay": 1e-6}),
+    "byol_solo": (["byol"], {}),
+    "byol_solo_lr2": (["byol"], {"base_learning_rate": 2.0}),
+    "byol_solo_tau096": (["byol"], {"tau_base": 0.96}),
+    "hybrid_solo": (["hybrid_conventional"], {}),
+    "hybrid_solo_alpha1": (["hybrid_conventional"], {"alpha_base": 1.0}),
+    "mask_solo": (["mask_conventional"], {}),
+    "hybrid_solo_tau096": (["hybrid_conventional"], {"tau_base": 0.96}),
+    "byol_solo_lr2_tau096": (["byol"], {"base_learning_rate": 2.0, "tau_base": 0.96}),
+    "hybrid_solo_lr2_tau096": (["hybrid_conventional"], {"base_learning_rate": 2.0,
+                                                          "tau_base": 0.96}),
+}
+
+
+def command(name: str) -> list:
+    methods, overrides = CONFIGS[name]
+    values = {**BASE, **overrides}
+    return ([sys.executable, os.path.join(common.ROOT, "bench", "bench_learning.py"),
+             "--dataset=fmnist_scenes", "--eval_split=validation",
+             f"--records_dir={FLAGS.records_dir}",
+             f"--work_dir={os.path.join(FLAGS.work_dir, name)}",
+             f"--methods={','.join(methods)}", "--stages=build,pretrain,evaluate",
+             f"--results_name=sweep_{name}"]
+            + [f"--{k}={v}" for k, v in values.items()])
+
+
+def read_row(name: str):
+    methods, overrides = CONFIGS[name]
+    evals = os.path.join(FLAGS.work_dir, name, "evals")
+    row = {"config": name, "method": methods[0], "overrides": overrides}
+    for mode in ("knn", "linear"):
+        path = os.path.join(evals, f"{methods[0]}_{mode}", "results.json")
+        if not os.path.exists(path):
+            return None
+        with open(path) as f:
+            row[f"{mode}_top1"] = json.load(f)["top1"]
+    summary = os.path.join(FLAGS.work_dir, name, "runs", methods[0], "summary.json")
+    if os.path.exists(summary):
+        with open(summary) as f:
+            s = json.load(f)
+        row["pretrain_minutes"] = round(s["wall_seconds"] / 60, 2)
+    return row
+
+
+def main(argv) -> None:
+    del argv
+    names = FLAGS.configs or list(CONFIGS)
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        raise app.UsageError(f"--configs: unknown {unknown}; choose from {list(CONFIGS)}")
+    os.makedirs(FLAGS.work_dir, exist_ok=True)
+    # Build the shared records once, before configurations run side by side.
+    subprocess.run([sys.executable, os.path.join(common.ROOT, "bench", "bench_learning.py"),
+                    "--dataset=fmnist_scenes", "--eval_split=validation",
+                    f"--records_dir={FLAGS.records_dir}",
+                    f"--work_dir={os.path.join(FLAGS.work_dir, '_build')}", "--stages=build"],
+                   check=True)
+    pending, running = [n for n in names if read_row(n) is None], []
+    while pending or running:
+        while pending and len(running) < FLAGS.parallel:
+            name = pending.pop(0)
+            log = open(os.path.join(FLAGS.work_dir, f"{name}.log"), "w")
+            print(f"start {name} ({time.strftime('%H:%M:%S')})", flush=True)
+            running.append((name, subprocess.Popen(command(name), stdout=log,
+                                                   stderr=subprocess.STDOUT), log))
+        time.sleep(5)
+        for item in list(running):
+            name, process, log = item
+            if process.poll() is not None:
+                log.close()
+                running.remove(item)
+                print(f"done {name}: exit {process.returncode} "
+                      f"({time.strftime('%H:%M:%S')})", flush=True)
+    rows = [r for r in (read_row(n) for n in CONFIGS) if r]
+    table = common.table([[r["config"], r["knn_top1"], r["linear_top1"],
+                           r.get("pretrain_minutes")] for r in rows],
+                         ["config", "val k-NN top-1", "val linear top-1", "pretrain min"])
+    print(table)
+    common.write_result(FLAGS.results_name, {
+        "dataset": "fmnist_scenes", "split": "validation: 2,000 of the train images held out "
+        "(fixed permutation, seed 0); pretraining and probe fitting on the other 8,000",
+        "base": BASE, "rows": rows, "table_markdown": table,
+        "parallel": FLAGS.parallel, "machine": common.machine_info()})
+
+
+if __name__ == "__main__":
+    app.run(main)
