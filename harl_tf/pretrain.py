@@ -69,6 +69,9 @@ def _define_flags():
     flags.DEFINE_float("pooling_epsilon", d.pooling_epsilon, "Epsilon of region pooling.")
     flags.DEFINE_bool("literal_pooling", d.literal_pooling, "Paper wording: multiply, then "
                       "global average pool over all positions.")
+    flags.DEFINE_bool("valid_region_batchnorm", d.valid_region_batchnorm,
+                      "Projector/predictor BatchNorm statistics of the fg and bg groups "
+                      "from the examples where that region is present in the view only.")
     # Optimisation
     flags.DEFINE_integer("batch_size", d.batch_size, "Global batch size (all replicas).")
     flags.DEFINE_integer("epochs", d.epochs, "Training epochs.")

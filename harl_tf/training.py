@@ -72,6 +72,7 @@ class PretrainConfig:
     min_region_fraction: Optional[float] = None   # None: one feature cell
     pooling_epsilon: float = 1e-6
     literal_pooling: bool = False
+    valid_region_batchnorm: bool = False
     # Optimisation
     batch_size: int = 4096        # global
     epochs: int = 1000
@@ -129,6 +130,7 @@ class PretrainConfig:
             tau_base=self.tau_base, total_steps=self.total_steps,
             min_region_fraction=self.min_region_fraction,
             pooling_epsilon=self.pooling_epsilon, literal_pooling=self.literal_pooling,
+            valid_region_batchnorm=self.valid_region_batchnorm,
             num_classes=self.num_classes, probe_learning_rate=self.probe_learning_rate)
 
     def to_json(self) -> dict:

@@ -143,8 +143,8 @@ def test_batch_without_foreground_gives_finite_loss_and_no_gradient_from_it():
     assert all(np.all(np.isfinite(v.numpy())) for v in model.online_variables)
 
 
-def _one_step_fit(strategy, reference, run_eagerly=False):
-    model = make_model(strategy, run_eagerly=run_eagerly)
+def _one_step_fit(strategy, reference, run_eagerly=False, **overrides):
+    model = make_model(strategy, run_eagerly=run_eagerly, **overrides)
     copy_weights(reference, model)
     dataset = tf.data.Dataset.from_tensors(batch(3)).repeat()
     history = model.fit(dataset, epochs=1, steps_per_epoch=1, verbose=0)
@@ -171,6 +171,25 @@ def test_one_and_two_replicas_take_the_same_step():
     assert metrics["loss"].numpy() == pytest.approx(h1["loss"][0], abs=1e-5)
     for a, b in zip(one.weights, looped.weights):
         np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5, err_msg=a.path)
+
+
+def test_valid_region_batchnorm_changes_the_step_and_agrees_across_replicas():
+    """Head BatchNorm over present regions only (the batch has a view without foreground
+    and one without background): a different step from the plain statistics, and 1 and 2
+    replicas (synchronised sums of the weighted moments) still take the same step."""
+    strategy = distribute.make_strategy("mirrored", devices=["/cpu:0", "/cpu:1"])
+    reference = make_model(valid_region_batchnorm=True)
+    one, h1 = _one_step_fit(tf.distribute.get_strategy(), reference, run_eagerly=True,
+                            valid_region_batchnorm=True)
+    two, h2 = _one_step_fit(strategy, reference, run_eagerly=True,
+                            valid_region_batchnorm=True)
+    plain, h0 = _one_step_fit(tf.distribute.get_strategy(), reference, run_eagerly=True)
+    for key in ("loss", "loss_fg", "loss_bg", "loss_glob"):
+        assert h1[key][0] == pytest.approx(h2[key][0], abs=1e-5), key
+    for a, b in zip(one.weights, two.weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5, err_msg=a.path)
+    assert h1["loss_glob"][0] == pytest.approx(h0["loss_glob"][0], abs=1e-6)
+    assert abs(h1["loss_fg"][0] - h0["loss_fg"][0]) > 1e-4
 
 
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])

@@ -136,3 +136,43 @@ def test_call_groups_equals_separate_calls_with_per_group_batchnorm():
     # Per-group statistics: normalising the groups as one batch would give other outputs.
     pooled = separate(tf.concat(groups, 0), training=True)
     assert np.abs(pooled[:6].numpy() - outs[0].numpy()).max() > 1e-2
+
+
+def test_row_weights_take_batchnorm_statistics_from_present_rows_only():
+    """A region absent from a view pools to a zero vector. With row weights, a group's
+    BatchNorm statistics are those of its rows of weight 1 alone: the present rows come out
+    exactly as if the absent ones were not in the batch, and the moving statistics see
+    the same update; a group with no present row leaves the moving statistics alone."""
+    rng = np.random.default_rng(3)
+    fg = rng.normal(loc=2.0, size=(8, 12)).astype(np.float32)
+    fg[[1, 4, 6]] = 0.0                       # three views without a foreground
+    weights = np.ones(8, np.float32)
+    weights[[1, 4, 6]] = 0.0
+    glob = rng.normal(size=(8, 12)).astype(np.float32)
+    grouped = MLPHead(hidden_dim=16, output_dim=5, name="grouped")
+    separate = MLPHead(hidden_dim=16, output_dim=5, name="separate")
+    for head in (grouped, separate):
+        head.build((None, 12))
+    for a, b in zip(separate.weights, grouped.weights):
+        a.assign(b)
+    out_fg, out_glob = grouped.call_groups([tf.constant(fg), tf.constant(glob)],
+                                           training=True, row_weights=[weights, None])
+    present = weights > 0
+    want_fg = separate(tf.constant(fg[present]), training=True).numpy()
+    want_glob = separate(tf.constant(glob), training=True).numpy()
+    np.testing.assert_allclose(out_fg.numpy()[present], want_fg, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(out_glob.numpy(), want_glob, rtol=1e-4, atol=1e-4)
+    for a, b in zip(grouped.bn.non_trainable_weights, separate.bn.non_trainable_weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-5)
+    # Unweighted statistics include the zero rows and give other outputs.
+    plain_fg, _ = grouped.call_groups([tf.constant(fg), tf.constant(glob)], training=True)
+    assert np.abs(plain_fg.numpy()[present] - want_fg).max() > 1e-2
+
+    # A group with no present row: its moving statistics are not touched.
+    empty = MLPHead(hidden_dim=16, output_dim=5, name="empty")
+    empty.build((None, 12))
+    before = [w.numpy().copy() for w in empty.bn.non_trainable_weights]
+    empty.call_groups([tf.zeros((4, 12)), tf.zeros((4, 12))], training=True,
+                      row_weights=[np.zeros(4, np.float32), np.zeros(4, np.float32)])
+    for a, b in zip(empty.bn.non_trainable_weights, before):
+        np.testing.assert_array_equal(a.numpy(), b)

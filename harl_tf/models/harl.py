@@ -76,6 +76,10 @@ class HARLConfig:
     min_region_fraction: Optional[float] = None   # None: one feature cell
     pooling_epsilon: float = pooling.DEFAULT_EPSILON
     literal_pooling: bool = False
+    # Head BatchNorm statistics of the fg / bg groups from the rows where that region is
+    # present in the view (heads.MLPHead.call_groups' row_weights), not the zero vectors
+    # pooled for absent regions.
+    valid_region_batchnorm: bool = False
     num_classes: int = 0                            # 0: no online probe
     probe_learning_rate: float = 1e-3
 
@@ -245,7 +249,8 @@ class HARLModel(keras.Model):
         regions = self._regions(self.target_encoder, images, masks, training=True)
         names = losses.regions_for_mode(self.harl_config.loss_mode)
         projections = self._head_groups(self.target_projector,
-                                        [getattr(regions, r) for r in names], True)
+                                        [getattr(regions, r) for r in names], True,
+                                        self._row_weights(regions, names))
         return {r: tf.stop_gradient(tf.cast(z, tf.float32))
                 for r, z in zip(names, projections)}
 
@@ -253,17 +258,28 @@ class HARLModel(keras.Model):
         """(p_r = q(g(pool_r(f(images)))) dict of float32 [B, D], PooledRegions)."""
         regions = self._regions(self.online_encoder, images, masks, training=training)
         names = losses.regions_for_mode(self.harl_config.loss_mode)
+        weights = self._row_weights(regions, names)
         projections = self._head_groups(self.online_projector,
-                                        [getattr(regions, r) for r in names], training)
-        predictions = self._head_groups(self.predictor, projections, training)
+                                        [getattr(regions, r) for r in names], training,
+                                        weights)
+        predictions = self._head_groups(self.predictor, projections, training, weights)
         return {r: tf.cast(p, tf.float32) for r, p in zip(names, predictions)}, regions
 
+    def _row_weights(self, regions, names):
+        """Per-region BatchNorm row weights for the heads (None: every row counts)."""
+        if not self.harl_config.valid_region_batchnorm:
+            return None
+        valid = {"fg": regions.fg_valid, "bg": regions.bg_valid, "glob": None}
+        return [valid[r] for r in names]
+
     @staticmethod
-    def _head_groups(head, inputs, training):
+    def _head_groups(head, inputs, training, row_weights=None):
         """``[head(x) for x in inputs]``, batched through ``call_groups`` when the head has
         it (``heads.MLPHead``: one matrix product per layer, BatchNorm per region)."""
         if hasattr(head, "call_groups"):
-            return head.call_groups(inputs, training=training)
+            if row_weights is None:
+                return head.call_groups(inputs, training=training)
+            return head.call_groups(inputs, training=training, row_weights=row_weights)
         return [head(x, training=training) for x in inputs]
 
     # The step -------------------------------------------------------------------------
