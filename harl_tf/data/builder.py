@@ -401,10 +401,19 @@ class _Shard:
     count: int
     refs: List[ExampleRef]
     fingerprint: str = ""
+    size: int = -1  # examples listed for the shard (kept when ``refs`` is dropped)
+
+    def __post_init__(self):
+        if self.size < 0:
+            self.size = len(self.refs)
 
     @property
     def name(self) -> str:
         return f"{self.split}-{self.index:05d}-of-{self.count:05d}.tfrecord"
+
+    def without_refs(self) -> "_Shard":
+        """What the manifest needs of a shard (name, size, fingerprint), without its ids."""
+        return dataclasses.replace(self, refs=[])
 
 
 def shard_name(split: str, index: int, count: int) -> str:
@@ -496,6 +505,81 @@ def _merge_counts(total: Dict[str, Any], counts: Mapping[str, Any]) -> None:
             total[key] = total.get(key, 0) + value
 
 
+@dataclasses.dataclass
+class BuildSetup:
+    """The checked options of one build, shared by the local builder and the Beam pipeline
+    (:mod:`harl_tf.data.beam_build`): ``processor_kwargs`` rebuild the per-example
+    ``_Processor`` in any process; ``options`` enter every shard's fingerprint."""
+    splits: List[str]
+    need_masks: bool
+    processor_kwargs: Dict[str, Any]
+    processor: "_Processor"
+    mask_info: Dict[str, Any]
+    options: Dict[str, Any]
+
+
+def prepare_build(source: Source, *, splits: Optional[Sequence[str]],
+                  mask_method: Optional[str], mask_params: Optional[Mapping[str, Any]],
+                  given_mask_method: Optional[str], num_shards: Optional[int],
+                  resize_masks: bool, max_pixels: int) -> BuildSetup:
+    """Checks the options before any work (bad values raise :class:`BuildError` naming the
+    flag) and builds the mask method once, so its recorded name and parameters come from
+    the method itself."""
+    from harl_tf.data.schema import SCHEMA_VERSION
+    if num_shards is not None and num_shards < 1:
+        raise BuildError(f"--num_shards must be >= 1, got {num_shards}")
+    if max_pixels < 1:
+        raise BuildError(f"--max_pixels must be >= 1, got {max_pixels}")
+    splits = list(splits) if splits else source.split_names()
+    unknown = [s for s in splits if s not in source.split_names()]
+    if unknown:
+        raise BuildError(f"splits {unknown} are not in the source (it has "
+                         f"{source.split_names()})")
+    need_masks = not mask_method
+    if need_masks and not source.has_masks:
+        raise BuildError(f"the {source.kind} source has no masks: pass --mask_method")
+    processor_kwargs = dict(
+        mask_method=mask_method or None, mask_params=dict(mask_params or {}),
+        given_mask_method=given_mask_method or source.default_mask_method,
+        resize_masks=bool(resize_masks), max_pixels=int(max_pixels),
+        schema_version=SCHEMA_VERSION)
+    processor = _Processor(source, **processor_kwargs)
+    mask_info = {"method": processor.mask_name, "params": processor.mask_params}
+    options = {"schema_version": SCHEMA_VERSION, "builder_version": BUILDER_VERSION,
+               "mask": mask_info, "resize_masks": bool(resize_masks),
+               "max_pixels": int(max_pixels), "source": source.content_options()}
+    return BuildSetup(splits, need_masks, processor_kwargs, processor, mask_info, options)
+
+
+def plan_split(source: Source, split: str, options: Dict[str, Any], *, need_masks: bool,
+               num_shards: Optional[int], target_shard_mb: float, min_shards: int,
+               shuffle_seed: Optional[int]) -> List[_Shard]:
+    """Lists one split and cuts it into shards: sorted ids, permuted by ``shuffle_seed``
+    (random-access sources), contiguous runs; each shard's fingerprint covers its ids and
+    labels and every option that changes the bytes. Depends only on the source and the
+    options, so every machine and every runner plans the same shards."""
+    refs = source.list_refs(split, need_masks=need_masks)
+    if len({r.id for r in refs}) != len(refs):
+        raise BuildError(f"split {split!r}: example ids are not unique")
+    if source.random_access and shuffle_seed is not None:
+        order = np.random.default_rng(shuffle_seed).permutation(len(refs))
+        refs = [refs[i] for i in order]
+    count = num_shards
+    if count is None:
+        step = max(1, len(refs) // 32)
+        count = estimate_num_shards(source.sample_bytes(refs[::step][:32]), len(refs),
+                                    target_shard_mb, min_shards)
+    count = min(count, len(refs))
+    shards = []
+    for index, (start, stop) in enumerate(shard_bounds(len(refs), count)):
+        shard = _Shard(split, index, count, refs[start:stop])
+        shard.fingerprint = hashlib.sha256(json.dumps(
+            {"options": options, "examples": [(r.id, r.label) for r in shard.refs]},
+            sort_keys=True).encode()).hexdigest()
+        shards.append(shard)
+    return shards
+
+
 # ------------------------------------------------------------------------- builder
 
 
@@ -531,61 +615,25 @@ def build_dataset(source: Source, output_dir: str, *, splits: Optional[Sequence[
     Returns the manifest (also written to ``output_dir/manifest.json``).
     Raises :class:`BuildError` / :class:`SourceError` (both ``ValueError``).
     """
-    from harl_tf.data import schema  # imports TensorFlow: parent process only
     import tensorflow as tf
 
     started = time.time()
     if not 0 <= partition_index < num_partitions:
         raise BuildError(f"--partition_index must be in [0, --num_partitions={num_partitions}),"
                          f" got {partition_index}")
-    if num_shards is not None and num_shards < 1:
-        raise BuildError(f"--num_shards must be >= 1, got {num_shards}")
-    if max_pixels < 1:
-        raise BuildError(f"--max_pixels must be >= 1, got {max_pixels}")
-    splits = list(splits) if splits else source.split_names()
-    unknown = [s for s in splits if s not in source.split_names()]
-    if unknown:
-        raise BuildError(f"splits {unknown} are not in the source (it has "
-                         f"{source.split_names()})")
-    need_masks = not mask_method
-    if need_masks and not source.has_masks:
-        raise BuildError(f"the {source.kind} source has no masks: pass --mask_method")
-    mask_params = dict(mask_params or {})
-    processor_kwargs = dict(
-        mask_method=mask_method or None, mask_params=mask_params,
-        given_mask_method=given_mask_method or source.default_mask_method,
-        resize_masks=bool(resize_masks), max_pixels=int(max_pixels),
-        schema_version=schema.SCHEMA_VERSION)
-    # Built once here too: bad method names or parameters fail before any work, and the
-    # recorded name/params come from the method itself.
-    parent_processor = _Processor(source, **processor_kwargs)
-    mask_info = {"method": parent_processor.mask_name, "params": parent_processor.mask_params}
-    options = {"schema_version": schema.SCHEMA_VERSION, "builder_version": BUILDER_VERSION,
-               "mask": mask_info, "resize_masks": bool(resize_masks),
-               "max_pixels": int(max_pixels), "source": source.content_options()}
+    setup = prepare_build(source, splits=splits, mask_method=mask_method,
+                          mask_params=mask_params, given_mask_method=given_mask_method,
+                          num_shards=num_shards, resize_masks=resize_masks,
+                          max_pixels=max_pixels)
+    processor_kwargs, options = setup.processor_kwargs, setup.options
+    parent_processor, mask_info = setup.processor, setup.mask_info
 
     os.makedirs(os.path.join(output_dir, SIDECAR_DIR), exist_ok=True)
-    plan: Dict[str, List[_Shard]] = {}
-    for split in splits:
-        refs = source.list_refs(split, need_masks=need_masks)
-        if len({r.id for r in refs}) != len(refs):
-            raise BuildError(f"split {split!r}: example ids are not unique")
-        if source.random_access and shuffle_seed is not None:
-            order = np.random.default_rng(shuffle_seed).permutation(len(refs))
-            refs = [refs[i] for i in order]
-        count = num_shards
-        if count is None:
-            step = max(1, len(refs) // 32)
-            count = estimate_num_shards(source.sample_bytes(refs[::step][:32]), len(refs),
-                                        target_shard_mb, min_shards)
-        count = min(count, len(refs))
-        plan[split] = []
-        for index, (start, stop) in enumerate(shard_bounds(len(refs), count)):
-            shard = _Shard(split, index, count, refs[start:stop])
-            shard.fingerprint = hashlib.sha256(json.dumps(
-                {"options": options, "examples": [(r.id, r.label) for r in shard.refs]},
-                sort_keys=True).encode()).hexdigest()
-            plan[split].append(shard)
+    plan: Dict[str, List[_Shard]] = {
+        split: plan_split(source, split, options, need_masks=setup.need_masks,
+                          num_shards=num_shards, target_shard_mb=target_shard_mb,
+                          min_shards=min_shards, shuffle_seed=shuffle_seed)
+        for split in setup.splits}
 
     pending = []
     for shards in plan.values():
@@ -622,10 +670,12 @@ def _naming_write_errors(output_dir: str):
     """A full disk, a quota or a read-only folder while writing: a :class:`BuildError`
     (the shard being written has already been removed; finished shards stay valid)."""
     import errno
-    import tensorflow as tf
+    import sys
+    tf = sys.modules.get("tensorflow")  # Beam workers write without TensorFlow
+    exhausted = (tf.errors.ResourceExhaustedError,) if tf is not None else ()
     try:
         yield
-    except tf.errors.ResourceExhaustedError as err:  # TFRecordWriter: no space left
+    except exhausted as err:  # TFRecordWriter: no space left
         raise BuildError(f"cannot write to --output_dir {output_dir}: {err.message}; free "
                          f"space and rerun (finished shards are kept and skipped)") from None
     except OSError as err:
@@ -751,7 +801,7 @@ def _manifest(output_dir: str, source: Source, plan: Dict[str, List[_Shard]],
     skipped: List[Dict[str, Any]] = []
     complete = True
     for split, shards in plan.items():
-        entry = {"num_shards": len(shards), "num_examples_listed": sum(len(s.refs) for s in shards),
+        entry = {"num_shards": len(shards), "num_examples_listed": sum(s.size for s in shards),
                  "num_records": 0, "num_skipped": 0, "class_counts": {}, "counts": {},
                  "shards": [], "missing_shards": []}
         for shard in shards:

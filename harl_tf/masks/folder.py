@@ -125,10 +125,16 @@ def _init_worker(method: str, method_params: Dict[str, Any], images_dir: str,
 
 
 def _process(rel: str) -> Tuple[str, str, Optional[str]]:
-    """Returns ``(rel, status, detail)``; status ``"written"`` (detail: fallback reason or
-    None) or ``"corrupt"`` (detail: the error message)."""
-    method = _WORKER["method"]
-    source = os.path.join(_WORKER["images_dir"], *rel.split("/"))
+    return process_image(_WORKER, rel)
+
+
+def process_image(worker: Dict[str, Any], rel: str) -> Tuple[str, str, Optional[str]]:
+    """Computes and writes the mask of one image; ``worker`` holds ``method``,
+    ``images_dir`` and ``masks_dir``. Returns ``(rel, status, detail)``; status
+    ``"written"`` (detail: fallback reason or None) or ``"corrupt"`` (detail: the error
+    message)."""
+    method = worker["method"]
+    source = os.path.join(worker["images_dir"], *rel.split("/"))
     try:
         image = read_image(source)
     except CorruptImageError as error:
@@ -138,8 +144,56 @@ def _process(rel: str) -> Tuple[str, str, Optional[str]]:
         mask, fallback = result.mask, result.fallback
     else:
         mask, fallback = method(image), None
-    write_mask_png(os.path.join(_WORKER["masks_dir"], *mask_relpath(rel).split("/")), mask)
+    write_mask_png(os.path.join(worker["masks_dir"], *mask_relpath(rel).split("/")), mask)
     return rel, "written", fallback
+
+
+def mask_exists(masks_dir: str, rel: str) -> bool:
+    """Whether the mask of image ``rel`` is already in ``masks_dir`` (resume)."""
+    return os.path.isfile(os.path.join(masks_dir, *mask_relpath(rel).split("/")))
+
+
+def new_summary(method: str, params: Dict[str, Any], images_dir: str, masks_dir: str,
+                shard_index: int, num_shards: int) -> Dict[str, Any]:
+    """The summary with every count at zero (see :func:`generate_mask_folder`)."""
+    return dict(method=method, params=params, images_dir=os.path.abspath(images_dir),
+                masks_dir=os.path.abspath(masks_dir), shard_index=shard_index,
+                num_shards=num_shards, num_images=0, written=0, skipped_existing=0,
+                corrupt=0, corrupt_paths=[], fallbacks=0, fallback_reasons={})
+
+
+def count_result(summary: Dict[str, Any], rel: str, status: str, detail: Optional[str]
+                 ) -> None:
+    """Adds one ``(rel, status, detail)`` of :func:`process_image` to ``summary``."""
+    if status == "corrupt":
+        summary["corrupt"] += 1
+        summary["corrupt_paths"].append(os.path.join(summary["images_dir"], rel))
+        return
+    summary["written"] += 1
+    if detail is not None:
+        summary["fallbacks"] += 1
+        summary["fallback_reasons"][detail] = summary["fallback_reasons"].get(detail, 0) + 1
+
+
+def default_summary_path(masks_dir: str, shard_index: int, num_shards: int) -> str:
+    """``masks_dir/summary.json``, or ``summary-<i>-of-<n>.json`` for a shard."""
+    name = ("summary.json" if num_shards == 1
+            else f"summary-{shard_index:05d}-of-{num_shards:05d}.json")
+    return os.path.join(masks_dir, name)
+
+
+def finish_summary(summary: Dict[str, Any], seconds: float,
+                   summary_path: Optional[str]) -> Dict[str, Any]:
+    """Adds the timing and writes the summary JSON atomically (default path: in
+    ``masks_dir``, named after the shard)."""
+    summary["seconds"] = round(seconds, 3)
+    summary["images_per_second"] = round(summary["written"] / seconds, 3) if seconds else 0.0
+    if summary_path is None:
+        summary_path = default_summary_path(summary["masks_dir"], summary["shard_index"],
+                                            summary["num_shards"])
+    write_bytes_atomic(summary_path, (json.dumps(summary, indent=2, sort_keys=True) + "\n")
+                       .encode("utf-8"))
+    return summary
 
 
 def generate_mask_folder(images_dir: str, masks_dir: str, *, method: str = "conventional",
@@ -164,33 +218,21 @@ def generate_mask_folder(images_dir: str, masks_dir: str, *, method: str = "conv
     todo_all = shard(list_images(images_dir), shard_index, num_shards)
     os.makedirs(masks_dir, exist_ok=True)
 
-    def exists(rel: str) -> bool:
-        return os.path.isfile(os.path.join(masks_dir, *mask_relpath(rel).split("/")))
-
-    todo = todo_all if overwrite else [rel for rel in todo_all if not exists(rel)]
-    summary: Dict[str, Any] = dict(
-        method=method, params=params, images_dir=os.path.abspath(images_dir),
-        masks_dir=os.path.abspath(masks_dir), shard_index=shard_index, num_shards=num_shards,
-        num_images=len(todo_all), written=0, skipped_existing=len(todo_all) - len(todo),
-        corrupt=0, corrupt_paths=[], fallbacks=0, fallback_reasons={})
+    todo = todo_all if overwrite else [rel for rel in todo_all
+                                       if not mask_exists(masks_dir, rel)]
+    summary = new_summary(method, params, images_dir, masks_dir, shard_index, num_shards)
+    summary.update(num_images=len(todo_all), skipped_existing=len(todo_all) - len(todo))
     start = time.perf_counter()
     bar = _progress_bar(len(todo), progress, f"masks ({method})")
     try:
         for rel, status, detail in _run(todo, instance, method, method_params, images_dir,
                                         masks_dir, num_workers):
+            count_result(summary, rel, status, detail)
             if status == "corrupt":
-                summary["corrupt"] += 1
-                summary["corrupt_paths"].append(os.path.join(images_dir, rel))
                 if bar is not None:
                     bar.write(f"corrupt image skipped: {detail}")
                 if strict:
                     raise CorruptImageError(f"{detail} (stopping: --strict)")
-            else:
-                summary["written"] += 1
-                if detail is not None:
-                    summary["fallbacks"] += 1
-                    reasons = summary["fallback_reasons"]
-                    reasons[detail] = reasons.get(detail, 0) + 1
             if bar is not None:
                 bar.update(1)
                 elapsed = max(time.perf_counter() - start, 1e-9)
@@ -199,16 +241,7 @@ def generate_mask_folder(images_dir: str, masks_dir: str, *, method: str = "conv
     finally:
         if bar is not None:
             bar.close()
-    seconds = time.perf_counter() - start
-    summary["seconds"] = round(seconds, 3)
-    summary["images_per_second"] = round(summary["written"] / seconds, 3) if seconds else 0.0
-    if summary_path is None:
-        name = ("summary.json" if num_shards == 1
-                else f"summary-{shard_index:05d}-of-{num_shards:05d}.json")
-        summary_path = os.path.join(masks_dir, name)
-    write_bytes_atomic(summary_path, (json.dumps(summary, indent=2, sort_keys=True) + "\n")
-                       .encode("utf-8"))
-    return summary
+    return finish_summary(summary, time.perf_counter() - start, summary_path)
 
 
 def _progress_bar(total: int, enabled: bool, description: str):
