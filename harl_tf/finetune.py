@@ -13,6 +13,11 @@ evaluation records are TFRecords of harl_tf.data.schema with labels (label -1 is
 error). Writes ``results.json`` (top-1 / top-5), ``train_ids.txt`` and, for the trained
 modes, epoch metrics (TensorBoard when installed), a resumable backup and the final weights
 to ``--output_dir``.
+
+``--mode=linear`` (precomputed features) chooses its weight decay from
+``--weight_decay_grid`` on a ``--validation_fraction`` of the train features unless
+``--weight_decay`` is given. ``--eval_background=both`` also evaluates on the mixed_rand
+variant of the eval records (records with masks) and reports the top-1 gap.
 See harl_tf/downstream/evaluation.py for the protocols.
 """
 import json
@@ -49,7 +54,21 @@ flags.DEFINE_integer("eval_batch_size", 256, "Batch size for feature extraction 
 flags.DEFINE_integer("epochs", 90, "Training epochs (linear / finetune).")
 flags.DEFINE_float("learning_rate", 0.1, "Peak learning rate (SGD, Nesterov, cosine decay).")
 flags.DEFINE_float("momentum", 0.9, "SGD momentum.")
-flags.DEFINE_float("weight_decay", 0.0, "Decoupled weight decay.")
+flags.DEFINE_float("weight_decay", 0.0, "Decoupled weight decay. In --mode=linear on "
+                   "precomputed features, giving it fixes the decay (no grid).")
+flags.DEFINE_string("weight_decay_grid", "0,1e-4,1e-3,1e-2,1e-1,1",
+                    "--mode=linear on precomputed features: comma-separated weight decays; "
+                    "the one with the best top-1 on a validation split of the TRAIN "
+                    "features is used to retrain on all of them. Empty: the fixed "
+                    "--weight_decay. Not used when --weight_decay is given.")
+flags.DEFINE_float("validation_fraction", 0.2,
+                   "Share of each class of the train features held out to choose the "
+                   "weight decay (deterministic by --seed).")
+flags.DEFINE_enum("eval_background", "original", ["original", "mixed_rand", "both"],
+                  "Evaluate on the records as they are, on their mixed_rand variant (each "
+                  "object pasted on the filled background of an image of another class; "
+                  "needs masks) or on both, reporting the top-1 gap.")
+flags.DEFINE_integer("background_seed", 0, "Seed of the mixed_rand background choice.")
 flags.DEFINE_bool("linear_augmentation", False,
                   "Linear mode: train on random crops + flips through the frozen encoder "
                   "(paper protocol) instead of precomputed centre-crop features (fast).")
@@ -77,6 +96,7 @@ def main(argv):
         sys.exit(f"error: --strategy must be one of {', '.join(distribute.STRATEGIES)}, "
                  f"got {FLAGS.strategy!r}.")
     try:
+        grid = weight_decay_grid()
         encoder_config = (encoder_source.parse_encoder_config(FLAGS.encoder_config)
                           if FLAGS.encoder_config else None)
         config = evaluation.EvaluationConfig(
@@ -93,14 +113,33 @@ def main(argv):
             weight_decay=FLAGS.weight_decay, linear_augmentation=FLAGS.linear_augmentation,
             standardize_features=FLAGS.standardize_features,
             knn_k=FLAGS.knn_k, knn_temperature=FLAGS.knn_temperature, seed=FLAGS.seed,
-            verbose=FLAGS.verbose)
+            verbose=FLAGS.verbose, weight_decay_grid=grid,
+            validation_fraction=FLAGS.validation_fraction,
+            eval_background=FLAGS.eval_background, background_seed=FLAGS.background_seed)
         config.check()
         strategy = distribute.make_strategy(FLAGS.strategy)
         results = evaluation.evaluate(config, strategy)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     print(json.dumps({k: results[k] for k in ("mode", "top1", "top5", "num_train",
-                                              "num_eval")}))
+                                              "num_eval", "weight_decay", "background")}))
+
+
+def weight_decay_grid():
+    """The grid to choose the weight decay from: only for the linear probe on
+    precomputed features, and only when --weight_decay is not given (an explicit
+    --weight_decay keeps the fixed recipe, as before the grid existed)."""
+    from harl_tf.downstream import probe_selection
+
+    grid = probe_selection.parse_grid(FLAGS.weight_decay_grid)
+    if FLAGS["weight_decay"].present:
+        if FLAGS["weight_decay_grid"].present and grid:
+            raise ValueError("give either --weight_decay (fixed) or --weight_decay_grid "
+                             "(chosen on a validation split), not both.")
+        return ()
+    if FLAGS["weight_decay_grid"].present:
+        return grid  # explicit: the library says when it does not apply
+    return grid if FLAGS.mode == "linear" and not FLAGS.linear_augmentation else ()
 
 
 def run():

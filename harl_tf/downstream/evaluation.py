@@ -10,6 +10,14 @@
   (semi-supervised 1 % / 10 %, transfer fine-tuning).
 - ``knn``: weighted k-NN on frozen centre-crop features (:mod:`harl_tf.downstream.knn`).
 
+``weight_decay_grid`` (linear mode on precomputed features): the probe's weight decay is
+chosen on a validation split of the training features (:mod:`probe_selection`), then the
+probe is retrained on all training features with it; the evaluation split is read only
+for the final score. ``eval_background``: ``original`` (the records as they are),
+``mixed_rand`` (every evaluation object pasted on the filled background of an image of
+another class, :mod:`harl_tf.data.background_shift`; the shifted records are written to
+``output_dir/eval_mixed_rand``) or ``both`` (and the gap between the two top-1s).
+
 With ``label_fraction < 1`` the training split is reduced to a deterministic,
 class-balanced subset (:mod:`subsets`); training ids that also occur in the evaluation
 split are never used, whatever the fraction. The ids trained on are written to
@@ -22,14 +30,16 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import tensorflow as tf
 
-from harl_tf.data import pipeline
-from harl_tf.downstream import encoder_source, export_lib, knn, linear, subsets
+from harl_tf.data import background_shift, pipeline
+from harl_tf.downstream import encoder_source, export_lib, knn, linear, probe_selection, subsets
 
 MODES = ("linear", "finetune", "knn")
+EVAL_BACKGROUNDS = ("original", "mixed_rand", "both")
+SHIFTED_EVAL_DIR = "eval_mixed_rand"
 RESULTS_FILE = "results.json"
 TRAIN_IDS_FILE = "train_ids.txt"
 
@@ -63,6 +73,10 @@ class EvaluationConfig:
     knn_temperature: float = 0.07
     seed: int = 0
     verbose: int = 1
+    weight_decay_grid: Tuple[float, ...] = ()  # () = the fixed weight_decay
+    validation_fraction: float = probe_selection.DEFAULT_VALIDATION_FRACTION
+    eval_background: str = "original"
+    background_seed: int = 0
 
     def check(self) -> None:
         """Cheap checks, before any heavy work; errors name the flag."""
@@ -81,6 +95,23 @@ class EvaluationConfig:
             raise ValueError(f"--learning_rate must be > 0, got {self.learning_rate}.")
         if self.knn_temperature <= 0:
             raise ValueError(f"--knn_temperature must be > 0, got {self.knn_temperature}.")
+        if self.weight_decay_grid and (self.mode != "linear" or self.linear_augmentation):
+            raise ValueError("--weight_decay_grid applies to --mode=linear on precomputed "
+                             "features only (not --linear_augmentation); pass "
+                             "--weight_decay_grid= and a fixed --weight_decay.")
+        if any(not v >= 0 for v in self.weight_decay_grid):
+            raise ValueError(f"--weight_decay_grid values must be >= 0, got "
+                             f"{list(self.weight_decay_grid)}.")
+        if self.weight_decay_grid and self.learning_rate * max(self.weight_decay_grid) >= 1:
+            raise ValueError(f"--learning_rate × the largest --weight_decay_grid value must "
+                             f"be < 1 (each step scales the weights by 1 − lr·wd), got "
+                             f"{self.learning_rate} × {max(self.weight_decay_grid)}.")
+        if self.weight_decay_grid and not 0.0 < self.validation_fraction < 1.0:
+            raise ValueError(f"--validation_fraction must be in (0, 1), got "
+                             f"{self.validation_fraction}.")
+        if self.eval_background not in EVAL_BACKGROUNDS:
+            raise ValueError(f"--eval_background must be one of {', '.join(EVAL_BACKGROUNDS)}"
+                             f", got {self.eval_background!r}.")
         if self.num_classes < 0:
             raise ValueError(f"--num_classes must be >= 0 (0 = infer), got {self.num_classes}.")
         for flag in ("train_files", "eval_files"):
@@ -124,6 +155,9 @@ def _evaluate(config: EvaluationConfig,
         train_files = subsets.write_subset_records(
             config.train_files, chosen, os.path.join(config.output_dir, "label_subset"))
 
+    # The shifted evaluation records come before the encoder: an empty mask fails fast.
+    eval_sets = _evaluation_sets(config)
+
     with strategy.scope():
         source = encoder_source.load_encoder(
             config.encoder, encoder_config=config.encoder_config, step=config.step,
@@ -134,32 +168,52 @@ def _evaluate(config: EvaluationConfig,
         return pipeline.eval_dataset(files, config.eval_batch_size, config.image_size,
                                      crop_fraction=config.crop_fraction)
 
+    def eval_features(name, files):
+        return linear.extract_features(encoder, centre_crops(files),
+                                       desc=f"eval features ({name})")
+
     details: Dict[str, Any] = {}
+    selection = None
+    weight_decay = config.weight_decay
+    scores: Dict[str, Dict[str, float]] = {}  # eval background -> {"top1", "top5"}
     if config.mode == "knn" or (config.mode == "linear" and not config.linear_augmentation):
         train_features = linear.extract_features(encoder, centre_crops(train_files),
                                                  desc="train features")
-        eval_features = linear.extract_features(encoder, centre_crops(config.eval_files),
-                                                desc="eval features")
         if config.mode == "knn":
-            metrics = knn.knn_evaluate(
-                train_features.features, train_features.labels, eval_features.features,
-                eval_features.labels, num_classes, k=config.knn_k,
-                temperature=config.knn_temperature)
+            for name, files in eval_sets.items():
+                queries = eval_features(name, files)
+                scores[name] = knn.knn_evaluate(
+                    train_features.features, train_features.labels, queries.features,
+                    queries.labels, num_classes, k=config.knn_k,
+                    temperature=config.knn_temperature)
+                num_eval = len(queries)
             details = {"k": config.knn_k, "temperature": config.knn_temperature,
                        "weighting": "exp(cosine / temperature)"}
         else:
+            if config.weight_decay_grid:
+                # Chosen on a split of the train features only; eval files are not read.
+                selection = probe_selection.select_weight_decay(
+                    train_features, num_classes, config.weight_decay_grid,
+                    validation_fraction=config.validation_fraction, epochs=config.epochs,
+                    batch_size=config.batch_size, learning_rate=config.learning_rate,
+                    momentum=config.momentum, seed=config.seed,
+                    standardize=config.standardize_features)
+                weight_decay = selection["chosen_weight_decay"]
             model = linear.train_linear_on_features(
                 train_features, num_classes, epochs=config.epochs,
                 batch_size=config.batch_size, learning_rate=config.learning_rate,
-                momentum=config.momentum, weight_decay=config.weight_decay,
+                momentum=config.momentum, weight_decay=weight_decay,
                 seed=config.seed, standardize=config.standardize_features,
                 output_dir=config.output_dir, strategy=strategy,
                 verbose=config.verbose)
-            metrics = linear.topk_accuracy(model.predict(eval_features.features, verbose=0),
-                                           eval_features.labels)
+            for name, files in eval_sets.items():
+                queries = eval_features(name, files)
+                scores[name] = linear.topk_accuracy(
+                    model.predict(queries.features, verbose=0), queries.labels)
+                num_eval = len(queries)
             details = {"training": "precomputed centre-crop features, no augmentation",
                        "standardized": config.standardize_features}
-        num_train, num_eval = len(train_features), len(eval_features)
+        num_train = len(train_features)
     else:
         with strategy.scope():
             model = linear.Classifier(encoder, num_classes,
@@ -173,10 +227,14 @@ def _evaluate(config: EvaluationConfig,
                               learning_rate=config.learning_rate, momentum=config.momentum,
                               weight_decay=config.weight_decay,
                               output_dir=config.output_dir, verbose=config.verbose)
-        logits, labels = linear.predict_scores(model, centre_crops(config.eval_files))
-        metrics = linear.topk_accuracy(logits, labels)
+        for name, files in eval_sets.items():
+            logits, labels = linear.predict_scores(model, centre_crops(files),
+                                                   desc=f"evaluate ({name})")
+            scores[name] = linear.topk_accuracy(logits, labels)
+            num_eval = len(labels)
         details = {"training": "random crop + flip", "steps_per_epoch": steps_per_epoch}
-        num_train, num_eval = len(chosen), len(labels)
+        num_train = len(chosen)
+    metrics = scores["original" if "original" in scores else "mixed_rand"]
 
     results = {
         "mode": config.mode,
@@ -189,9 +247,39 @@ def _evaluate(config: EvaluationConfig,
         "train_ids_file": TRAIN_IDS_FILE,
         "encoder": {"kind": source.kind, "config": source.config, **source.description},
         "details": details,
+        "weight_decay": weight_decay,
+        "weight_decay_selection": selection,
+        "background": _background_summary(config, scores),
         "config": dataclasses.asdict(config),
         "seconds": round(time.time() - started, 1),
         "versions": export_lib.versions(),
     }
     export_lib.write_json_atomic(os.path.join(config.output_dir, RESULTS_FILE), results)
     return results
+
+
+def _evaluation_sets(config: EvaluationConfig) -> Dict[str, str]:
+    """Eval background name -> file pattern; writes the mixed_rand records when needed."""
+    sets = {}
+    if config.eval_background in ("original", "both"):
+        sets["original"] = config.eval_files
+    if config.eval_background in ("mixed_rand", "both"):
+        summary = background_shift.shift_records(
+            config.eval_files, os.path.join(config.output_dir, SHIFTED_EVAL_DIR),
+            mode="mixed_rand", seed=config.background_seed, flag="eval_files")
+        sets["mixed_rand"] = ",".join(summary["outputs"])
+    return sets
+
+
+def _background_summary(config: EvaluationConfig,
+                        scores: Dict[str, Dict[str, float]]) -> Optional[Dict[str, Any]]:
+    """None for the original records only; else each background's top-1 / top-5 and, with
+    both, ``gap_top1 = original − mixed_rand``."""
+    if config.eval_background == "original":
+        return None
+    summary: Dict[str, Any] = {"eval_background": config.eval_background,
+                               "seed": config.background_seed,
+                               "shifted_eval_dir": SHIFTED_EVAL_DIR, **scores}
+    if "original" in scores and "mixed_rand" in scores:
+        summary["gap_top1"] = scores["original"]["top1"] - scores["mixed_rand"]["top1"]
+    return summary

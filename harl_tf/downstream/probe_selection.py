@@ -32,7 +32,7 @@ import tensorflow as tf
 
 from harl_tf.downstream import linear
 
-DEFAULT_GRID = (0.0, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+DEFAULT_GRID = (0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 DEFAULT_VALIDATION_FRACTION = 0.2
 
 
