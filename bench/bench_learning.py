@@ -87,6 +87,9 @@ flags.DEFINE_float("base_learning_rate", 0.5, "LARS lr per 256 images.")
 flags.DEFINE_float("warmup_epochs", 1.0, "Warm-up epochs.")
 flags.DEFINE_float("trust_coefficient", 1e-3, "LARS trust coefficient.")
 flags.DEFINE_float("weight_decay", 1e-6, "LARS weight decay.")
+flags.DEFINE_string("recipe_flagfile", "", "A pretraining flagfile (e.g. "
+                    "flags/fmnist_scenes_base.cfg) holding the recipe: every run passes it "
+                    "to harl_tf.pretrain, and the budget flags above are read from it.")
 flags.DEFINE_string("extra_pretrain_flags", "", "Space-separated extra harl_tf.pretrain "
                     "flags, appended to every method's run (e.g. --min_region_fraction=0.1).")
 flags.DEFINE_float("tau_base", 0.99, "EMA decay at step 0.")
@@ -309,11 +312,59 @@ def mask_quality() -> dict:
 
 # Pretraining ------------------------------------------------------------------------------
 
+# harl_tf.pretrain flag → this script's budget flag, for --recipe_flagfile.
+RECIPE_FLAGS = {"train_steps": "steps", "batch_size": "batch_size", "image_size": "image_size",
+                "depth": "depth", "width_multiplier": "width_multiplier",
+                "small_stem": "small_stem", "output_stride": "output_stride",
+                "projector_hidden_dim": "head_hidden_dim", "projection_dim": "projection_dim",
+                "base_learning_rate": "base_learning_rate", "warmup_epochs": "warmup_epochs",
+                "trust_coefficient": "trust_coefficient", "weight_decay": "weight_decay",
+                "tau_base": "tau_base", "alpha_base": "alpha_base",
+                "lambda_base": "lambda_base"}
+
+
+def read_flagfile(path: str) -> dict:
+    """{flag: value string} of a flagfile's ``--name=value`` lines (nested --flagfile
+    lines are read first, relative to the repository root, as harl_tf.pretrain would from
+    there); later lines win."""
+    values = {}
+    with open(path if os.path.isabs(path) else os.path.join(ROOT, path)) as f:
+        for line in f:
+            line = line.strip()
+            if not line.startswith("--") or "=" not in line:
+                continue
+            name, value = line[2:].split("=", 1)
+            if name == "flagfile":
+                values.update(read_flagfile(value))
+            else:
+                values[name] = value
+    return values
+
+
+def apply_recipe_flagfile() -> None:
+    """Sets the budget flags from --recipe_flagfile, so evaluation and the report use the
+    recipe's encoder and view size."""
+    values = read_flagfile(FLAGS.recipe_flagfile)
+    for pretrain_name, bench_name in RECIPE_FLAGS.items():
+        if pretrain_name in values:
+            FLAGS[bench_name].parse(values[pretrain_name])
+
+
 def pretrain_flags(method: str) -> list:
     """The full flag list of one method's run: identical except --loss_mode and records."""
     loss_mode, masks = METHODS[method]
     num_train = _num_train()
     num_classes = 8 if FLAGS.dataset == "cutouts" else 10
+    if FLAGS.recipe_flagfile:  # the recipe from the flagfile; the run's own paths and seed
+        return [f"--flagfile={os.path.join(ROOT, FLAGS.recipe_flagfile)}",
+                f"--train_files={_records(masks)}/train-*.tfrecord",
+                f"--model_dir={os.path.join(_paths()['runs'], method)}",
+                f"--loss_mode={loss_mode}", f"--num_train_examples={num_train}",
+                f"--num_classes={num_classes}", f"--shuffle_buffer={num_train}",
+                f"--seed={FLAGS.seed}", "--deterministic", "--strategy=default",
+                f"--checkpoint_every_steps={max(FLAGS.steps // 2, 1)}", "--keep_checkpoints=1",
+                "--log_every_steps=10", "--image_summaries=0",
+                ] + FLAGS.extra_pretrain_flags.split()
     return [
         f"--train_files={_records(masks)}/train-*.tfrecord",
         f"--model_dir={os.path.join(_paths()['runs'], method)}",
@@ -577,6 +628,8 @@ def main(argv) -> None:
     del argv
     if FLAGS._embed_out:
         return _embed_child()
+    if FLAGS.recipe_flagfile:
+        apply_recipe_flagfile()
     unknown = [m for m in FLAGS.methods if m not in METHODS]
     if unknown:
         raise app.UsageError(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
@@ -681,6 +734,7 @@ def main(argv) -> None:
                    "weight_decay": FLAGS.weight_decay,
                    "extra_pretrain_flags": FLAGS.extra_pretrain_flags,
                    "alpha_base": FLAGS.alpha_base, "lambda_base": FLAGS.lambda_base,
+                   "recipe_flagfile": FLAGS.recipe_flagfile,
                    "seed": FLAGS.seed},
         "evaluation": {"linear": {"epochs": FLAGS.linear_epochs,
                                   "learning_rate": FLAGS.linear_learning_rate,
