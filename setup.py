@@ -26,6 +26,10 @@ EXTRAS = {
     "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100"],
     "onnx": ["tf2onnx==1.17.0", "onnxruntime>=1.20"],
     "bench": ["scikit-image>=0.24", "matplotlib>=3.8", "scikit-learn>=1.4"],
+    # Data preparation on Apache Beam (harl_tf/data/beam_build.py). 2.77.0 pins protobuf
+    # 6.33, inside TensorFlow 2.21's range; google-crc32c lets Beam workers write TFRecords
+    # without importing TensorFlow.
+    "beam": ["apache-beam==2.77.0", "google-crc32c>=1.5"],
 }
 
 CONSOLE_SCRIPTS = [

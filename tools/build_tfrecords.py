@@ -14,7 +14,12 @@ Examples::
   harl-build-tfrecords --source=tfds --tfds_name=imagenette --tfds_data_dir=~/tfds \\
       --splits=train,validation --mask_method=conventional --output_dir=/tmp/inette
 
-  # machine 1 of 4 of one build (same flags on every machine, same --num_shards)
+  # the same build as an Apache Beam pipeline (extra [beam]); any runner's options pass
+  # through, e.g. --beam_pipeline_options="--runner=DataflowRunner --project=... ..."
+  harl-build-tfrecords ... --runner=beam --beam_pipeline_options="--runner=DirectRunner \
+      --direct_num_workers=2 --direct_running_mode=multi_processing"
+
+  # machine 1 of 4 of one build without Beam (same flags on every machine)
   harl-build-tfrecords ... --num_shards=1024 --num_partitions=4 --partition_index=1
 
 Also runnable as ``python tools/build_tfrecords.py`` and ``python -m tools.build_tfrecords``.
@@ -83,7 +88,15 @@ flags.DEFINE_integer("shuffle_seed", 0, "Permutation of the sorted examples befo
 flags.DEFINE_integer("num_partitions", 1, "Machines building this dataset together.")
 flags.DEFINE_integer("partition_index", 0, "This machine's index: it builds shards k with "
                      "k % num_partitions == partition_index.")
-flags.DEFINE_integer("num_workers", os.cpu_count() or 1, "Worker processes (1: no pool).")
+flags.DEFINE_integer("num_workers", os.cpu_count() or 1, "Worker processes (1: no pool; "
+                     "--runner=local only).")
+flags.DEFINE_enum("runner", "local", ["local", "beam"], "local: this machine's worker "
+                  "processes; beam: an Apache Beam pipeline (extra [beam]) on the runner "
+                  "that --beam_pipeline_options names.")
+flags.DEFINE_string("beam_pipeline_options", "", "Beam's own command-line options, passed "
+                    "through, e.g. '--runner=DirectRunner --direct_num_workers=2 "
+                    "--direct_running_mode=multi_processing' (empty: DirectRunner in this "
+                    "process).")
 # bad input
 flags.DEFINE_bool("strict", False, "Stop at the first unreadable/corrupt/oversized image "
                   "instead of skipping and counting it.")
@@ -136,23 +149,45 @@ def make_source_from_flags():
         jpeg_quality=FLAGS.jpeg_quality, object_colour=FLAGS.object_colour)
 
 
+def _build_with_beam(source, common):
+    if FLAGS.num_partitions != 1:
+        raise app.UsageError("--num_partitions is for --runner=local; a Beam runner "
+                             "spreads one build over its own workers")
+    try:
+        from harl_tf.data import beam_build
+    except ImportError as err:
+        raise app.UsageError(f"--runner=beam needs Apache Beam ({err}): pip install -e "
+                             f"\".[cpu,beam]\"") from None
+    try:
+        return beam_build.build_dataset_beam(source, FLAGS.output_dir, pipeline_options=(
+            FLAGS.beam_pipeline_options), **common)
+    except beam_build.PipelineError as err:
+        from harl_tf.data import builder
+        raise builder.BuildError(str(err)) from None
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not FLAGS.output_dir:
         raise app.UsageError("--output_dir is required")
     from harl_tf.data import builder, sources
+    common = dict(
+        splits=FLAGS.splits or None, mask_method=FLAGS.mask_method,
+        mask_params=_mask_params(FLAGS.mask_params), given_mask_method=FLAGS.mask_method_name,
+        num_shards=FLAGS.num_shards, target_shard_mb=FLAGS.target_shard_mb,
+        min_shards=FLAGS.min_shards,
+        shuffle_seed=None if FLAGS.shuffle_seed < 0 else FLAGS.shuffle_seed,
+        resize_masks=FLAGS.resize_masks, strict=FLAGS.strict, max_pixels=FLAGS.max_pixels)
     try:
         source = make_source_from_flags()
-        manifest = builder.build_dataset(
-            source, FLAGS.output_dir, splits=FLAGS.splits or None,
-            mask_method=FLAGS.mask_method, mask_params=_mask_params(FLAGS.mask_params),
-            given_mask_method=FLAGS.mask_method_name, num_shards=FLAGS.num_shards,
-            target_shard_mb=FLAGS.target_shard_mb, min_shards=FLAGS.min_shards,
-            shuffle_seed=None if FLAGS.shuffle_seed < 0 else FLAGS.shuffle_seed,
-            num_partitions=FLAGS.num_partitions, partition_index=FLAGS.partition_index,
-            num_workers=FLAGS.num_workers, resize_masks=FLAGS.resize_masks,
-            strict=FLAGS.strict, max_pixels=FLAGS.max_pixels, progress=FLAGS.progress)
+        if FLAGS.runner == "beam":
+            manifest = _build_with_beam(source, common)
+        else:
+            manifest = builder.build_dataset(
+                source, FLAGS.output_dir, num_partitions=FLAGS.num_partitions,
+                partition_index=FLAGS.partition_index, num_workers=FLAGS.num_workers,
+                progress=FLAGS.progress, **common)
     except (builder.BuildError, sources.SourceError) as err:
         print(f"build_tfrecords: error: {err}", file=sys.stderr)
         return 1

@@ -4,7 +4,8 @@ r"""Heuristic masks for an image folder, written into a mirrored mask folder.
       --masks_dir=data/train/masks --method=conventional --num_workers=8
 
 ``images_dir/a/x.jpg`` → ``masks_dir/a/x.png`` (0/255). Existing masks are skipped (resume);
-``--shard_index/--num_shards`` split one dataset across machines; a summary JSON (counts,
+``--shard_index/--num_shards`` split one dataset across machines (or ``--runner=beam``
+runs it as an Apache Beam pipeline, any runner); a summary JSON (counts,
 fallbacks, parameters) is written next to the masks. Every parameter of the conventional
 method is a flag (``--sigma``, ``--min_size``, …); unset flags keep the library defaults,
 and the values used are recorded in the summary. The library code is
@@ -19,6 +20,7 @@ if __package__ in (None, ""):  # `python tools/generate_masks.py` from a source 
 
 from absl import app, flags  # noqa: E402
 
+from harl_tf.errors import HarlError  # noqa: E402
 from harl_tf.masks import available_methods  # noqa: E402
 from harl_tf.masks.conventional import DEFAULT_PARAMS  # noqa: E402
 from harl_tf.masks.folder import CorruptImageError, generate_mask_folder  # noqa: E402
@@ -41,6 +43,13 @@ flags.DEFINE_bool("overwrite", False, "Recompute masks that already exist.")
 flags.DEFINE_bool("strict", False, "Stop at the first image that cannot be decoded.")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
 flags.DEFINE_string("summary_path", None, "Summary JSON path (default: in --masks_dir).")
+flags.DEFINE_enum("runner", "local", ["local", "beam"], "local: --num_workers processes on "
+                  "this machine; beam: an Apache Beam pipeline (extra [beam]) on the runner "
+                  "that --beam_pipeline_options names.")
+flags.DEFINE_string("beam_pipeline_options", "", "Beam's own command-line options, passed "
+                    "through, e.g. '--runner=DirectRunner --direct_num_workers=2 "
+                    "--direct_running_mode=multi_processing' (empty: DirectRunner in this "
+                    "process).")
 
 _HELP = {
     "sigma": "FH Gaussian smoothing, working pixels (paper: 0.8).",
@@ -93,6 +102,17 @@ def method_params_from_flags() -> dict:
     return params
 
 
+def _generate_with_beam(common: dict) -> dict:
+    try:
+        from harl_tf.data import beam_build
+    except ImportError as error:
+        raise app.UsageError(f"--runner=beam needs Apache Beam ({error}): pip install -e "
+                             f"\".[cpu,beam]\"") from None
+    return beam_build.generate_mask_folder_beam(  # a failed step: PipelineError (HarlError)
+        FLAGS.images_dir, FLAGS.masks_dir, pipeline_options=FLAGS.beam_pipeline_options,
+        **common)
+
+
 def _main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -101,14 +121,18 @@ def _main(argv):
     if FLAGS.method not in available_methods():
         raise app.UsageError(f"--method={FLAGS.method!r}; expected one of "
                              f"{list(available_methods())}")
+    common = dict(method=FLAGS.method, method_params=method_params_from_flags(),
+                  shard_index=FLAGS.shard_index, num_shards=FLAGS.num_shards,
+                  overwrite=FLAGS.overwrite, strict=FLAGS.strict,
+                  summary_path=FLAGS.summary_path)
     try:
-        summary = generate_mask_folder(
-            FLAGS.images_dir, FLAGS.masks_dir, method=FLAGS.method,
-            method_params=method_params_from_flags(), num_workers=FLAGS.num_workers,
-            shard_index=FLAGS.shard_index, num_shards=FLAGS.num_shards,
-            overwrite=FLAGS.overwrite, strict=FLAGS.strict, progress=FLAGS.progress,
-            summary_path=FLAGS.summary_path)
-    except CorruptImageError as error:
+        if FLAGS.runner == "beam":
+            summary = _generate_with_beam(common)
+        else:
+            summary = generate_mask_folder(FLAGS.images_dir, FLAGS.masks_dir,
+                                           num_workers=FLAGS.num_workers,
+                                           progress=FLAGS.progress, **common)
+    except (CorruptImageError, HarlError) as error:
         sys.exit(f"error: {error}")
     except (FileNotFoundError, TypeError, ValueError) as error:  # bad flags or folders
         raise app.UsageError(str(error)) from error

@@ -148,7 +148,7 @@ def _write_manifest(results: List[tuple], source: Source, splits: List[str],
 
 
 def build_dataset_beam(source: Source, output_dir: str, *,
-                       pipeline_options: Union[str, Sequence[str]] = DIRECT_TWO_WORKERS,
+                       pipeline_options: Union[str, Sequence[str], None] = None,
                        splits: Optional[Sequence[str]] = None,
                        mask_method: Optional[str] = None,
                        mask_params: Optional[Mapping[str, Any]] = None,
@@ -159,8 +159,10 @@ def build_dataset_beam(source: Source, output_dir: str, *,
                        max_pixels: int = builder.DEFAULT_MAX_PIXELS) -> Dict[str, Any]:
     """Builds (or resumes) the TFRecord shards of ``source`` in ``output_dir`` with a Beam
     pipeline. ``pipeline_options``: Beam's command-line options (a string or a list), e.g.
-    ``--runner=DataflowRunner --project=... --region=... --setup_file=./setup.py``; every
-    other argument means what it means in :func:`harl_tf.data.builder.build_dataset`.
+    :data:`DIRECT_TWO_WORKERS` or ``--runner=DataflowRunner --project=... --region=...
+    --setup_file=./setup.py`` (``None``: Beam's defaults, the DirectRunner in this
+    process); every other argument means what it means in
+    :func:`harl_tf.data.builder.build_dataset`.
 
     Returns the manifest (read back from ``output_dir/manifest.json``). Options are checked
     and the mask method is built once here, before the pipeline starts. Raises
@@ -270,7 +272,7 @@ class _CountMasks(beam.CombineFn):
 
 
 def generate_mask_folder_beam(images_dir: str, masks_dir: str, *,
-                              pipeline_options: Union[str, Sequence[str]] = DIRECT_TWO_WORKERS,
+                              pipeline_options: Union[str, Sequence[str], None] = None,
                               method: str = "conventional",
                               method_params: Optional[Dict[str, Any]] = None,
                               shard_index: int = 0, num_shards: int = 1,
@@ -312,12 +314,22 @@ def generate_mask_folder_beam(images_dir: str, masks_dir: str, *,
 
 def make_pipeline_options(pipeline_options: Union[str, Sequence[str], None]) -> PipelineOptions:
     """Beam's options from a command-line string (shell quoting) or a list; any runner's
-    options pass through untouched. No ``--runner``: the DirectRunner."""
+    options pass through untouched. No ``--runner``: the DirectRunner, whose workers then
+    log only critical messages unless ``--default_sdk_harness_log_level`` says otherwise."""
     if pipeline_options is None:
         pipeline_options = []
     if isinstance(pipeline_options, str):
         pipeline_options = shlex.split(pipeline_options)
-    return PipelineOptions(list(pipeline_options))
+    arguments = list(pipeline_options)
+    options = PipelineOptions(arguments)
+    given = options.get_all_options(drop_default=True)
+    if (given.get("runner") in (None, "DirectRunner", "direct")
+            and "default_sdk_harness_log_level" not in given):
+        # Local workers share this terminal: without this, each prints its start-up and
+        # every error's traceback, while the launcher already reports the error in one
+        # line and the manifest lists skipped files.
+        options = PipelineOptions(arguments + ["--default_sdk_harness_log_level=CRITICAL"])
+    return options
 
 
 @contextlib.contextmanager
@@ -325,27 +337,35 @@ def _naming_pipeline_errors():
     """A failing step becomes a :class:`PipelineError` carrying that step's own one-line
     message (a runner reports worker errors as text, e.g. a ``RuntimeError`` holding the
     remote traceback)."""
+    # The DirectRunner relays every worker log line, and a worker's traceback, through
+    # these loggers; the error itself comes back below as one line.
+    quiet = {"apache_beam": logging.WARNING,
+             "apache_beam.runners.portability.local_job_service": logging.CRITICAL}
+    saved = {name: logging.getLogger(name).level for name in quiet}
+    for name, level in quiet.items():
+        logging.getLogger(name).setLevel(max(level, logging.getLogger(name).level))
     try:
         yield
-    except HarlError:
-        raise
     except Exception as err:  # noqa: BLE001 - runners wrap worker errors in many types
         message = own_error_message(err)
         if message is None:
             raise
         raise PipelineError(message) from None
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
 
 
 def own_error_message(err: BaseException) -> Optional[str]:
     """The last harl-tf error line (``BuildError: …`` etc.) in ``err``'s text, without
     Beam's ``[while running '…']`` suffix; ``None`` when there is none."""
-    if isinstance(err, HarlError):
-        return str(err)
-    pattern = re.compile(r"(?:^|[\s.])(%s): (.+?)(?: \[while running '[^']*'\])*\s*$"
-                         % "|".join(_OWN_ERRORS))
+    suffix = re.compile(r"(?: \[while running '[^']*'\])+\s*$")
+    if isinstance(err, (HarlError, folder.CorruptImageError)):  # raised in this process
+        return suffix.sub("", str(err).strip())
+    pattern = re.compile(r"(?:^|[\s.])(?:%s): (.+)$" % "|".join(_OWN_ERRORS))
     found = None
     for line in str(err).splitlines():
         match = pattern.search(line)
         if match:
-            found = match.group(2)
+            found = suffix.sub("", match.group(1).strip())
     return found
