@@ -2,6 +2,9 @@
 features (never the evaluation split), with the same recipe as the Keras probe, and the
 choice follows what the held-out data needs."""
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -9,6 +12,8 @@ import pytest
 from _export_helpers import write_records
 from harl_tf.downstream import evaluation, linear, probe_selection
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
 GRID = (0.0, 1e-3, 1e-2, 1e-1, 1.0)
 RECIPE = dict(epochs=20, batch_size=32, learning_rate=0.1)
 
@@ -136,3 +141,34 @@ def test_evaluate_chooses_the_decay_without_reading_the_eval_files(tmp_path):
     assert len(selection["validation_top1"]) == 3
     assert selection["num_validation"] == 16  # 48 train records, 6 per class, 25 % held out
     assert written["weight_decay"] == selection["chosen_weight_decay"]
+
+
+def test_cli_uses_the_grid_unless_a_weight_decay_is_given():
+    """The grid is the default of --mode=linear on precomputed features; an explicit
+    --weight_decay (as in flags/quickstart_linear.cfg) keeps the fixed recipe; both at
+    once is an error; other modes use no grid."""
+    script = (
+        "import json, sys\n"
+        "from absl import flags\n"
+        "from harl_tf import finetune\n"
+        "out = []\n"
+        "for args in json.loads(sys.argv[1]):\n"
+        "    flags.FLAGS.unparse_flags()\n"
+        "    flags.FLAGS(['finetune'] + args)\n"
+        "    try:\n"
+        "        out.append(list(finetune.weight_decay_grid()))\n"
+        "    except ValueError as err:\n"
+        "        out.append(str(err))\n"
+        "print(json.dumps(out))\n")
+    cases = [[], ["--weight_decay=1e-4"], ["--flagfile=flags/quickstart_linear.cfg"],
+             ["--weight_decay_grid=0,0.5"], ["--weight_decay=0", "--weight_decay_grid=0,1"],
+             ["--mode=knn"], ["--linear_augmentation"], ["--weight_decay_grid="]]
+    result = subprocess.run([sys.executable, "-c", script, json.dumps(cases)],
+                            capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    grids = json.loads(result.stdout.strip().splitlines()[-1])
+    assert grids[0] == list(probe_selection.DEFAULT_GRID)
+    assert grids[1] == grids[2] == []
+    assert grids[3] == [0.0, 0.5]
+    assert "not both" in grids[4]
+    assert grids[5] == grids[6] == grids[7] == []

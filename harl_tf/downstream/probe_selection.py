@@ -24,6 +24,7 @@ multinomial logistic regression, ``mean CE + (wd / 2)·‖θ‖²`` (scikit-lear
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Dict, Sequence, Tuple
 
@@ -172,6 +173,11 @@ def select_weight_decay(train: linear.Features, num_classes: int,
                                standardize=standardize)(train.features[held_out])
     top1 = [linear.topk_accuracy(s, train.labels[held_out], ks=(1,))["top1"] for s in scores]
     best = int(np.argmax(top1))  # argmax takes the first maximum: the smallest decay
+    if len(grid) > 1 and best == len(grid) - 1:
+        logging.warning("the largest weight decay of the grid (%g) scored best on the "
+                        "validation split; a larger one might score better still "
+                        "(extend --weight_decay_grid, keeping learning_rate x decay < 1).",
+                        grid[best])
     return {"weight_decay_grid": grid, "validation_top1": top1,
             "chosen_weight_decay": grid[best], "validation_fraction": validation_fraction,
             "num_fit": int(len(fit)), "num_validation": int(len(held_out))}
