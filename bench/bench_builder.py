@@ -10,6 +10,13 @@ Cases, each in a fresh child process (so peak RSS is the run's own):
   workers.
 - ``synthetic_500x375``: the synthetic source itself (rendering included), a few images.
 
+With ``--beam`` the script runs one other comparison instead: the Beam pipeline
+(``harl_tf/data/beam_build.py``, DirectRunner, 2 workers, multi_processing) against the
+local builder (2 workers) on the 4,000 cutouts (both splits) and on half of them (every
+other image of each class: N = 2,000, 2N = 4,000), shards of ~1 MB in both (so a shard
+holds as many images at N as at 2N), runs interleaved local / Beam and repeated
+``--repeats`` times; writes ``bench/results/bench_builder_beam.json``.
+
 Reports wall images/s (listing + pool start-up + writing included, TF import excluded), CPU
 milliseconds per image over the parent and its workers (robust to other load on a shared
 machine), peak RSS of the parent (getrusage; mostly TensorFlow, which the parent imports to
@@ -18,6 +25,7 @@ write) and, sampled every 50 ms with psutil, of the largest worker and of parent
 ``bench/results/bench_builder.json``.
 
     python bench/bench_builder.py [--n 300] [--cutouts_split test] [--synthetic_n 16]
+    python bench/bench_builder.py --beam [--repeats 2]
 """
 from __future__ import annotations
 
@@ -44,13 +52,15 @@ def _child(args) -> None:
     import psutil
     from harl_tf.data import builder, sources
     import tensorflow as tf  # noqa: F401  (imported before timing: not the builder's cost)
+    if args.runner == "beam":
+        from harl_tf.data import beam_build  # imports apache_beam, also before timing
     if args.case == "synthetic":
         source = sources.SyntheticSource(args.count, image_size=(375, 500), image_format="jpeg",
                                          jpeg_quality=90)
         splits = None
     else:
         source = sources.FolderSource(args.root, mask_method_name="ground_truth")
-        splits = [args.split]
+        splits = [args.split] if args.split else None  # "": every split
     peaks = {"tree": 0, "workers": 0}
     done = threading.Event()
 
@@ -70,8 +80,15 @@ def _child(args) -> None:
     sampler.start()
     before = resource.getrusage(resource.RUSAGE_SELF)
     started = time.time()
-    manifest = builder.build_dataset(source, args.out, splits=splits, num_shards=args.shards,
-                                     num_workers=args.workers, progress=False)
+    shards = dict(num_shards=args.shards or None, target_shard_mb=args.target_shard_mb,
+                  min_shards=1 if not args.shards else 8)
+    if args.runner == "beam":
+        manifest = beam_build.build_dataset_beam(
+            source, args.out, splits=splits, pipeline_options=beam_build.DIRECT_TWO_WORKERS,
+            **shards)
+    else:
+        manifest = builder.build_dataset(source, args.out, splits=splits,
+                                         num_workers=args.workers, progress=False, **shards)
     seconds = time.time() - started
     done.set()
     sampler.join()
@@ -89,6 +106,9 @@ def _child(args) -> None:
         "peak_rss_parent_plus_workers_mb": round(peaks["tree"] / 2 ** 20, 1),
         "bytes_written": sum(s["bytes"] for e in manifest["splits"].values()
                              for s in e["shards"]),
+        "num_shards": sum(e["num_shards"] for e in manifest["splits"].values()),
+        "shard_sha256": sorted(s["sha256"] for e in manifest["splits"].values()
+                               for s in e["shards"]),
     }))
 
 
@@ -108,18 +128,37 @@ def _make_folder(root: str, count: int, unique: int = 12) -> None:
             os.path.join(root, "masks", name, f"{i:06d}.png"))
 
 
-def _run(case, root, split, count, workers, shards, work) -> dict:
+def _half_of_cutouts(root: str) -> None:
+    """Every other image of each class folder of both cutouts splits, with its mask
+    (symbolic links), and the class list."""
+    for split in ("train", "test"):
+        images = os.path.join(CUTOUTS, split, "images")
+        for name in sorted(os.listdir(images)):
+            for kind in ("images", "masks"):
+                os.makedirs(os.path.join(root, split, kind, name), exist_ok=True)
+            for file in sorted(os.listdir(os.path.join(images, name)))[::2]:
+                stem = os.path.splitext(file)[0]
+                for kind, leaf in (("images", file), ("masks", stem + ".png")):
+                    os.symlink(os.path.abspath(os.path.join(CUTOUTS, split, kind, name, leaf)),
+                               os.path.join(root, split, kind, name, leaf))
+    shutil.copy(os.path.join(CUTOUTS, "classes.txt"), root)
+
+
+def _run(case, root, split, count, workers, shards, work, runner="local",
+         target_shard_mb=128.0) -> dict:
     out = tempfile.mkdtemp(dir=work)
     command = [sys.executable, os.path.abspath(__file__), "--_child", "--case", case,
                "--root", root or "", "--split", split, "--count", str(count), "--workers",
-               str(workers), "--shards", str(shards), "--out", out]
+               str(workers), "--shards", str(shards), "--out", out, "--runner", runner,
+               "--target_shard_mb", str(target_shard_mb)]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     shutil.rmtree(out, ignore_errors=True)
     if result.returncode != 0:
         raise SystemExit(f"child failed ({' '.join(command)}):\n{result.stderr[-3000:]}")
     figures = json.loads(result.stdout.strip().splitlines()[-1])
-    figures.update(case=case, workers=workers, shards=shards)
-    print(json.dumps(figures), flush=True)
+    figures.update(case=case, workers=workers, runner=runner,
+                   load_average_1min=round(os.getloadavg()[0], 2))
+    print(json.dumps({k: v for k, v in figures.items() if k != "shard_sha256"}), flush=True)
     return figures
 
 
@@ -155,9 +194,16 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=0)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--shards", type=int, default=4)
+    parser.add_argument("--runner", default="local")
+    parser.add_argument("--target_shard_mb", type=float, default=128.0)
+    parser.add_argument("--beam", action="store_true",
+                        help="compare the Beam pipeline with the local builder on cutouts")
+    parser.add_argument("--repeats", type=int, default=2, help="--beam: rounds of runs")
     args = parser.parse_args()
     if args._child:
         return _child(args)
+    if args.beam:
+        return _beam_comparison(args)
 
     machine = _machine()
     print(json.dumps(machine), flush=True)
@@ -173,10 +219,67 @@ def main() -> None:
                 runs.append(_run("cutouts", CUTOUTS, args.cutouts_split, 0, workers, 4, work))
         runs.append(_run("synthetic", None, "train", args.synthetic_n, 2, 2, work))
     machine["load_average_at_end"] = os.getloadavg()
-    results = {"benchmark": "bench_builder", "command": " ".join(["python"] + sys.argv),
-               "machine": machine, "runs": runs}
+    for run in runs:
+        run.pop("shard_sha256")
+    _save("bench_builder", {"benchmark": "bench_builder",
+                            "command": " ".join(["python"] + sys.argv),
+                            "machine": machine, "runs": runs})
+
+
+def _beam_comparison(args) -> None:
+    """Beam DirectRunner (2 workers) vs the local builder (2 workers) at N and 2N cutouts."""
+    import statistics
+    if not os.path.isdir(CUTOUTS):
+        raise SystemExit(f"{CUTOUTS} is missing: the Beam comparison runs on the cutouts")
+    machine = _machine()
+    print(json.dumps(machine), flush=True)
+    runs = []
+    with tempfile.TemporaryDirectory() as work:
+        half = os.path.join(work, "half")
+        _half_of_cutouts(half)
+        for _ in range(args.repeats):
+            for label, root in (("N", half), ("2N", CUTOUTS)):
+                for runner in ("local", "beam"):
+                    figures = _run("cutouts", root, "", 0, 2, 0, work, runner=runner,
+                                   target_shard_mb=1.0)
+                    figures["size"] = label
+                    runs.append(figures)
+    machine["load_average_at_end"] = os.getloadavg()
+
+    def median(size, runner, key):
+        return statistics.median(r[key] for r in runs
+                                 if r["size"] == size and r["runner"] == runner)
+
+    summary = {}
+    for size in ("N", "2N"):
+        local, beam = (median(size, r, "images_per_second") for r in ("local", "beam"))
+        summary[size] = {
+            "images": median(size, "local", "images"),
+            "local_images_per_second": local, "beam_images_per_second": beam,
+            "throughput_ratio_beam_over_local": round(beam / local, 3),
+            **{f"{r}_peak_rss_parent_plus_workers_mb": median(size, r,
+                                                              "peak_rss_parent_plus_workers_mb")
+               for r in ("local", "beam")},
+            **{f"{r}_peak_rss_largest_worker_mb": median(size, r, "peak_rss_largest_worker_mb")
+               for r in ("local", "beam")}}
+    for runner in ("local", "beam"):
+        key = f"{runner}_peak_rss_parent_plus_workers_mb"
+        summary[f"{runner}_peak_memory_ratio_2N_over_N"] = round(
+            summary["2N"][key] / summary["N"][key], 3)
+    same = {r["size"]: r["shard_sha256"] for r in runs if r["runner"] == "local"}
+    summary["beam_shards_identical_to_local"] = all(
+        r["shard_sha256"] == same[r["size"]] for r in runs if r["runner"] == "beam")
+    for r in runs:
+        r.pop("shard_sha256")
+    print(json.dumps(summary, indent=1), flush=True)
+    _save("bench_builder_beam", {"benchmark": "bench_builder --beam",
+                                 "command": " ".join(["python"] + sys.argv),
+                                 "machine": machine, "summary": summary, "runs": runs})
+
+
+def _save(name: str, results: dict) -> None:
     os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
-    path = os.path.join(ROOT, "bench", "results", "bench_builder.json")
+    path = os.path.join(ROOT, "bench", "results", f"{name}.json")
     temporary = path + ".tmp"
     with open(temporary, "w") as handle:
         json.dump(results, handle, indent=1)
