@@ -69,7 +69,8 @@ def test_mixed_rand_is_deterministic_by_seed(scenes):
     first, donors = background_shift.mixed_rand(scenes.images, scenes.masks, scenes.labels, 7)
     again, same = background_shift.mixed_rand(scenes.images, scenes.masks, scenes.labels, 7)
     _, other = background_shift.mixed_rand(scenes.images, scenes.masks, scenes.labels, 8)
-    assert np.array_equal(donors, same) and all(np.array_equal(a, b) for a, b in zip(first, again))
+    assert np.array_equal(donors, same)
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
     assert not np.array_equal(donors, other)
 
 
@@ -102,7 +103,8 @@ def test_an_empty_mask_is_an_error_naming_the_record(scenes):
     masks = scenes.masks.copy()
     masks[3] = 0
     ids = [f"img{i}" for i in range(len(masks))]
-    with pytest.raises(background_shift.EmptyMaskError, match="record 'img3' has an empty mask"):
+    with pytest.raises(background_shift.EmptyMaskError,
+                       match="record 'img3' has an empty mask"):
         background_shift.mixed_rand(scenes.images, masks, scenes.labels, 0, ids=ids)
 
 
@@ -139,7 +141,8 @@ def test_the_tool_names_an_empty_mask_or_skips_it(tmp_path):
             writer.write(schema.serialize_example(
                 image_bytes=tf.io.encode_png(data.images[i]).numpy(), image_format="png",
                 height=32, width=32, mask_png=schema.encode_mask_png(mask),
-                label=int(data.labels[i]), example_id=f"photo_{i}", mask_method="ground_truth"))
+                label=int(data.labels[i]), example_id=f"photo_{i}",
+                mask_method="ground_truth"))
     command = [sys.executable, "-m", "tools.shift_backgrounds",
                f"--input_files={tmp_path / 'in.tfrecord'}", f"--output_dir={tmp_path / 'out'}"]
     failed = subprocess.run(command, capture_output=True, text=True, env=ENV, cwd=ROOT,
@@ -184,8 +187,9 @@ def test_finetune_reports_original_mixed_rand_and_their_gap(tmp_path, mode):
     config = evaluation.EvaluationConfig(
         mode=mode, encoder="random",
         encoder_config={"depth": 18, "width_multiplier": 0.25, "small_stem": True},
-        train_files=str(tmp_path / "train.tfrecord"), eval_files=str(tmp_path / "eval.tfrecord"),
-        output_dir=str(tmp_path / "out"), image_size=32, crop_fraction=1.0, batch_size=16,
+        train_files=str(tmp_path / "train.tfrecord"),
+        eval_files=str(tmp_path / "eval.tfrecord"), output_dir=str(tmp_path / "out"),
+        image_size=32, crop_fraction=1.0, batch_size=16,
         eval_batch_size=16, epochs=10, knn_k=5, verbose=0, eval_background="both")
     results = evaluation.evaluate(config)
     with open(tmp_path / "out" / "results.json") as f:

@@ -77,11 +77,11 @@ def fill_background(image: np.ndarray, mask: np.ndarray, *,
     if hole.all():
         raise EmptyMaskError("the mask covers the whole image: no background to fill from.")
     filled = cv2.inpaint(image, hole, radius, cv2.INPAINT_TELEA)
-    ring = cv2.dilate(hole, np.ones((2 * radius + 3,) * 2, np.uint8)).astype(bool) & ~hole.astype(bool)
-    if not ring.any():  # the background is further away than the radius: use all of it
-        ring = ~hole.astype(bool)
-    low, high = image[ring].min(axis=0), image[ring].max(axis=0)
     inside = hole.astype(bool)
+    ring = cv2.dilate(hole, np.ones((2 * radius + 3,) * 2, np.uint8)).astype(bool) & ~inside
+    if not ring.any():  # the background is further away than the radius: use all of it
+        ring = ~inside
+    low, high = image[ring].min(axis=0), image[ring].max(axis=0)
     filled[inside] = np.clip(filled[inside], low, high)
     return filled
 
@@ -100,8 +100,8 @@ def composite(object_image: np.ndarray, object_mask: np.ndarray,
     background = np.asarray(background, np.uint8)
     if background.shape[:2] != (height, width):
         shrinking = background.shape[0] * background.shape[1] > height * width
-        background = cv2.resize(background, (width, height),
-                                interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+        interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+        background = cv2.resize(background, (width, height), interpolation=interpolation)
     return np.where(_binary(object_mask)[..., None].astype(bool), object_image, background)
 
 

@@ -35,7 +35,8 @@ from typing import Any, Dict, Optional, Tuple
 import tensorflow as tf
 
 from harl_tf.data import background_shift, pipeline
-from harl_tf.downstream import encoder_source, export_lib, knn, linear, probe_selection, subsets
+from harl_tf.downstream import (encoder_source, export_lib, knn, linear, probe_selection,
+                                subsets)
 
 MODES = ("linear", "finetune", "knn")
 EVAL_BACKGROUNDS = ("original", "mixed_rand", "both")
@@ -105,7 +106,8 @@ class EvaluationConfig:
         if self.weight_decay_grid and self.learning_rate * max(self.weight_decay_grid) >= 1:
             raise ValueError(f"--learning_rate × the largest --weight_decay_grid value must "
                              f"be < 1 (each step scales the weights by 1 − lr·wd), got "
-                             f"{self.learning_rate} × {max(self.weight_decay_grid)}.")
+                             f"{self.learning_rate} × {max(self.weight_decay_grid)}; drop "
+                             f"the decays >= 1 / learning_rate from the grid.")
         if self.weight_decay_grid and not 0.0 < self.validation_fraction < 1.0:
             raise ValueError(f"--validation_fraction must be in (0, 1), got "
                              f"{self.validation_fraction}.")
