@@ -25,7 +25,7 @@ write) and, sampled every 50 ms with psutil, of the largest worker and of parent
 ``bench/results/bench_builder.json``.
 
     python bench/bench_builder.py [--n 300] [--cutouts_split test] [--synthetic_n 16]
-    python bench/bench_builder.py --beam [--repeats 2]
+    python bench/bench_builder.py --beam [--repeats 3]
 """
 from __future__ import annotations
 
@@ -198,7 +198,7 @@ def main() -> None:
     parser.add_argument("--target_shard_mb", type=float, default=128.0)
     parser.add_argument("--beam", action="store_true",
                         help="compare the Beam pipeline with the local builder on cutouts")
-    parser.add_argument("--repeats", type=int, default=2, help="--beam: rounds of runs")
+    parser.add_argument("--repeats", type=int, default=3, help="--beam: rounds of runs")
     args = parser.parse_args()
     if args._child:
         return _child(args)
@@ -228,7 +228,6 @@ def main() -> None:
 
 def _beam_comparison(args) -> None:
     """Beam DirectRunner (2 workers) vs the local builder (2 workers) at N and 2N cutouts."""
-    import statistics
     if not os.path.isdir(CUTOUTS):
         raise SystemExit(f"{CUTOUTS} is missing: the Beam comparison runs on the cutouts")
     machine = _machine()
@@ -245,6 +244,20 @@ def _beam_comparison(args) -> None:
                     figures["size"] = label
                     runs.append(figures)
     machine["load_average_at_end"] = os.getloadavg()
+    summary = _beam_summary(runs)
+    for r in runs:
+        r.pop("shard_sha256")
+    print(json.dumps(summary, indent=1), flush=True)
+    _save("bench_builder_beam", {"benchmark": "bench_builder --beam",
+                                 "command": " ".join(["python"] + sys.argv),
+                                 "machine": machine, "summary": summary, "runs": runs})
+
+
+def _beam_summary(runs: list) -> dict:
+    """Medians per size and runner; wall throughput ratio and peak memory at N and 2N; CPU
+    per image split into a fixed part and a per-image part (CPU time hardly depends on
+    the other load of a shared machine, wall time does)."""
+    import statistics
 
     def median(size, runner, key):
         return statistics.median(r[key] for r in runs
@@ -266,15 +279,18 @@ def _beam_comparison(args) -> None:
         key = f"{runner}_peak_rss_parent_plus_workers_mb"
         summary[f"{runner}_peak_memory_ratio_2N_over_N"] = round(
             summary["2N"][key] / summary["N"][key], 3)
+        # CPU seconds = fixed + per_image * images, through the N and 2N medians.
+        cpu = {size: median(size, runner, "cpu_ms_per_image") * median(size, runner, "images")
+               / 1000 for size in ("N", "2N")}
+        extra = median("2N", runner, "images") - median("N", runner, "images")
+        per_image = (cpu["2N"] - cpu["N"]) / extra
+        summary[f"{runner}_cpu_ms_per_extra_image"] = round(1000 * per_image, 3)
+        summary[f"{runner}_fixed_cpu_seconds"] = round(
+            cpu["N"] - per_image * median("N", runner, "images"), 2)
     same = {r["size"]: r["shard_sha256"] for r in runs if r["runner"] == "local"}
     summary["beam_shards_identical_to_local"] = all(
         r["shard_sha256"] == same[r["size"]] for r in runs if r["runner"] == "beam")
-    for r in runs:
-        r.pop("shard_sha256")
-    print(json.dumps(summary, indent=1), flush=True)
-    _save("bench_builder_beam", {"benchmark": "bench_builder --beam",
-                                 "command": " ".join(["python"] + sys.argv),
-                                 "machine": machine, "summary": summary, "runs": runs})
+    return summary
 
 
 def _save(name: str, results: dict) -> None:
