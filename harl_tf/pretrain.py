@@ -40,6 +40,11 @@ def _define_flags():
     flags.DEFINE_integer("synthetic_records", d.synthetic_records,
                          "If > 0 and --train_files matches nothing, first build this many "
                          "examples of the embedded synthetic set there.")
+    flags.DEFINE_float("color_jitter_strength", d.color_jitter_strength,
+                       "Colour distortion strength: BYOL's jitter (brightness 0.4, contrast "
+                       "0.4, saturation 0.2, hue 0.1) times this (clipped to 1, hue to 0.5).")
+    flags.DEFINE_float("grayscale_prob", d.grayscale_prob, "Grayscale probability of both "
+                       "views.")
     # Encoder and heads
     flags.DEFINE_integer("depth", d.depth, "ResNet depth: 18, 34, 50, 101, 152, 200.")
     flags.DEFINE_float("width_multiplier", d.width_multiplier, "ResNet width multiplier "

@@ -54,6 +54,8 @@ class PretrainConfig:
     seed: Optional[int] = None
     deterministic: bool = False
     synthetic_records: int = 0     # >0: build this many synthetic examples if no file matches
+    color_jitter_strength: float = 1.0   # x BYOL's colour jitter (augment.scaled_view_configs)
+    grayscale_prob: float = 0.2
     # Encoder and heads
     depth: int = 50
     width_multiplier: float = 1.0
@@ -114,6 +116,11 @@ class PretrainConfig:
         """Peak learning rate, base · B / 256 (the linear scaling rule)."""
         return self.base_learning_rate * self.batch_size / 256.0
 
+    def view_configs(self):
+        """(view 1, view 2) augment.ViewConfig: SPEC §2 with the colour distortion scaled."""
+        from harl_tf.data import augment
+        return augment.scaled_view_configs(self.color_jitter_strength, self.grayscale_prob)
+
     def encoder_config(self) -> dict:
         return {"depth": self.depth, "width_multiplier": self.width_multiplier,
                 "output_stride": self.output_stride, "small_stem": self.small_stem}
@@ -150,6 +157,10 @@ def _require(condition: bool, message: str):
 def validate_config(c: PretrainConfig, *, check_files: bool = True) -> None:
     """Cheap checks before any heavy work; ValueError with a one-line message naming the flag."""
     _require(bool(c.model_dir), "--model_dir is required (where checkpoints and logs go).")
+    _require(c.color_jitter_strength >= 0,
+             f"--color_jitter_strength must be >= 0, got {c.color_jitter_strength}.")
+    _require(0 <= c.grayscale_prob <= 1,
+             f"--grayscale_prob must be in [0, 1], got {c.grayscale_prob}.")
     _require(bool(c.train_files), "--train_files is required (a glob of TFRecord files).")
     _require(c.depth in DEPTHS, f"--depth must be one of {DEPTHS}, got {c.depth}.")
     _require(c.output_stride in OUTPUT_STRIDES,
@@ -285,7 +296,8 @@ def write_image_summary(c: PretrainConfig, writer, step: int) -> None:
     if c.image_summaries <= 0:
         return
     batch = next(iter(pretrain_dataset(c.train_files, c.image_summaries, c.image_size,
-                                       seed=c.seed, shuffle_buffer=16)))
+                                       seed=c.seed, shuffle_buffer=16,
+                                       view_configs=c.view_configs())))
     pairs = tf.concat([_overlay(batch["view1"], batch["mask1"]),
                        _overlay(batch["view2"], batch["mask2"])], axis=2)
     with writer.as_default():
@@ -495,7 +507,7 @@ def _run(c: PretrainConfig, strategy, chief: bool) -> dict:
             dataset = distributed_pretrain_dataset(
                 strategy, c.train_files, c.batch_size, c.image_size, seed=data_seed,
                 deterministic=c.deterministic, shuffle_buffer=c.shuffle_buffer,
-                start_step=start_step)
+                start_step=start_step, view_configs=c.view_configs())
             # A corrupt shard ends the run with an error naming the file and record.
             with naming_corrupt_files(c.train_files):
                 if distribute.uses_custom_loop(strategy):

@@ -325,3 +325,31 @@ def test_default_views_follow_spec():
         assert (v.brightness, v.contrast, v.saturation, v.hue) == (0.4, 0.4, 0.2, 0.1)
         assert v.crop_area == (0.08, 1.0) and v.crop_aspect == (3 / 4, 4 / 3)
         assert v.blur_sigma == (0.1, 2.0)
+
+
+def test_colour_jitter_strength_scales_byols_distortion():
+    """Strength 1 with grayscale 0.2 is SPEC §2 exactly; strength s multiplies BYOL's
+    brightness, contrast, saturation and hue (clipped to 1 and 0.5) and leaves geometry,
+    blur and solarisation alone; a stronger jitter spreads the hue of one image's views."""
+    assert augment.scaled_view_configs(1.0, 0.2) == augment.default_view_configs()
+    v1, v2 = augment.scaled_view_configs(3.0, 0.5)
+    for view, spec in zip((v1, v2), augment.default_view_configs()):
+        assert (view.brightness, view.contrast, view.saturation) == pytest.approx(
+            (1.0, 1.0, 0.6))
+        assert view.hue == pytest.approx(0.3) and view.grayscale_prob == 0.5
+        assert (view.crop_area, view.blur_prob, view.solarize_prob) == (
+            spec.crop_area, spec.blur_prob, spec.solarize_prob)
+    with pytest.raises(ValueError, match="color_jitter_strength"):
+        augment.scaled_view_configs(-1.0)
+
+    red = tf.constant(np.tile([[[0.8, 0.2, 0.2]]], (16, 16, 1)), tf.float32)
+
+    def hue_spread(strength):
+        config = dataclasses.replace(augment.scaled_view_configs(strength, 0.0)[0],
+                                     jitter_prob=1.0, blur_prob=0.0)
+        hues = [tf.image.rgb_to_hsv(augment.finish_view(
+            red, None, tf.constant([i, 7], tf.int64), config, 16).image)[0, 0, 0].numpy()
+            for i in range(40)]
+        angles = 2 * np.pi * np.asarray(hues)
+        return 1.0 - np.hypot(np.cos(angles).mean(), np.sin(angles).mean())
+    assert hue_spread(4.0) > 3 * hue_spread(1.0)

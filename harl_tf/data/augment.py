@@ -110,6 +110,25 @@ def default_view_configs() -> Tuple[ViewConfig, ViewConfig]:
     return VIEW1, VIEW2
 
 
+def scaled_view_configs(color_jitter_strength: float = 1.0,
+                        grayscale_prob: float = 0.2) -> Tuple[ViewConfig, ViewConfig]:
+    """SPEC §2's views with the colour distortion scaled, as SimCLR's strength s does.
+
+    Brightness, contrast, saturation and hue are BYOL's (0.4, 0.4, 0.2, 0.1) times
+    ``color_jitter_strength`` (clipped to 1, and hue to 0.5); ``grayscale_prob`` replaces
+    0.2. Strength 1 with 0.2 returns :func:`default_view_configs` exactly. A small-image
+    recipe may need more: where every view of an image keeps its random tint, colour alone
+    tells two views of one image from other images, and the encoder need not learn shape.
+    """
+    if color_jitter_strength < 0:
+        raise ValueError(f"color_jitter_strength must be >= 0, got {color_jitter_strength}")
+    s = float(color_jitter_strength)
+    return tuple(dataclasses.replace(
+        view, brightness=min(1.0, VIEW1.brightness * s), contrast=min(1.0, VIEW1.contrast * s),
+        saturation=min(1.0, VIEW1.saturation * s), hue=min(0.5, VIEW1.hue * s),
+        grayscale_prob=grayscale_prob) for view in default_view_configs())
+
+
 class AugmentedView(NamedTuple):
     """One view. image: float32 [S, S, 3] in [0, 1]; mask: float32 [S, S, 1] in {0, 1}
     (None when no mask was given); record: what was drawn — ``crop_window`` int32 [4]
