@@ -100,6 +100,14 @@ flags.DEFINE_integer("seed", 0, "Seed of the views and data order (--determinist
 flags.DEFINE_integer("linear_epochs", 50, "Linear probe epochs (precomputed features).")
 flags.DEFINE_float("linear_learning_rate", 0.5, "Linear probe peak SGD learning rate.")
 flags.DEFINE_integer("knn_k", 20, "k of the k-NN classifier.")
+flags.DEFINE_enum("linear_probe", "fixed", ["fixed", "grid"],
+                  "fixed: no weight decay, --linear_epochs at --linear_learning_rate; grid: "
+                  "the same with the weight decay chosen by finetune's --weight_decay_grid "
+                  "on a validation split of the train features (never the scored split).")
+flags.DEFINE_enum("eval_background", "original", ["original", "both"],
+                  "both: also score every encoder on mixed_rand backgrounds (Xiao et al. "
+                  "2021: each object pasted on another class's background) and report the "
+                  "gap.")
 flags.DEFINE_integer("fashion_mnist_train", 10000, "Fashion-MNIST train images used.")
 flags.DEFINE_integer("fashion_mnist_test", 2000, "Fashion-MNIST test images used.")
 flags.DEFINE_integer("tsne_points", 1000, "Test embeddings in the t-SNE map.")
@@ -458,10 +466,13 @@ def evaluate(method: str) -> dict:
         with open(results_path) as f:
             out["finetune"] = json.load(f)
         return out
+    decay = ["--weight_decay=0.0"] if FLAGS.linear_probe == "fixed" else []
+    background = [f"--eval_background={FLAGS.eval_background}"]
     for mode, extra in (("linear", [f"--epochs={FLAGS.linear_epochs}",
                                     f"--learning_rate={FLAGS.linear_learning_rate}",
-                                    "--batch_size=128", "--weight_decay=0.0"]),
-                        ("knn", [f"--knn_k={FLAGS.knn_k}", "--knn_temperature=0.07"])):
+                                    "--batch_size=128"] + decay + background),
+                        ("knn", [f"--knn_k={FLAGS.knn_k}", "--knn_temperature=0.07"]
+                         + background)):
         output_dir = os.path.join(_paths()["evals"], f"{method}_{mode}")
         results_path = os.path.join(output_dir, "results.json")
         if not os.path.exists(results_path):
@@ -672,7 +683,13 @@ def main(argv) -> None:
         entry = {"loss_mode": METHODS[method][0], "masks": METHODS[method][1],
                  "linear_top1": lin["top1"], "linear_top5": lin["top5"],
                  "knn_top1": knn["top1"], "num_train": lin["num_train"],
-                 "num_eval": lin["num_eval"], "eval_seconds": lin["seconds"] + knn["seconds"]}
+                 "num_eval": lin["num_eval"], "eval_seconds": lin["seconds"] + knn["seconds"],
+                 "linear_weight_decay": lin.get("weight_decay"),
+                 "linear_weight_decay_selection": lin.get("weight_decay_selection")}
+        for mode, res in (("linear", lin), ("knn", knn)):
+            if res.get("background"):
+                entry[f"{mode}_mixed_rand_top1"] = res["background"]["mixed_rand"]["top1"]
+                entry[f"{mode}_background_gap"] = res["background"]["gap_top1"]
         summary_path = os.path.join(_paths()["runs"], method, "summary.json")
         if os.path.exists(summary_path):
             with open(summary_path) as f:
@@ -736,7 +753,8 @@ def main(argv) -> None:
                    "alpha_base": FLAGS.alpha_base, "lambda_base": FLAGS.lambda_base,
                    "recipe_flagfile": FLAGS.recipe_flagfile,
                    "seed": FLAGS.seed},
-        "evaluation": {"linear": {"epochs": FLAGS.linear_epochs,
+        "evaluation": {"linear": {"epochs": FLAGS.linear_epochs, "probe": FLAGS.linear_probe,
+                                  "eval_background": FLAGS.eval_background,
                                   "learning_rate": FLAGS.linear_learning_rate,
                                   "features": "precomputed centre crop, crop_fraction 1.0, "
                                               "standardised with train statistics"},

@@ -1,0 +1,102 @@
+r"""Seeds of the fmnist-scenes learning benchmark, side by side: mean ± sd per method.
+
+    python bench/report_learning.py \
+        --inputs=bench/results/bench_learning_fmnist_scenes_s0.json,...s1.json,...s2.json
+
+Each input is one ``bench/bench_learning.py --dataset=fmnist_scenes`` result (one seed,
+scored on the test split). For every method and metric the table gives the mean over the
+seeds that ran it, the sample standard deviation and the count; the comparisons give the
+difference of means and the pooled standard deviation of the two methods' seeds,
+sqrt((s_a² + s_b²) / 2), which the issue's "more than one pooled sd apart" is measured
+against. Writes ``bench/results/<results_name>.json``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from bench import common  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("inputs", [], "bench_learning result JSON files, one per seed.")
+flags.DEFINE_string("results_name", "bench_learning_fmnist_scenes", "Results file stem.")
+flags.DEFINE_list("compare", ["hybrid_conventional:byol", "byol:random",
+                              "hybrid_conventional:random", "hybrid_ground_truth:byol",
+                              "mask_conventional:byol"],
+                  "a:b pairs whose difference of means is reported.")
+
+METRICS = ("knn_top1", "linear_top1", "knn_mixed_rand_top1", "linear_mixed_rand_top1",
+           "knn_background_gap", "linear_background_gap", "supervised_top1")
+
+
+def summarise(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return {"mean": float(np.mean(values)),
+            "sd": float(np.std(values, ddof=1)) if len(values) > 1 else None,
+            "n": len(values), "values": values}
+
+
+def fmt(stat):
+    if stat is None:
+        return "–"
+    if stat["sd"] is None:
+        return f"{stat['mean']:.3f}"
+    return f"{stat['mean']:.3f} ± {stat['sd']:.3f} ({stat['n']})"
+
+
+def main(argv) -> None:
+    del argv
+    if not FLAGS.inputs:
+        raise app.UsageError("--inputs: give at least one bench_learning result file")
+    runs = []
+    for path in FLAGS.inputs:
+        with open(path) as f:
+            runs.append(json.load(f))
+    methods = []
+    for run in runs:
+        methods += [m for m in run["methods"] if m not in methods]
+    stats = {m: {k: summarise([r["methods"][m].get(k) for r in runs if m in r["methods"]])
+                 for k in METRICS} for m in methods}
+    rows = [[m, fmt(stats[m]["knn_top1"]), fmt(stats[m]["linear_top1"] or
+                                                 stats[m]["supervised_top1"]),
+             fmt(stats[m]["knn_mixed_rand_top1"]), fmt(stats[m]["knn_background_gap"]),
+             fmt(stats[m]["linear_mixed_rand_top1"]), fmt(stats[m]["linear_background_gap"])]
+            for m in methods]
+    table = common.table(rows, ["method", "k-NN top-1", "linear top-1",
+                                "k-NN mixed_rand", "k-NN gap", "linear mixed_rand",
+                                "linear gap"])
+    print(table)
+    comparisons = {}
+    for pair in FLAGS.compare:
+        a, b = pair.split(":")
+        if a not in stats or b not in stats:
+            continue
+        comparisons[pair] = {}
+        for k in ("knn_top1", "linear_top1", "knn_background_gap", "linear_background_gap"):
+            sa, sb = stats[a][k], stats[b][k]
+            if sa is None or sb is None:
+                continue
+            pooled = (np.sqrt(((sa["sd"] or 0.0) ** 2 + (sb["sd"] or 0.0) ** 2) / 2)
+                      if sa["sd"] is not None and sb["sd"] is not None else None)
+            comparisons[pair][k] = {"difference": sa["mean"] - sb["mean"],
+                                    "pooled_sd": pooled}
+            print(f"{pair:<34} {k:<22} {sa['mean'] - sb['mean']:+.3f}"
+                  + (f"  (pooled sd {pooled:.3f})" if pooled is not None else ""))
+    common.write_result(FLAGS.results_name, {
+        "inputs": FLAGS.inputs, "seeds": [r["budget"]["seed"] for r in runs],
+        "budget": runs[0]["budget"], "evaluation": runs[0]["evaluation"],
+        "statistics": stats, "comparisons": comparisons, "table_markdown": table,
+        "machine": common.machine_info()})
+
+
+if __name__ == "__main__":
+    app.run(main)
