@@ -19,11 +19,16 @@ runner (DirectRunner here; Dataflow, Flink, Spark at scale). Needs the ``beam`` 
 - *WriteManifest* runs once, after every shard: it reads the shard sidecars back from
   ``output_dir`` and writes ``manifest.json``.
 
+The steps call the builder's own (module-private) helpers on purpose: one implementation
+of each step, whichever runner drives it.
+
 Atomicity: this module writes through temporary files renamed into place, not through a
 Beam sink. A shard is written as ``.<shard>.tmp`` and renamed when complete, then its
 sidecar; ``manifest.json`` is renamed into place last. A failed or retried bundle leaves at
 most a hidden ``.tmp`` file, which the retry overwrites; a rerun skips shards whose file and
-sidecar agree (the local builder's resume). Renames need a POSIX file system that every
+sidecar agree (the local builder's resume). Two live attempts at one shard (speculative
+execution, off by default on Spark and absent on Dataflow batch) would share the temporary
+name; keep speculation off. Renames need a POSIX file system that every
 worker mounts (local disk for the DirectRunner; NFS / Filestore, or a bucket mounted with
 gcsfuse, on a cluster); ``gs://`` paths are not supported.
 
@@ -116,15 +121,15 @@ class _WriteShard(beam.DoFn):
         self._output_dir, self._strict = output_dir, strict
 
     def setup(self):
-        self._processor = builder._Processor(self._source, **self._kwargs)  # noqa: SLF001
+        self._processor = builder._Processor(self._source, **self._kwargs)
         self._writer = record_writer_factory()
 
     def process(self, shard):
-        if builder._is_finished(self._output_dir, shard):  # noqa: SLF001
+        if builder._is_finished(self._output_dir, shard):
             yield shard.without_refs(), False, 0
             return
-        with builder._naming_write_errors(self._output_dir):  # noqa: SLF001
-            processed = builder._build_shards(  # noqa: SLF001
+        with builder._naming_write_errors(self._output_dir):
+            processed = builder._build_shards(
                 self._source, self._output_dir, [shard], self._kwargs, self._processor,
                 num_workers=1, strict=self._strict, progress=False, total=shard.size,
                 writer_factory=self._writer)
@@ -136,15 +141,15 @@ def _write_manifest(results: List[tuple], source: Source, splits: List[str],
                     runner: str) -> None:
     plan = {split: sorted((shard for shard, _, _ in results if shard.split == split),
                           key=lambda shard: shard.index) for split in splits}
-    manifest = builder._manifest(output_dir, source, plan, options, options["mask"],  # noqa: SLF001
-                                 1, 0)
+    manifest = builder._manifest(output_dir, source, plan, options, options["mask"],
+                                 num_partitions=1, partition_index=0)
     seconds = time.time() - started
     processed = sum(count for _, _, count in results)
     manifest["last_run"] = {
         "runner": runner, "shards_built": sum(1 for _, built, _ in results if built),
         "images_processed": processed, "seconds": round(seconds, 3),
         "images_per_second": round(processed / seconds, 2) if seconds > 0 else None}
-    builder._write_json_atomic(os.path.join(output_dir, builder.MANIFEST_NAME), manifest)  # noqa: SLF001
+    builder._write_json_atomic(os.path.join(output_dir, builder.MANIFEST_NAME), manifest)
 
 
 def build_dataset_beam(source: Source, output_dir: str, *,

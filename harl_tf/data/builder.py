@@ -41,7 +41,9 @@ ids and of every option that changes the bytes) is written the same way. A rerun
 shard whose file and sidecar agree (same fingerprint, same size and sha256) and rebuilds
 every other one; a stale temporary file is simply overwritten.
 
-Several machines. ``num_partitions`` / ``partition_index``: machine ``i`` builds the
+Several machines. :mod:`harl_tf.data.beam_build` runs this same plan and per-example
+code as an Apache Beam pipeline (any runner; the recommended way past one machine). Without
+Beam, ``num_partitions`` / ``partition_index``: machine ``i`` builds the
 shards whose index ``k`` satisfies ``k % num_partitions == i``. The shard plan depends only
 on the source and the options, so the union of the partitions is the single-machine build,
 shard for shard. Each machine writes ``manifest.json`` from the sidecars it can see;
