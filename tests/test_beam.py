@@ -204,6 +204,36 @@ def test_beam_mask_folder_equals_the_local_one_and_strict_names_the_file(tmp_pat
                                              strict=True, pipeline_options=IN_PROCESS)
 
 
+class _LeftHalf:
+    """A test mask method: the left half of the image is foreground."""
+    name = "left_half"
+
+    def __init__(self, margin=0):
+        self.params = {"margin": margin}
+
+    def __call__(self, image):
+        mask = np.zeros(image.shape[:2], np.uint8)
+        mask[:, : image.shape[1] // 2] = 1
+        return mask
+
+
+def test_tfds_beam_build_equals_local(tmp_path, monkeypatch):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    monkeypatch.setitem(masks._REGISTRY, "left_half", _LeftHalf)
+    with tfds.testing.mock_data(num_examples=7):  # patches this process: in-process runner
+        source = sources.TFDSSource("mnist", data_dir=str(tmp_path / "absent"))
+        options = dict(num_shards=3, mask_method="left_half", mask_params={"margin": 1})
+        local = builder.build_dataset(source, str(tmp_path / "local"), progress=False,
+                                      **options)
+        beam = beam_build.build_dataset_beam(source, str(tmp_path / "beam"),
+                                             pipeline_options=IN_PROCESS, **options)
+    records = _records(tmp_path / "beam", "train")
+    assert sorted(records) == [f"mnist/train/{i:08d}" for i in range(7)]
+    assert records == _records(tmp_path / "local", "train")
+    assert _counts(beam) == _counts(local) and beam["splits"]["train"]["num_records"] == 7
+    assert beam["mask"] == {"method": "left_half", "params": {"margin": 1}}
+
+
 def test_a_runners_error_text_gives_back_the_one_line_message():
     remote = RuntimeError(
         "Traceback (most recent call last):\n  File \"x.py\", line 1, in process\n"
