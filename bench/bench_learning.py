@@ -1,8 +1,21 @@
 r"""Small-scale reproduction: does HARL's mask pooling beat BYOL at the same budget?
 
+    # the learning benchmark: fmnist-scenes, the shipped CPU-scale recipe, one seed
+    python bench/bench_learning.py --dataset=fmnist_scenes \
+        --recipe_flagfile=flags/fmnist_scenes_base.cfg --linear_probe=grid \
+        --eval_background=both --records_dir=/tmp/harl_bench_records \
+        --work_dir=/tmp/harl_bench_fms_s0 --seed=0 --results_name=bench_learning_fmnist_scenes_s0
     python bench/bench_learning.py --work_dir=/tmp/harl_bench_learning     # cutouts, ~1 h
     python bench/bench_learning.py --dataset=fashion_mnist --steps=200 \
         --work_dir=/tmp/harl_bench_fmnist
+
+fmnist-scenes (../shared/data/fmnist-scenes): Fashion-MNIST items on photographs with exact
+masks. Its conventional masks are computed once with ``tools.generate_masks`` and both mask
+sources are built from symbolic-link trees. ``--eval_split=validation`` holds out 2,000
+train images (fixed permutation) and scores on them: the split every recipe choice is
+made on (``bench/sweep_learning.py``); ``--eval_split=test`` pretrains on all 10,000
+train images and scores on the 2,000 test images. ``supervised`` trains the same encoder
+with labels for the same number of images (the ceiling at this budget).
 
 Data (cutouts, ../shared/data/cutouts): the train split's images pretrain (its labels
 are never seen by the encoder: only by the online probe, which is stop-gradient, and by
