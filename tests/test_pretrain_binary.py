@@ -97,7 +97,16 @@ def test_binary_rejects_bad_flags_with_one_line_and_status_2(tmp_path):
 
 
 @pytest.mark.parametrize("name, expect", [
-    ("quickstart", dict(depth=18, image_size=64, loss_mode="hybrid")),
+    ("quickstart", dict(depth=18, width_multiplier=0.5, image_size=32, loss_mode="hybrid",
+                        trust_coefficient=0.02)),
+    # The fmnist-scenes recipe: the method flagfiles nest the base one and differ only in
+    # the loss mode and paths.
+    ("fmnist_scenes_harl", dict(loss_mode="hybrid", image_size=32, width_multiplier=0.5,
+                                output_stride=8, batch_size=128, train_steps=500,
+                                trust_coefficient=0.02, weight_decay=1e-5,
+                                model_dir="/tmp/fmnist_scenes/harl")),
+    ("fmnist_scenes_byol", dict(loss_mode="byol", image_size=32, train_steps=500,
+                                trust_coefficient=0.02, model_dir="/tmp/fmnist_scenes/byol")),
     ("cutouts", {}),
     ("imagenet_harl_r50_1000ep", dict(depth=50, epochs=1000, batch_size=4096,
                                       loss_mode="hybrid", tau_base=0.996)),

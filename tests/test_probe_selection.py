@@ -144,8 +144,8 @@ def test_evaluate_chooses_the_decay_without_reading_the_eval_files(tmp_path):
 
 
 def test_cli_uses_the_grid_unless_a_weight_decay_is_given():
-    """The grid is the default of --mode=linear on precomputed features; an explicit
-    --weight_decay (as in flags/quickstart_linear.cfg) keeps the fixed recipe; both at
+    """The grid is the default of --mode=linear on precomputed features (the quickstart's
+    probe flagfile included); an explicit --weight_decay keeps the fixed recipe; both at
     once is an error; other modes use no grid."""
     script = (
         "import json, sys\n"
@@ -168,7 +168,8 @@ def test_cli_uses_the_grid_unless_a_weight_decay_is_given():
     assert result.returncode == 0, result.stderr[-2000:]
     grids = json.loads(result.stdout.strip().splitlines()[-1])
     assert grids[0] == list(probe_selection.DEFAULT_GRID)
-    assert grids[1] == grids[2] == []
+    assert grids[1] == []
+    assert grids[2] == list(probe_selection.DEFAULT_GRID)
     assert grids[3] == [0.0, 0.5]
     assert "not both" in grids[4]
     assert grids[5] == grids[6] == grids[7] == []
