@@ -204,22 +204,10 @@ def test_beam_mask_folder_equals_the_local_one_and_strict_names_the_file(tmp_pat
                                              strict=True, pipeline_options=IN_PROCESS)
 
 
-class _LeftHalf:
-    """A test mask method: the left half of the image is foreground."""
-    name = "left_half"
-
-    def __init__(self, margin=0):
-        self.params = {"margin": margin}
-
-    def __call__(self, image):
-        mask = np.zeros(image.shape[:2], np.uint8)
-        mask[:, : image.shape[1] // 2] = 1
-        return mask
-
-
 def test_tfds_beam_build_equals_local(tmp_path, monkeypatch):
     tfds = pytest.importorskip("tensorflow_datasets")
-    monkeypatch.setitem(masks._REGISTRY, "left_half", _LeftHalf)
+    from test_builder import _HalfMask  # the builder tests' mask method, reused
+    monkeypatch.setitem(masks._REGISTRY, "left_half", _HalfMask)
     with tfds.testing.mock_data(num_examples=7):  # patches this process: in-process runner
         source = sources.TFDSSource("mnist", data_dir=str(tmp_path / "absent"))
         options = dict(num_shards=3, mask_method="left_half", mask_params={"margin": 1})

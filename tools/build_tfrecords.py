@@ -36,6 +36,8 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from absl import app, flags  # noqa: E402
 
+from tools import _beam_flags  # noqa: E402
+
 from harl_tf import errors  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -90,13 +92,7 @@ flags.DEFINE_integer("partition_index", 0, "This machine's index: it builds shar
                      "k % num_partitions == partition_index.")
 flags.DEFINE_integer("num_workers", os.cpu_count() or 1, "Worker processes (1: no pool; "
                      "--runner=local only).")
-flags.DEFINE_enum("runner", "local", ["local", "beam"], "local: this machine's worker "
-                  "processes; beam: an Apache Beam pipeline (extra [beam]) on the runner "
-                  "that --beam_pipeline_options names.")
-flags.DEFINE_string("beam_pipeline_options", "", "Beam's own command-line options, passed "
-                    "through, e.g. '--runner=DirectRunner --direct_num_workers=2 "
-                    "--direct_running_mode=multi_processing' (empty: DirectRunner in this "
-                    "process).")
+_beam_flags.define("this machine's worker processes")
 # bad input
 flags.DEFINE_bool("strict", False, "Stop at the first unreadable/corrupt/oversized image "
                   "instead of skipping and counting it.")

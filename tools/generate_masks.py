@@ -20,6 +20,8 @@ if __package__ in (None, ""):  # `python tools/generate_masks.py` from a source 
 
 from absl import app, flags  # noqa: E402
 
+from tools import _beam_flags  # noqa: E402
+
 from harl_tf.errors import HarlError  # noqa: E402
 from harl_tf.masks import available_methods  # noqa: E402
 from harl_tf.masks.conventional import DEFAULT_PARAMS  # noqa: E402
@@ -43,13 +45,7 @@ flags.DEFINE_bool("overwrite", False, "Recompute masks that already exist.")
 flags.DEFINE_bool("strict", False, "Stop at the first image that cannot be decoded.")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
 flags.DEFINE_string("summary_path", None, "Summary JSON path (default: in --masks_dir).")
-flags.DEFINE_enum("runner", "local", ["local", "beam"], "local: --num_workers processes on "
-                  "this machine; beam: an Apache Beam pipeline (extra [beam]) on the runner "
-                  "that --beam_pipeline_options names.")
-flags.DEFINE_string("beam_pipeline_options", "", "Beam's own command-line options, passed "
-                    "through, e.g. '--runner=DirectRunner --direct_num_workers=2 "
-                    "--direct_running_mode=multi_processing' (empty: DirectRunner in this "
-                    "process).")
+_beam_flags.define("--num_workers processes on this machine")
 
 _HELP = {
     "sigma": "FH Gaussian smoothing, working pixels (paper: 0.8).",
