@@ -61,6 +61,8 @@ CONFIGS = {
     "byol_solo_cj2": (["byol"], {"extra_pretrain_flags": "--color_jitter_strength=2"}),
     "hybrid_solo_cj2": (["hybrid_conventional"],
                         {"extra_pretrain_flags": "--color_jitter_strength=2"}),
+    "hybrid_solo_validbn": (["hybrid_conventional"],
+                            {"extra_pretrain_flags": "--valid_region_batchnorm"}),
     "byol_solo_lr2_tau096": (["byol"], {"base_learning_rate": 2.0, "tau_base": 0.96}),
     "hybrid_solo_lr2_tau096": (["hybrid_conventional"], {"base_learning_rate": 2.0,
                                                           "tau_base": 0.96}),
