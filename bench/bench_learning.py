@@ -363,9 +363,13 @@ def read_flagfile(path: str) -> dict:
 
 
 def apply_recipe_flagfile() -> None:
-    """Sets the budget flags from --recipe_flagfile, so evaluation and the report use the
-    recipe's encoder and view size."""
+    """Sets the budget flags from --recipe_flagfile (and --extra_pretrain_flags, which
+    override it), so evaluation and the report use the run's encoder, view size and steps."""
     values = read_flagfile(FLAGS.recipe_flagfile)
+    for token in FLAGS.extra_pretrain_flags.split():  # they follow the flagfile: they win
+        if token.startswith("--") and "=" in token:
+            name, value = token[2:].split("=", 1)
+            values[name] = value
     for pretrain_name, bench_name in RECIPE_FLAGS.items():
         if pretrain_name in values:
             FLAGS[bench_name].parse(values[pretrain_name])

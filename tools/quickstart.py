@@ -9,7 +9,9 @@ a user would type it (the commands are printed):
    masks (train and test splits), and once more with the exact ground-truth masks;
 2. ``tools.mask_quality``: mean IoU of the conventional masks against the ground truth;
 3. ``harl_tf.pretrain --flagfile=flags/quickstart.cfg``: HARL pretraining;
-4. ``harl_tf.export``: the online encoder as a SavedModel;
+4. ``harl_tf.export --output_stride=keep``: the online encoder as a SavedModel, with the
+   output stride it was trained with (8: a 4x4 map at 32 px) so the probes see the
+   features pretraining shaped;
 5. ``harl_tf.finetune --mode=linear`` and ``--mode=knn``: a linear probe (its weight decay
    chosen on a validation part of the train split) and a k-NN classifier on the pretrained
    encoder, and on a randomly initialised encoder of the same architecture, the baseline;
@@ -112,7 +114,8 @@ def main(argv):
     timings["export"] = _step(
         "5/6 export of the online encoder",
         [py, "-m", "harl_tf.export", f"--model_dir={model_dir}",
-         f"--export_dir={export_dir}", "--overwrite"], os.path.join(logs, "export.log"))
+         f"--export_dir={export_dir}", "--output_stride=keep", "--overwrite"],
+        os.path.join(logs, "export.log"))
     probes = {}
     for mode, extra in (("linear", []), ("knn", ["--mode=knn", "--knn_k=20"])):
         for name, encoder in (("pretrained", [f"--encoder={export_dir}"]),
