@@ -295,14 +295,14 @@ def build_records() -> dict:
     seconds = {}
     if FLAGS.dataset == "fmnist_scenes":
         folders = _fmnist_scenes_folders()
-        for masks, name in (("ground_truth", "ground_truth"), ("conventional", "conventional")):
+        for masks in ("ground_truth", "conventional"):
             out = _records(masks)
             if os.path.exists(os.path.join(out, "manifest.json")):
                 continue
             seconds[masks] = _run(
                 [PY, "-m", "tools.build_tfrecords", "--source=folder",
                  f"--images_dir={folders[masks]}", f"--splits=train,{_eval_name()}",
-                 f"--output_dir={out}", f"--mask_method_name={name}", "--num_workers=2",
+                 f"--output_dir={out}", f"--mask_method_name={masks}", "--num_workers=2",
                  "--noprogress"], os.path.join(_paths()["logs"], f"build_{masks}.log"))
         return seconds
     images_dir = _data_dir() if FLAGS.dataset == "cutouts" else _fashion_mnist_folder()
@@ -376,40 +376,39 @@ def apply_recipe_flagfile() -> None:
 
 
 def pretrain_flags(method: str) -> list:
-    """The full flag list of one method's run: identical except --loss_mode and records."""
+    """The full flag list of one method's run: identical except --loss_mode and records.
+
+    The budget (encoder, heads, optimiser, schedules) comes from --recipe_flagfile when
+    given, else from this script's budget flags; the run's own paths, data and bookkeeping
+    follow it, then --extra_pretrain_flags (the last word)."""
     loss_mode, masks = METHODS[method]
     num_train = _num_train()
     num_classes = 8 if FLAGS.dataset == "cutouts" else 10
-    if FLAGS.recipe_flagfile:  # the recipe from the flagfile; the run's own paths and seed
-        return [f"--flagfile={os.path.join(ROOT, FLAGS.recipe_flagfile)}",
-                f"--train_files={_records(masks)}/train-*.tfrecord",
-                f"--model_dir={os.path.join(_paths()['runs'], method)}",
-                f"--loss_mode={loss_mode}", f"--num_train_examples={num_train}",
-                f"--num_classes={num_classes}", f"--shuffle_buffer={num_train}",
-                f"--seed={FLAGS.seed}", "--deterministic", "--strategy=default",
-                f"--checkpoint_every_steps={max(FLAGS.steps // 2, 1)}", "--keep_checkpoints=1",
-                "--log_every_steps=10", "--image_summaries=0",
-                ] + FLAGS.extra_pretrain_flags.split()
-    return [
+    if FLAGS.recipe_flagfile:
+        budget = [f"--flagfile={os.path.join(ROOT, FLAGS.recipe_flagfile)}"]
+    else:
+        budget = [
+            f"--image_size={FLAGS.image_size}",
+            f"--depth={FLAGS.depth}", f"--width_multiplier={FLAGS.width_multiplier}",
+            f"--small_stem={str(FLAGS.small_stem).lower()}",
+            f"--output_stride={FLAGS.output_stride}",
+            f"--projector_hidden_dim={FLAGS.head_hidden_dim}",
+            f"--projection_dim={FLAGS.projection_dim}",
+            f"--predictor_hidden_dim={FLAGS.head_hidden_dim}",
+            f"--alpha_base={FLAGS.alpha_base}", "--alpha_schedule=cosine",
+            f"--lambda_base={FLAGS.lambda_base}", "--lambda_schedule=cosine",
+            f"--batch_size={FLAGS.batch_size}", f"--train_steps={FLAGS.steps}",
+            f"--base_learning_rate={FLAGS.base_learning_rate}",
+            f"--warmup_epochs={FLAGS.warmup_epochs}", f"--weight_decay={FLAGS.weight_decay}",
+            f"--trust_coefficient={FLAGS.trust_coefficient}",
+            f"--tau_base={FLAGS.tau_base}", "--probe_learning_rate=0.001",
+        ]
+    return budget + [
         f"--train_files={_records(masks)}/train-*.tfrecord",
         f"--model_dir={os.path.join(_paths()['runs'], method)}",
-        f"--loss_mode={loss_mode}",
-        f"--num_train_examples={num_train}", f"--image_size={FLAGS.image_size}",
-        f"--depth={FLAGS.depth}", f"--width_multiplier={FLAGS.width_multiplier}",
-        f"--small_stem={str(FLAGS.small_stem).lower()}",
-        f"--output_stride={FLAGS.output_stride}",
-        f"--projector_hidden_dim={FLAGS.head_hidden_dim}",
-        f"--projection_dim={FLAGS.projection_dim}",
-        f"--predictor_hidden_dim={FLAGS.head_hidden_dim}",
-        f"--alpha_base={FLAGS.alpha_base}", "--alpha_schedule=cosine",
-        f"--lambda_base={FLAGS.lambda_base}", "--lambda_schedule=cosine",
-        f"--batch_size={FLAGS.batch_size}", f"--train_steps={FLAGS.steps}",
-        f"--base_learning_rate={FLAGS.base_learning_rate}",
-        f"--warmup_epochs={FLAGS.warmup_epochs}", f"--weight_decay={FLAGS.weight_decay}",
-        f"--trust_coefficient={FLAGS.trust_coefficient}",
-        f"--tau_base={FLAGS.tau_base}",
+        f"--loss_mode={loss_mode}", f"--num_train_examples={num_train}",
         # Online probe on the train labels: stop-gradient, for the training curves only.
-        f"--num_classes={num_classes}", "--probe_learning_rate=0.001",
+        f"--num_classes={num_classes}",
         f"--shuffle_buffer={num_train}", f"--seed={FLAGS.seed}", "--deterministic",
         "--strategy=default", f"--checkpoint_every_steps={max(FLAGS.steps // 2, 1)}",
         "--keep_checkpoints=1", "--log_every_steps=10", "--image_summaries=0",

@@ -124,8 +124,8 @@ def scaled_view_configs(color_jitter_strength: float = 1.0,
         raise ValueError(f"color_jitter_strength must be >= 0, got {color_jitter_strength}")
     s = float(color_jitter_strength)
     return tuple(dataclasses.replace(
-        view, brightness=min(1.0, VIEW1.brightness * s), contrast=min(1.0, VIEW1.contrast * s),
-        saturation=min(1.0, VIEW1.saturation * s), hue=min(0.5, VIEW1.hue * s),
+        view, brightness=min(1.0, view.brightness * s), contrast=min(1.0, view.contrast * s),
+        saturation=min(1.0, view.saturation * s), hue=min(0.5, view.hue * s),
         grayscale_prob=grayscale_prob) for view in default_view_configs())
 
 

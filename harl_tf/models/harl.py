@@ -277,8 +277,6 @@ class HARLModel(keras.Model):
         """``[head(x) for x in inputs]``, batched through ``call_groups`` when the head has
         it (``heads.MLPHead``: one matrix product per layer, BatchNorm per region)."""
         if hasattr(head, "call_groups"):
-            if row_weights is None:
-                return head.call_groups(inputs, training=training)
             return head.call_groups(inputs, training=training, row_weights=row_weights)
         return [head(x, training=training) for x in inputs]
 
