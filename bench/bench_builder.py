@@ -294,13 +294,8 @@ def _beam_summary(runs: list) -> dict:
 
 
 def _save(name: str, results: dict) -> None:
-    os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
-    path = os.path.join(ROOT, "bench", "results", f"{name}.json")
-    temporary = path + ".tmp"
-    with open(temporary, "w") as handle:
-        json.dump(results, handle, indent=1)
-        handle.write("\n")
-    os.replace(temporary, path)
+    from harl_tf.atomic import write_json_atomic
+    path = write_json_atomic(os.path.join(ROOT, "bench", "results", f"{name}.json"), results)
     print(f"wrote {path}")
 
 

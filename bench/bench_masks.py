@@ -30,9 +30,10 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from harl_tf.atomic import write_json_atomic  # noqa: E402
 from harl_tf.masks import get_method  # noqa: E402
 from harl_tf.masks.conventional import DEFAULT_PARAMS, centred_ellipse, segment  # noqa: E402
-from harl_tf.masks.folder import list_images, read_image, write_bytes_atomic  # noqa: E402
+from harl_tf.masks.folder import list_images, read_image  # noqa: E402
 from harl_tf.masks.quality import evaluate, read_mask  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -170,7 +171,7 @@ def _main(argv):
         print("\n== speed, one core, 400x300")
         results["speed"] = speed(split_dir, FLAGS.speed_images)
     results["machine"]["load_average_end"] = list(os.getloadavg())
-    write_bytes_atomic(FLAGS.output_json, (json.dumps(results, indent=2) + "\n").encode())
+    write_json_atomic(FLAGS.output_json, results)
     print(f"\nwrote {FLAGS.output_json}")
 
 

@@ -17,6 +17,8 @@ import statistics
 import sys
 from typing import Dict, Iterable, List, Sequence
 
+from harl_tf.atomic import write_json_atomic  # the scripts call common.write_json_atomic
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_DIR = os.path.join(ROOT, "bench", "results")
 
@@ -104,23 +106,6 @@ def describe_machine(machine: dict) -> str:
             f"keras {v.get('keras')}, numpy {v.get('numpy')}")
 
 
-def write_json_atomic(path: str, payload) -> str:
-    """Writes ``payload`` as indented JSON via a temporary file and a rename."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    temporary = f"{path}.tmp{os.getpid()}"
-    with open(temporary, "w") as f:
-        json.dump(payload, f, indent=1, default=_jsonable)
-        f.write("\n")
-    os.replace(temporary, path)
-    return path
-
-
-def _jsonable(value):
-    if hasattr(value, "item"):          # numpy scalars
-        return value.item()
-    if hasattr(value, "tolist"):        # numpy arrays
-        return value.tolist()
-    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
 
 
 def write_result(name: str, payload: dict) -> str:

@@ -45,11 +45,11 @@ import json
 import os
 import shutil
 import signal
-import tempfile
 from typing import Optional
 
 import tensorflow as tf
 
+from harl_tf.atomic import write_json_atomic
 from harl_tf.errors import HarlError
 
 MODEL_CONFIG_FILE = "model_config.json"
@@ -68,24 +68,6 @@ class NonFiniteStateError(RuntimeError):
 
 
 # JSON ---------------------------------------------------------------------------------------
-
-def write_json_atomic(path: str, obj) -> None:
-    """Write ``obj`` as indented JSON to ``path`` via a temporary file and a rename."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path), dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True, default=str)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
 
 def read_json(path: str, what: str) -> dict:
     """Read a JSON file, with an error that names the file and what it should hold."""

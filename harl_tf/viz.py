@@ -24,6 +24,7 @@ from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image, ImageDraw
 
+from harl_tf.atomic import write_bytes_atomic
 from harl_tf.masks import to_rgb_uint8
 
 TINT = (255, 0, 0)
@@ -110,9 +111,7 @@ def contact_sheet(rows: Sequence[Sequence[np.ndarray]], *, tile_size: int = 128,
 
 
 def write_png(array: np.ndarray, path: str) -> None:
-    """Writes an RGB ``uint8`` array as PNG atomically (temporary file, then rename)."""
-    from harl_tf.masks.folder import write_bytes_atomic
-
+    """Writes an RGB ``uint8`` array as PNG atomically (:mod:`harl_tf.atomic`)."""
     buffer = io.BytesIO()
     Image.fromarray(np.asarray(array, np.uint8)).save(buffer, format="PNG")
     write_bytes_atomic(path, buffer.getvalue())

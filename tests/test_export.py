@@ -86,7 +86,7 @@ def test_export_writes_savedmodel_weights_and_metadata(model_dir, exported):
     assert on_disk["normalization"]["mean"] == list(resnet.IMAGENET_MEAN)
     assert on_disk["versions"]["tensorflow"].startswith("2.")
     assert on_disk["batchnorm_training"] is False
-    leftovers = [n for n in os.listdir(os.path.dirname(export_dir)) if ".tmp-" in n]
+    leftovers = [n for n in os.listdir(os.path.dirname(export_dir)) if n.startswith(".")]
     assert not leftovers
 
 

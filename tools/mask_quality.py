@@ -21,7 +21,7 @@ if __package__ in (None, ""):  # `python tools/mask_quality.py` from a source ch
 
 from absl import app, flags  # noqa: E402
 
-from harl_tf.masks.folder import write_bytes_atomic  # noqa: E402
+from harl_tf.atomic import write_json_atomic  # noqa: E402
 from harl_tf.masks.quality import evaluate, evaluate_folders, iter_record_pairs  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -66,8 +66,7 @@ def _main(argv):
     if FLAGS.per_image:
         summary["per_image"] = report.rows
     if FLAGS.output_json:
-        write_bytes_atomic(FLAGS.output_json,
-                           (json.dumps(summary, indent=2) + "\n").encode("utf-8"))
+        write_json_atomic(FLAGS.output_json, summary)
     if report.missing and not FLAGS.allow_missing:
         shown = ", ".join(report.missing[:5])
         sys.exit(f"error: {len(report.missing)} ground-truth masks have no prediction in "

@@ -35,6 +35,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 
+from harl_tf import atomic
 from harl_tf.errors import HarlError
 
 MODES = ("mixed_rand",)
@@ -198,7 +199,6 @@ def shift_records(input_files: str, output_dir: str, *, mode: str = "mixed_rand"
     import tensorflow as tf
 
     from harl_tf.data import pipeline, schema
-    from harl_tf.downstream import export_lib
 
     if mode not in MODES:
         raise ValueError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}.")
@@ -242,7 +242,7 @@ def shift_records(input_files: str, output_dir: str, *, mode: str = "mixed_rand"
     position = 0
     for file_index, name in enumerate(names):
         path = os.path.join(output_dir, name)
-        with export_lib.atomic_path(path) as tmp:
+        with atomic.atomic_path(path) as tmp:
             with tf.io.TFRecordWriter(tmp) as writer:
                 while position < len(records) and records[position][0] == file_index:
                     record = records[position][1]
@@ -272,5 +272,5 @@ def shift_records(input_files: str, output_dir: str, *, mode: str = "mixed_rand"
         "fill": f"cv2.inpaint INPAINT_TELEA, radius {INPAINT_RADIUS}, mask dilated by 1 px, "
                 "clipped to the surrounding background's colour range",
     }
-    export_lib.write_json_atomic(os.path.join(output_dir, SUMMARY_NAME), summary)
+    atomic.write_json_atomic(os.path.join(output_dir, SUMMARY_NAME), summary)
     return summary

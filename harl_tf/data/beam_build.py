@@ -52,6 +52,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from harl_tf import atomic
 from harl_tf.data import builder
 from harl_tf.data.sources import Source
 from harl_tf.errors import HarlError
@@ -149,7 +150,7 @@ def _write_manifest(results: List[tuple], source: Source, splits: List[str],
         "runner": runner, "shards_built": sum(1 for _, built, _ in results if built),
         "images_processed": processed, "seconds": round(seconds, 3),
         "images_per_second": round(processed / seconds, 2) if seconds > 0 else None}
-    builder._write_json_atomic(os.path.join(output_dir, builder.MANIFEST_NAME), manifest)
+    atomic.write_json_atomic(os.path.join(output_dir, builder.MANIFEST_NAME), manifest)
 
 
 def build_dataset_beam(source: Source, output_dir: str, *,

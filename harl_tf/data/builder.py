@@ -69,6 +69,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optio
 
 import numpy as np
 
+from harl_tf import atomic
 from harl_tf.data.sources import (ExampleRef, RawExample, Source,
                                   estimate_num_shards, shard_bounds)
 from harl_tf.errors import HarlError
@@ -431,21 +432,6 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def _write_json_atomic(path: str, value: Any) -> None:
-    temporary = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
-    try:
-        with open(temporary, "w", encoding="utf-8") as handle:
-            json.dump(value, handle, indent=1, sort_keys=True)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(temporary)
-        raise
-
-
 def _read_sidecar(output_dir: str, shard: _Shard) -> Optional[Dict[str, Any]]:
     path = os.path.join(output_dir, SIDECAR_DIR, shard.name + ".json")
     try:
@@ -660,7 +646,7 @@ def build_dataset(source: Source, output_dir: str, *, splits: Optional[Sequence[
             "shards_built": len(pending), "images_processed": written,
             "seconds": round(seconds, 3), "num_workers": int(num_workers),
             "images_per_second": round(written / seconds, 2) if seconds > 0 else None}
-        _write_json_atomic(os.path.join(output_dir, MANIFEST_NAME), manifest)
+        atomic.write_json_atomic(os.path.join(output_dir, MANIFEST_NAME), manifest)
     logger.info("built %d shards (%d images) in %.1f s (%.1f images/s); manifest %s",
                 len(pending), written, seconds, written / max(seconds, 1e-9),
                 os.path.join(output_dir, MANIFEST_NAME))
@@ -773,9 +759,7 @@ def _record(result: tuple, state: Dict[str, Any], shard: _Shard, strict: bool) -
 def _finish_shard(output_dir: str, shard: _Shard, state: Dict[str, Any]) -> None:
     state["writer"].close()
     temporary, final = state["temporary"], os.path.join(output_dir, shard.name)
-    with open(temporary, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(temporary, final)
+    atomic.commit(temporary, final)
     sidecar = {
         "file": shard.name, "split": shard.split, "index": shard.index,
         "num_shards": shard.count, "num_examples": len(shard.refs),
@@ -785,7 +769,7 @@ def _finish_shard(output_dir: str, shard: _Shard, state: Dict[str, Any]) -> None
         "counts": state["counts"], "skipped": state["skipped"],
         "seconds": round(time.time() - state["started"], 3),
     }
-    _write_json_atomic(os.path.join(output_dir, SIDECAR_DIR, shard.name + ".json"), sidecar)
+    atomic.write_json_atomic(os.path.join(output_dir, SIDECAR_DIR, shard.name + ".json"), sidecar)
 
 
 def _manifest(output_dir: str, source: Source, plan: Dict[str, List[_Shard]],

@@ -34,6 +34,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import tensorflow as tf
 
+from harl_tf import atomic
 from harl_tf.data import background_shift, pipeline
 from harl_tf.downstream import (encoder_source, export_lib, knn, linear, probe_selection,
                                 subsets)
@@ -256,7 +257,7 @@ def _evaluate(config: EvaluationConfig,
         "seconds": round(time.time() - started, 1),
         "versions": export_lib.versions(),
     }
-    export_lib.write_json_atomic(os.path.join(config.output_dir, RESULTS_FILE), results)
+    atomic.write_json_atomic(os.path.join(config.output_dir, RESULTS_FILE), results)
     return results
 
 

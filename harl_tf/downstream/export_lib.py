@@ -28,27 +28,25 @@ The output stride is chosen at export (SPEC section 3): the stride of the last s
 changes the sampling grid, not the weight shapes, so an encoder pretrained at output stride
 16 exports as a standard stride-32 encoder by default.
 
-Writes are atomic: everything is written into a temporary sibling directory which is
-renamed onto ``export_dir`` only when complete, so a half-written export never looks like
+Writes are atomic (:mod:`harl_tf.atomic`): everything is written into a temporary sibling
+directory which is renamed onto ``export_dir`` only when complete, so a half-written export never looks like
 a complete one.
 """
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
 import os
 import platform
-import shutil
-import tempfile
 import time
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Optional
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 import harl_tf
+from harl_tf import atomic
 from harl_tf.errors import HarlError
 from harl_tf.models import resnet
 
@@ -60,78 +58,8 @@ INPUT_NAME = "images"
 FORMAT_VERSION = 1
 
 
-def _default_mode(directory: bool) -> int:
-    """Permissions a plain ``mkdir`` / ``open`` would give under the current umask
-    (``mkdtemp`` / ``mkstemp`` create private 0700 / 0600 entries)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return (0o777 if directory else 0o666) & ~umask
-
-
 class ExportError(HarlError):
     """An export cannot be written or read (names the directory and what is wrong)."""
-
-
-# Atomic files and directories --------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def atomic_directory(target: str, *, overwrite: bool = False) -> Iterator[str]:
-    """Yields a temporary directory next to ``target``; renames it onto ``target`` on
-    success and deletes it on failure.
-
-    An existing ``target`` is an :class:`ExportError` unless ``overwrite``; it is then
-    replaced only after the new directory is complete.
-    """
-    target = os.path.abspath(target)
-    if os.path.exists(target) and not overwrite:
-        raise ExportError(f"{target} already exists; choose another directory or pass "
-                          "--overwrite (overwrite=True) to replace it.")
-    parent = os.path.dirname(target)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    os.chmod(tmp, _default_mode(directory=True))
-    old = None
-    if os.path.exists(target):
-        if not overwrite:  # appeared while we were writing
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise ExportError(f"{target} appeared while exporting; not replacing it.")
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-", dir=parent)
-        os.rmdir(old)
-        os.rename(target, old)
-    os.rename(tmp, target)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def atomic_path(path: str) -> Iterator[str]:
-    """Yields a temporary path next to ``path`` to write a file to; on success the file
-    gets the usual permissions and is renamed onto ``path``; on failure it is deleted."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=directory)
-    os.close(fd)
-    try:
-        yield tmp
-        os.chmod(tmp, _default_mode(directory=False))
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-
-
-def write_json_atomic(path: str, payload: Any) -> None:
-    """Writes ``payload`` as indented JSON to ``path`` via a temporary file and a rename."""
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
-        f.write("\n")
 
 
 def versions() -> Dict[str, str]:
@@ -265,7 +193,7 @@ def export_encoder(encoder: keras.Model, export_dir: str, *,
         "versions": versions(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    with atomic_directory(export_dir, overwrite=overwrite) as tmp:
+    with atomic.atomic_directory(export_dir, overwrite=overwrite) as tmp:
         root = saved_model_root(encoder, serve)
         tf.saved_model.save(root, tmp, signatures={SIGNATURE: root.serving_default})
         encoder.save_weights(os.path.join(tmp, WEIGHTS_FILE))
@@ -274,7 +202,7 @@ def export_encoder(encoder: keras.Model, export_dir: str, *,
             metadata["onnx"] = onnx_export.export_onnx(
                 serve, os.path.join(tmp, ONNX_FILE), opset=onnx_opset)
             metadata["onnx"]["file"] = ONNX_FILE
-        write_json_atomic(os.path.join(tmp, METADATA_FILE), metadata)
+        atomic.write_json_atomic(os.path.join(tmp, METADATA_FILE), metadata)
     return metadata
 
 

@@ -8,11 +8,12 @@ absolute difference above ``tolerance`` (1e-4) is an error.
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Callable, Dict, Sequence
 
 import numpy as np
 import tensorflow as tf
+
+from harl_tf import atomic
 
 INSTALL_HINT = 'pip install -e ".[onnx]"  (tf2onnx and onnxruntime)'
 
@@ -48,24 +49,22 @@ def export_onnx(serve: Callable, path: str, *, opset: int = 17,
 
     spec = (tf.TensorSpec([None, None, None, 3], tf.float32, name="images"),)
     function = tf.function(serve, input_signature=spec)
-    tmp = path + ".tmp"
-    tf2onnx.convert.from_function(function, input_signature=spec, opset=opset,
-                                  output_path=tmp)
-    images = np.random.default_rng(seed).random(check_shape, dtype=np.float32)
-    session = onnxruntime.InferenceSession(tmp, providers=["CPUExecutionProvider"])
-    names = [output.name for output in session.get_outputs()]
-    got = dict(zip(names, session.run(None, {session.get_inputs()[0].name: images})))
-    want = {k: v.numpy() for k, v in function(tf.constant(images)).items()}
-    diff = 0.0
-    for key, value in want.items():
-        match = [n for n in names if n.split(":")[0] == key]
-        if not match:
-            os.remove(tmp)
-            raise ValueError(f"ONNX model {path} has no output {key!r} (outputs: {names}).")
-        diff = max(diff, float(np.max(np.abs(got[match[0]] - value))))
-    if not diff <= tolerance:
-        os.remove(tmp)
-        raise ValueError(f"ONNX model disagrees with TensorFlow: max abs diff {diff:.3g} > "
-                         f"{tolerance:g} on a batch of shape {tuple(check_shape)}.")
-    os.replace(tmp, path)
+    with atomic.atomic_path(path) as tmp:  # a model that fails the check is not kept
+        tf2onnx.convert.from_function(function, input_signature=spec, opset=opset,
+                                      output_path=tmp)
+        images = np.random.default_rng(seed).random(check_shape, dtype=np.float32)
+        session = onnxruntime.InferenceSession(tmp, providers=["CPUExecutionProvider"])
+        names = [output.name for output in session.get_outputs()]
+        got = dict(zip(names, session.run(None, {session.get_inputs()[0].name: images})))
+        want = {k: v.numpy() for k, v in function(tf.constant(images)).items()}
+        diff = 0.0
+        for key, value in want.items():
+            match = [n for n in names if n.split(":")[0] == key]
+            if not match:
+                raise ValueError(f"ONNX model {path} has no output {key!r} "
+                                 f"(outputs: {names}).")
+            diff = max(diff, float(np.max(np.abs(got[match[0]] - value))))
+        if not diff <= tolerance:
+            raise ValueError(f"ONNX model disagrees with TensorFlow: max abs diff {diff:.3g} "
+                             f"> {tolerance:g} on a batch of shape {tuple(check_shape)}.")
     return {"opset": int(opset), "max_abs_diff": diff, "check_shape": list(check_shape)}

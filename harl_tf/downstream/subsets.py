@@ -20,8 +20,8 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
+from harl_tf import atomic
 from harl_tf.data import pipeline
-from harl_tf.downstream import export_lib
 
 _ID_LABEL = {
     "id": tf.io.FixedLenFeature([], tf.string, default_value=b""),
@@ -100,7 +100,7 @@ def label_subset(ids: Sequence[str], labels: Sequence[int], fraction: float, *,
 
 def write_ids(path: str, ids: Iterable[str]) -> None:
     """Writes ids one per line (atomically)."""
-    with export_lib.atomic_path(path) as tmp, open(tmp, "w") as f:
+    with atomic.atomic_path(path) as tmp, open(tmp, "w") as f:
         for example_id in ids:
             f.write(f"{example_id}\n")
 
@@ -123,7 +123,7 @@ def write_subset_records(file_pattern: str, ids: Iterable[str], out_dir: str, *,
         return path
     wanted_set = set(wanted)
     found = 0
-    with export_lib.atomic_path(path) as tmp:
+    with atomic.atomic_path(path) as tmp:
         with tf.io.TFRecordWriter(tmp) as writer:
             files = pipeline.list_files(file_pattern, caller=f"--{flag}")
             records = tf.data.TFRecordDataset(files).map(

@@ -37,7 +37,7 @@ from typing import Dict
 import keras
 import numpy as np
 
-from harl_tf.downstream import export_lib
+from harl_tf import atomic
 from harl_tf.models import resnet
 
 DETECTRON2_AUTHOR = "harl-tf"
@@ -77,20 +77,17 @@ def detectron2_checkpoint(state: Dict[str, np.ndarray]) -> Dict[str, object]:
     return {"model": model, "__author__": DETECTRON2_AUTHOR, "matching_heuristics": True}
 
 
-def _atomic_write(path: str, write) -> None:
-    with export_lib.atomic_path(path) as tmp, open(tmp, "wb") as f:
-        write(f)
-
-
 def save_npz(path: str, state: Dict[str, np.ndarray]) -> None:
     """Writes the state dict as an uncompressed ``.npz`` (keys are the torchvision names)."""
-    _atomic_write(path, lambda f: np.savez(f, **state))
+    with atomic.atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **state)
 
 
 def save_detectron2(path: str, state: Dict[str, np.ndarray]) -> None:
     """Writes :func:`detectron2_checkpoint` of ``state`` as a pickle (``.pkl``)."""
     checkpoint = detectron2_checkpoint(state)
-    _atomic_write(path, lambda f: pickle.dump(checkpoint, f, protocol=4))
+    with atomic.atomic_path(path) as tmp, open(tmp, "wb") as f:
+        pickle.dump(checkpoint, f, protocol=4)
 
 
 def compatibility_notes(config: Dict[str, object]) -> list:

@@ -55,6 +55,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
+from harl_tf import atomic
 from harl_tf.downstream import export_lib
 from harl_tf.masks import MaskResult, folder, quality, to_rgb_uint8
 from harl_tf.models import resnet
@@ -168,7 +169,7 @@ class FrozenEncoder:
             export_lib.export_encoder(model, path, encoder_config=model.config,
                                       output_stride=None, source=dict(self.description))
             return
-        with export_lib.atomic_directory(path) as temporary:
+        with atomic.atomic_directory(path) as temporary:
             archive = keras.export.ExportArchive()
             archive.track(model)
             archive.add_endpoint(export_lib.SIGNATURE, export_lib.serving_function(model),
@@ -437,7 +438,7 @@ class SaliencyModel:
                 raise FileExistsError(
                     f"mask model output {path} exists and is not a saliency model "
                     f"(no {CONFIG_FILE}); choose another path or remove it")
-        with export_lib.atomic_directory(path, overwrite=True) as temporary:
+        with atomic.atomic_directory(path, overwrite=True) as temporary:
             encoder = dict(self.encoder.description)
             if self.encoder.keras_model is not None:
                 self.encoder.save(os.path.join(temporary, ENCODER_DIR))

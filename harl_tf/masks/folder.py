@@ -20,15 +20,14 @@ by ``.png``.
 from __future__ import annotations
 
 import io
-import json
 import multiprocessing
 import os
-import tempfile
 import time
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 
+from harl_tf.atomic import write_bytes_atomic, write_json_atomic
 from harl_tf.masks import get_method, to_rgb_uint8
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -88,7 +87,7 @@ def read_image(path: str) -> np.ndarray:
 
 def write_mask_png(path: str, mask: np.ndarray) -> None:
     """Writes ``mask`` (``{0, 1}`` or ``{0, 255}`` ``[H, W]``) as a single-channel 0/255 PNG,
-    atomically (temporary file in the same folder, then ``os.replace``)."""
+    atomically (:mod:`harl_tf.atomic`)."""
     from PIL import Image
 
     buffer = io.BytesIO()
@@ -96,20 +95,6 @@ def write_mask_png(path: str, mask: np.ndarray) -> None:
         buffer, format="PNG")
     write_bytes_atomic(path, buffer.getvalue())
 
-
-def write_bytes_atomic(path: str, data: bytes) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".",
-                                         suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
 
 
 # One method instance per worker process (set by _init_worker).
@@ -191,8 +176,7 @@ def finish_summary(summary: Dict[str, Any], seconds: float,
     if summary_path is None:
         summary_path = default_summary_path(summary["masks_dir"], summary["shard_index"],
                                             summary["num_shards"])
-    write_bytes_atomic(summary_path, (json.dumps(summary, indent=2, sort_keys=True) + "\n")
-                       .encode("utf-8"))
+    write_json_atomic(summary_path, summary)
     return summary
 
 
