@@ -2,7 +2,7 @@
 
 1. Encoder: ``--encoder`` (an export SavedModel), or else a RANDOMLY INITIALISED ResNet
    (``--encoder_config``, default ResNet-18 at output stride 8) exported to a temporary
-   SavedModel through :mod:`harl_tf.downstream.export_lib`, so both cases run the same
+   SavedModel through :mod:`harl_tf.saved_encoder`, so both cases run the same
    SavedModel path. A random encoder is a baseline, labelled as such in the output.
 2. Train the head on a seeded subset of ``--train_limit`` TRAIN images whose pseudo-masks
    are the CONVENTIONAL masks (``get_method("conventional")``, computed here; no labels).

@@ -10,7 +10,6 @@ starts children stays small.
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics

@@ -3,18 +3,19 @@
 Every error the library raises for bad input, a bad flag or a bad file derives from
 :class:`HarlError` (itself a ``ValueError``, so older ``except ValueError`` still works):
 ``schema.SchemaError``, ``sources.SourceError``, ``builder.BuildError``,
-``export_lib.ExportError``.
+``saved_encoder.ExportError``, ``atomic.DestinationExistsError``.
 
-Binaries (``harl_tf.export``, ``harl_tf.finetune``, ``tools.build_tfrecords``) run through
-:func:`run_binary`: a flag that does not parse (unknown, wrong type, missing flagfile), an
-``app.UsageError`` or a :class:`HarlError` ends the process with ONE line
-``<program>: error: <message>`` on stderr and exit status 2 — no traceback, no help text.
+Binaries (``harl_tf.export``, ``harl_tf.finetune`` and every tool in :mod:`harl_tf.cli`)
+run through :func:`run_binary`: a flag that does not parse (unknown, wrong type, missing
+flagfile, a required flag not given), an ``app.UsageError`` or a :class:`HarlError` ends
+the process with ONE line ``<program>: error: <message>`` on stderr and exit status 2 — no
+traceback, no help text. Any other exception is a bug and keeps its traceback.
 ``harl_tf.pretrain`` does the same with its own parser. Nothing here imports TensorFlow.
 """
 from __future__ import annotations
 
 import sys
-from typing import Callable, NoReturn
+from typing import Callable, NoReturn, Sequence
 
 USAGE_EXIT_STATUS = 2
 
@@ -37,9 +38,18 @@ def fail(program: str, message: object) -> NoReturn:
     sys.exit(USAGE_EXIT_STATUS)
 
 
-def run_binary(program: str, main: Callable, *, errors=(HarlError,)) -> None:
-    """``absl.app.run(main)`` with one-line errors for flags, usage and ``errors``."""
+def run_binary(program: str, main: Callable, *, errors=(HarlError,),
+               required: Sequence[str] = ()) -> None:
+    """``absl.app.run(main)`` with one-line errors for flags, usage and ``errors``.
+
+    ``required`` names flags that must be given (``flags.mark_flags_as_required``; marked
+    here, when the binary runs, not when its module is imported, so that importing several
+    binaries' modules in one process, as the tests do, does not make one's flags required
+    for another).
+    """
     from absl import app, flags
+
+    flags.mark_flags_as_required(list(required))
 
     def parse(argv):
         try:

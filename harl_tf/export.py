@@ -4,12 +4,11 @@ r"""Export the pretrained online encoder as a SavedModel (+ Keras weights, + JSO
     python -m harl_tf.export --model_dir=... --export_dir=... --step=100000 --onnx
 
 Reads the latest complete checkpoint of the pretraining ``--model_dir`` (or ``--step``) and
-writes ``--export_dir`` atomically; see :mod:`harl_tf.downstream.export_lib` for the
+writes ``--export_dir`` atomically; see :mod:`harl_tf.saved_encoder` for the
 layout and the ``serving_default`` signature (float32 ``images`` [batch, height, width, 3]
 in [0, 1] -> ``embedding`` [batch, C], ``feature_map`` [batch, h, w, C]).
 """
 import os
-import sys
 
 from absl import app, flags, logging
 
@@ -33,31 +32,27 @@ flags.DEFINE_bool("onnx", False, "Also write encoder.onnx (needs the onnx extra)
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    for name in ("model_dir", "export_dir"):
-        if not getattr(FLAGS, name):
-            raise app.UsageError(f"--{name} is required.")
     if not os.path.isdir(FLAGS.model_dir):
-        sys.exit(f"error: --model_dir={FLAGS.model_dir} does not exist.")
+        raise app.UsageError(f"--model_dir={FLAGS.model_dir} does not exist.")
     if os.path.exists(FLAGS.export_dir) and not FLAGS.overwrite:
-        sys.exit(f"error: --export_dir={FLAGS.export_dir} already exists; pass --overwrite "
-                 "to replace it.")
+        raise app.UsageError(f"--export_dir={FLAGS.export_dir} already exists; pass "
+                             "--overwrite to replace it.")
     if FLAGS.step is not None and FLAGS.step < 0:
-        sys.exit(f"error: --step must be >= 0, got {FLAGS.step}.")
+        raise app.UsageError(f"--step must be >= 0, got {FLAGS.step}.")
 
     if not FLAGS["verbosity"].present:  # TF's SavedModel writer is chatty at INFO
         logging.set_verbosity(logging.WARNING)
-    from harl_tf.downstream import export_lib, onnx_export  # heavy imports after validation
+    from harl_tf import saved_encoder  # heavy imports after validation
+    from harl_tf.downstream import onnx_export
 
     if FLAGS.onnx and not onnx_export.onnx_available():
-        sys.exit(f"error: --onnx needs tf2onnx and onnxruntime: {onnx_export.INSTALL_HINT}")
+        raise app.UsageError(f"--onnx needs tf2onnx and onnxruntime: "
+                             f"{onnx_export.INSTALL_HINT}")
     output_stride = None if FLAGS.output_stride == "keep" else int(FLAGS.output_stride)
-    try:
-        metadata = export_lib.export_from_model_dir(
-            FLAGS.model_dir, FLAGS.export_dir, step=FLAGS.step, output_stride=output_stride,
-            batchnorm_training=FLAGS.batchnorm_training, overwrite=FLAGS.overwrite,
-            onnx=FLAGS.onnx)
-    except export_lib.ExportError as e:
-        sys.exit(f"error: {e}")
+    metadata = saved_encoder.export_from_model_dir(  # ExportError: one line (run_binary)
+        FLAGS.model_dir, FLAGS.export_dir, step=FLAGS.step, output_stride=output_stride,
+        batchnorm_training=FLAGS.batchnorm_training, overwrite=FLAGS.overwrite,
+        onnx=FLAGS.onnx)
     source = metadata["source"]
     print(f"exported step {source.get('step')} of {source.get('model_dir')} "
           f"(output stride {metadata['output_stride']}, C = {metadata['feature_dim']}) "
@@ -65,7 +60,8 @@ def main(argv):
 
 
 def run():
-    errors.run_binary("export", main)
+    """Console-script entry point (``harl-export``)."""
+    errors.run_binary("export", main, required=["model_dir", "export_dir"])
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from _export_helpers import make_model_dir
-from harl_tf.downstream import export_lib
+from harl_tf import saved_encoder
 from harl_tf.models import resnet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,7 +55,7 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def exported(model_dir, tmp_path_factory):
     export_dir = str(tmp_path_factory.mktemp("exports") / "harl")
-    metadata = export_lib.export_from_model_dir(model_dir[0], export_dir)
+    metadata = saved_encoder.export_from_model_dir(model_dir[0], export_dir)
     return export_dir, metadata
 
 
@@ -130,7 +130,7 @@ def test_fresh_process_loads_the_same_function_at_two_sizes(model_dir, exported,
 
 def test_named_step_and_kept_output_stride(model_dir, tmp_path):
     export_dir = str(tmp_path / "step7")
-    metadata = export_lib.export_from_model_dir(model_dir[0], export_dir, step=7,
+    metadata = saved_encoder.export_from_model_dir(model_dir[0], export_dir, step=7,
                                                 output_stride=None)
     assert metadata["source"]["step"] == 7
     assert metadata["output_stride"] == 16 and metadata["total_stride"] == 4
@@ -145,8 +145,8 @@ def test_named_step_and_kept_output_stride(model_dir, tmp_path):
 
 def test_existing_export_dir_is_refused_unless_overwrite(model_dir, exported):
     export_dir, _ = exported
-    with pytest.raises(export_lib.ExportError, match="already exists.*--overwrite"):
-        export_lib.export_from_model_dir(model_dir[0], export_dir)
+    with pytest.raises(saved_encoder.ExportError, match="already exists.*--overwrite"):
+        saved_encoder.export_from_model_dir(model_dir[0], export_dir)
     result = subprocess.run(
         [sys.executable, "-m", "harl_tf.export", f"--model_dir={model_dir[0]}",
          f"--export_dir={export_dir}"], capture_output=True, text=True, env=ENV, timeout=60)
@@ -166,13 +166,13 @@ def test_failed_overwrite_keeps_the_old_export_and_overwrite_replaces_it(
             f.write(b"half written")
         raise OSError("disk full")
     with monkeypatch.context() as patch:
-        patch.setattr(export_lib.tf.saved_model, "save", crash_half_way)
+        patch.setattr(saved_encoder.tf.saved_model, "save", crash_half_way)
         with pytest.raises(OSError, match="disk full"):
-            export_lib.export_from_model_dir(model_dir[0], str(export_dir), overwrite=True)
+            saved_encoder.export_from_model_dir(model_dir[0], str(export_dir), overwrite=True)
     assert sorted(os.listdir(tmp_path)) == ["harl"]  # the half-written copy is gone
     assert os.listdir(export_dir) == ["old.txt"]  # and the old export is untouched
 
-    metadata = export_lib.export_from_model_dir(model_dir[0], str(export_dir), step=7,
+    metadata = saved_encoder.export_from_model_dir(model_dir[0], str(export_dir), step=7,
                                                 overwrite=True)
     with open(export_dir / "harl_export.json") as f:
         assert json.load(f)["source"]["step"] == metadata["source"]["step"] == 7
@@ -183,8 +183,8 @@ def test_failed_overwrite_keeps_the_old_export_and_overwrite_replaces_it(
 def test_missing_checkpoint_names_the_model_dir(tmp_path):
     empty = tmp_path / "run"
     empty.mkdir()
-    with pytest.raises(export_lib.ExportError, match=f"--model_dir={empty}"):
-        export_lib.export_from_model_dir(str(empty), str(tmp_path / "out"))
+    with pytest.raises(saved_encoder.ExportError, match=f"--model_dir={empty}"):
+        saved_encoder.export_from_model_dir(str(empty), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
     result = subprocess.run(
         [sys.executable, "-m", "harl_tf.export", f"--model_dir={tmp_path / 'nope'}",
@@ -195,8 +195,8 @@ def test_missing_checkpoint_names_the_model_dir(tmp_path):
 
 
 def test_missing_step_lists_available_steps(model_dir, tmp_path):
-    with pytest.raises(export_lib.ExportError, match=r"step 99.*\[7, 12\]"):
-        export_lib.export_from_model_dir(model_dir[0], str(tmp_path / "out"), step=99)
+    with pytest.raises(saved_encoder.ExportError, match=r"step 99.*\[7, 12\]"):
+        saved_encoder.export_from_model_dir(model_dir[0], str(tmp_path / "out"), step=99)
 
 
 def test_batchnorm_training_export_uses_batch_statistics(tmp_path):
@@ -206,7 +206,7 @@ def test_batchnorm_training_export_uses_batch_statistics(tmp_path):
     randomize(encoder, seed=4)
     images = np.random.default_rng(2).random((4, 32, 32, 3), dtype=np.float32)
     inference = encoder(images, training=False).numpy()
-    metadata = export_lib.export_encoder(encoder, str(tmp_path / "bn"),
+    metadata = saved_encoder.export_encoder(encoder, str(tmp_path / "bn"),
                                          encoder_config=encoder.config, output_stride=None,
                                          batchnorm_training=True)
     assert metadata["batchnorm_training"] is True
@@ -231,7 +231,7 @@ def test_restore_retries_once_when_checkpoint_files_vanish(model_dir, monkeypatc
             raise tf.errors.NotFoundError(None, None, "ckpt-12.data-00000-of-00001 not found")
         return real(directory, step)
     monkeypatch.setattr(checkpoints, "restore_online_encoder", vanishing_once)
-    encoder, config, step, path = export_lib.restore_encoder_from_model_dir(model_dir[0])
+    encoder, config, step, path = saved_encoder.restore_encoder_from_model_dir(model_dir[0])
     assert calls == [12, 12] and step == 12 and path.endswith("ckpt-12")
 
     calls.clear()
@@ -240,6 +240,6 @@ def test_restore_retries_once_when_checkpoint_files_vanish(model_dir, monkeypatc
         calls.append(step)
         raise tf.errors.NotFoundError(None, None, "gone")
     monkeypatch.setattr(checkpoints, "restore_online_encoder", always_gone)
-    with pytest.raises(export_lib.ExportError, match=f"--model_dir={model_dir[0]}.*gone"):
-        export_lib.restore_encoder_from_model_dir(model_dir[0])
+    with pytest.raises(saved_encoder.ExportError, match=f"--model_dir={model_dir[0]}.*gone"):
+        saved_encoder.restore_encoder_from_model_dir(model_dir[0])
     assert len(calls) == 2  # one retry, then a clear error

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from _export_helpers import make_model_dir, write_records
-from harl_tf.downstream import (encoder_source, evaluation, export_lib, knn, linear,
-                                subsets)
+from harl_tf import saved_encoder
+from harl_tf.downstream import encoder_source, evaluation, knn, linear, subsets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
@@ -141,7 +141,7 @@ def test_cli_flag_errors_are_one_line(records, tmp_path):
 
 def test_weights_load_identically_from_export_and_checkpoint(tmp_path):
     make_model_dir(tmp_path / "run", steps=(5,))
-    export_lib.export_from_model_dir(str(tmp_path / "run"), str(tmp_path / "export"))
+    saved_encoder.export_from_model_dir(str(tmp_path / "run"), str(tmp_path / "export"))
     from_export = encoder_source.load_encoder(str(tmp_path / "export"))
     from_checkpoint = encoder_source.load_encoder(str(tmp_path / "run"), output_stride=32)
     assert from_export.kind == "export" and from_checkpoint.kind == "model_dir"

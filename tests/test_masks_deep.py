@@ -157,7 +157,7 @@ def test_accepts_an_exported_encoder_savedmodel(tmp_path):
     resnet = build_encoder(dict(depth=18, width_multiplier=0.125, small_stem=True,
                                 output_stride=8))
     export = str(tmp_path / "export")
-    deep.FrozenEncoder.from_keras(resnet, random_init=True).save(export)  # export_lib
+    deep.FrozenEncoder.from_keras(resnet, random_init=True).save(export)  # saved_encoder
     encoder = deep.FrozenEncoder.from_saved_model(export)
     images = tf.random.uniform((2, 32, 40, 3), seed=1)
     np.testing.assert_allclose(encoder(images).numpy(),
@@ -234,3 +234,13 @@ def test_training_tool_on_an_exported_encoder_and_mask_folders(tmp_path):
     assert config["training"]["num_images"] == 24
     method = masks.get_method("deep", model_path=output, progress=False)
     assert _mean_iou(method.predict_arrays(images), object_masks) >= 0.8
+
+
+def test_mask_generation_does_not_import_downstream_evaluation():
+    """The encoder contract lives in harl_tf.saved_encoder, below both masks and downstream."""
+    code = ("import sys; from harl_tf.masks import deep; deep.DeepSaliencyMasks; "
+            "print(sorted(m for m in sys.modules if m.startswith('harl_tf.downstream')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"

@@ -10,7 +10,7 @@ pytest.importorskip("tf2onnx")
 onnxruntime = pytest.importorskip("onnxruntime")
 
 from _export_helpers import TINY_CONFIG, randomize  # noqa: E402
-from harl_tf.downstream import export_lib  # noqa: E402
+from harl_tf import saved_encoder  # noqa: E402
 from harl_tf.models import resnet  # noqa: E402
 
 
@@ -18,8 +18,8 @@ def test_onnx_export_matches_tensorflow_at_any_size(tmp_path):
     encoder = resnet.build_encoder(dict(TINY_CONFIG, name="encoder"))
     randomize(encoder, seed=3)
     export_dir = tmp_path / "harl"
-    metadata = export_lib.export_encoder(encoder, str(export_dir),
-                                         encoder_config=encoder.config, onnx=True)
+    metadata = saved_encoder.export_encoder(encoder, str(export_dir),
+                                            encoder_config=encoder.config, onnx=True)
     assert metadata["onnx"]["max_abs_diff"] <= 1e-4
     with open(export_dir / "harl_export.json") as f:
         assert json.load(f)["onnx"]["file"] == "encoder.onnx"
@@ -29,7 +29,7 @@ def test_onnx_export_matches_tensorflow_at_any_size(tmp_path):
     assert [i.name for i in session.get_inputs()] == ["images"]
     assert sorted(o.name for o in session.get_outputs()) == ["embedding", "feature_map"]
     stride32 = resnet.build_encoder(dict(encoder.config, output_stride=32))
-    export_lib.copy_weights(encoder, stride32)  # the export's default output stride
+    saved_encoder.copy_weights(encoder, stride32)  # the export's default output stride
     for shape in ((1, 40, 56, 3), (3, 32, 32, 3)):
         images = np.random.default_rng(shape[1]).random(shape, dtype=np.float32)
         got = dict(zip([o.name for o in session.get_outputs()],

@@ -30,7 +30,7 @@ import tensorflow as tf
 
 from harl_tf import checkpoints, schedules, training
 from harl_tf.data import builder, sources
-from harl_tf.downstream import export_lib
+from harl_tf import saved_encoder
 from test_reliability_data import small_tmpfs, subprocess_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -218,11 +218,11 @@ def test_export_during_checkpoint_writes_reads_one_complete_checkpoint(built, tm
     try:
         seen, deadline = [], time.time() + 60
         while len(set(seen)) < 3 and time.time() < deadline:   # reads across saves
-            encoder, _, step, path = export_lib.restore_encoder_from_model_dir(config.model_dir)
+            encoder, _, step, path = saved_encoder.restore_encoder_from_model_dir(config.model_dir)
             assert all(np.all(v.numpy() == step) for v in encoder.weights), step
             seen.append(step)
-        metadata = export_lib.export_from_model_dir(config.model_dir,
-                                                    str(tmp_path / "export"))
+        metadata = saved_encoder.export_from_model_dir(config.model_dir,
+                                                       str(tmp_path / "export"))
     finally:
         stop.set()
         thread.join()
@@ -250,8 +250,8 @@ def test_full_disk_leaves_no_checkpoint_or_export_looking_complete(built, tmp_pa
         assert not glob.glob(os.path.join(model_dir, "checkpoints", "ckpt-*"))  # no _temp
 
         export_dir = os.path.join(disk, "export")
-        with pytest.raises((export_lib.ExportError, OSError, tf.errors.OpError)) as info:
-            export_lib.export_from_model_dir(config.model_dir, export_dir)
+        with pytest.raises((saved_encoder.ExportError, OSError, tf.errors.OpError)) as info:
+            saved_encoder.export_from_model_dir(config.model_dir, export_dir)
         assert "No space left on device" in str(info.value) or "space" in str(info.value)
         assert not os.path.exists(export_dir)
         assert os.listdir(disk) == ["model"] or sorted(os.listdir(disk)) == ["model"]

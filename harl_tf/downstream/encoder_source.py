@@ -21,7 +21,7 @@ from typing import Any, Dict, Optional
 import keras
 import tensorflow as tf
 
-from harl_tf.downstream import export_lib
+from harl_tf import saved_encoder
 from harl_tf.models import resnet
 
 RANDOM = "random"
@@ -45,7 +45,7 @@ class LoadedEncoder:
 
 
 def is_export_dir(path: str) -> bool:
-    return tf.io.gfile.exists(os.path.join(path, export_lib.METADATA_FILE))
+    return tf.io.gfile.exists(os.path.join(path, saved_encoder.METADATA_FILE))
 
 
 def parse_encoder_config(text: str) -> Dict[str, Any]:
@@ -61,7 +61,7 @@ def parse_encoder_config(text: str) -> Dict[str, Any]:
         except json.JSONDecodeError as e:
             raise ValueError(f"--encoder_config is not valid JSON ({e}): {text!r}") from None
     if tf.io.gfile.isdir(text):
-        return export_lib.read_metadata(text)["encoder_config"]
+        return saved_encoder.read_metadata(text)["encoder_config"]
     if tf.io.gfile.exists(text):
         with tf.io.gfile.GFile(text) as f:
             payload = json.load(f)
@@ -73,15 +73,16 @@ def parse_encoder_config(text: str) -> Dict[str, Any]:
 def load_from_export(export_dir: str, *, output_stride: Optional[int] = None) -> LoadedEncoder:
     """Rebuilds the exported ResNet from ``harl_export.json`` and loads
     ``encoder.weights.h5`` (optionally at another output stride; weights are the same)."""
-    metadata = export_lib.read_metadata(export_dir)
+    metadata = saved_encoder.read_metadata(export_dir)
     config = dict(metadata["encoder_config"])
     if output_stride is not None:
         config["output_stride"] = int(output_stride)
     encoder = resnet.build_encoder(config)
-    weights = os.path.join(export_dir, metadata.get("weights_file", export_lib.WEIGHTS_FILE))
+    weights = os.path.join(export_dir,
+                           metadata.get("weights_file", saved_encoder.WEIGHTS_FILE))
     if not tf.io.gfile.exists(weights):
-        raise export_lib.ExportError(f"{export_dir}: weights file {weights} is missing; "
-                                     "re-export the encoder.")
+        raise saved_encoder.ExportError(f"{export_dir}: weights file {weights} is missing; "
+                                        "re-export the encoder.")
     encoder.load_weights(weights)
     description = {"export_dir": os.path.abspath(export_dir), "source": metadata.get("source"),
                    "export_output_stride": metadata.get("output_stride")}
@@ -92,9 +93,9 @@ def load_from_model_dir(model_dir: str, *, step: Optional[int] = None,
                         output_stride: Optional[int] = None) -> LoadedEncoder:
     """The online encoder of a pretraining ``model_dir`` (latest checkpoint or ``step``),
     by default at its pretraining output stride."""
-    encoder, config, restored_step, path = export_lib.restore_encoder_from_model_dir(
+    encoder, config, restored_step, path = saved_encoder.restore_encoder_from_model_dir(
         model_dir, step)
-    encoder, config = export_lib.with_output_stride(encoder, config, output_stride)
+    encoder, config = saved_encoder.with_output_stride(encoder, config, output_stride)
     description = {"model_dir": os.path.abspath(model_dir), "checkpoint": path,
                    "step": None if restored_step is None else int(restored_step)}
     return LoadedEncoder(encoder, config, "model_dir", description)
@@ -134,6 +135,6 @@ def saved_model_layer(export_dir: str, *, trainable: bool = False) -> keras.laye
     """The export's ``serving_default`` as a Keras layer: ``layer(images)`` ->
     {"embedding": [B, C], "feature_map": [B, h, w, C]}. BatchNorm stays in the mode it was
     exported with (inference unless exported with ``--batchnorm_training``)."""
-    export_lib.read_metadata(export_dir)  # clear error when it is not an export
-    return keras.layers.TFSMLayer(export_dir, call_endpoint=export_lib.SIGNATURE,
+    saved_encoder.read_metadata(export_dir)  # clear error when it is not an export
+    return keras.layers.TFSMLayer(export_dir, call_endpoint=saved_encoder.SIGNATURE,
                                   trainable=trainable)

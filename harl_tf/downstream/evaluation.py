@@ -34,10 +34,9 @@ from typing import Any, Dict, Optional, Tuple
 
 import tensorflow as tf
 
-from harl_tf import atomic
+from harl_tf import atomic, saved_encoder
 from harl_tf.data import background_shift, pipeline
-from harl_tf.downstream import (encoder_source, export_lib, knn, linear, probe_selection,
-                                subsets)
+from harl_tf.downstream import encoder_source, knn, linear, probe_selection, subsets
 
 MODES = ("linear", "finetune", "knn")
 EVAL_BACKGROUNDS = ("original", "mixed_rand", "both")
@@ -255,7 +254,7 @@ def _evaluate(config: EvaluationConfig,
         "background": _background_summary(config, scores),
         "config": dataclasses.asdict(config),
         "seconds": round(time.time() - started, 1),
-        "versions": export_lib.versions(),
+        "versions": saved_encoder.versions(),
     }
     atomic.write_json_atomic(os.path.join(config.output_dir, RESULTS_FILE), results)
     return results

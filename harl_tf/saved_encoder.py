@@ -1,6 +1,9 @@
-"""Export the pretrained ONLINE encoder f (no projector, predictor or target network).
+"""The encoder export: the contract every consumer of a pretrained encoder reads.
 
-An export directory holds:
+The pretrained ONLINE encoder f (no projector, predictor or target network) is exported by
+``python -m harl_tf.export`` and read by the deep masks (:mod:`harl_tf.masks.deep`), the
+downstream evaluation (:mod:`harl_tf.downstream`) and the weight conversion tools, so it
+lives here, below all of them. An export directory holds:
 
 ====================  ==================================================================
 ``saved_model.pb``,   TensorFlow SavedModel. Signature ``serving_default``: input
@@ -29,8 +32,8 @@ changes the sampling grid, not the weight shapes, so an encoder pretrained at ou
 16 exports as a standard stride-32 encoder by default.
 
 Writes are atomic (:mod:`harl_tf.atomic`): everything is written into a temporary sibling
-directory which is renamed onto ``export_dir`` only when complete, so a half-written export never looks like
-a complete one.
+directory which is renamed onto ``export_dir`` only when complete, so a half-written export
+never looks like a complete one.
 """
 from __future__ import annotations
 

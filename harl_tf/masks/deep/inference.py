@@ -1,0 +1,94 @@
+"""The registry method ``"deep"``: masks from a trained saliency model.
+
+:class:`DeepSaliencyMasks` masks one image per call, or many: ``predict_arrays`` and
+``predict_files`` batch through ``tf.data`` with a progress bar; every image is resized to
+``input_size`` (aspect ratio not kept, as in training) and its mask is resized back to the
+image's own size. There is no fallback: an image with no salient cell gets an empty mask
+(``MaskResult.fallback`` is always ``None``).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import tensorflow as tf
+
+from harl_tf.masks import MaskResult, to_rgb_uint8
+from harl_tf.masks.deep import data
+from harl_tf.masks.deep.saliency_model import SaliencyModel
+from harl_tf.progress import progress as progress_bar
+
+
+class DeepSaliencyMasks:
+    """Registry object for ``get_method("deep", model_path=...)``.
+
+    ``model_path``: a directory written by :meth:`SaliencyModel.save` (or pass an in-memory
+    ``model``). ``threshold``: foreground where the upsampled probability is ``>``
+    threshold; ``None`` takes the model's (0.5 unless trained with another). ``batch_size``:
+    images per encoder call in ``predict_arrays`` / ``predict_files``. ``params`` records the
+    model path, encoder path, input size and threshold.
+    """
+    name = "deep"
+
+    def __init__(self, model_path: Optional[str] = None, *, threshold: Optional[float] = None,
+                 batch_size: int = 32, model: Optional[SaliencyModel] = None,
+                 progress: bool = True):
+        if (model_path is None) == (model is None):
+            raise ValueError("deep mask: give exactly one of model_path (a directory from "
+                             "tools/train_saliency_head.py) or model")
+        if threshold is not None and not 0.0 <= float(threshold) <= 1.0:
+            raise ValueError(f"deep mask: threshold must be in [0, 1], got {threshold!r}")
+        if int(batch_size) < 1:
+            raise ValueError(f"deep mask: batch_size must be >= 1, got {batch_size!r}")
+        self.model = model if model is not None else SaliencyModel.load(model_path)
+        self.threshold = self.model.threshold if threshold is None else float(threshold)
+        self.batch_size = int(batch_size)
+        self.progress = bool(progress)
+        self.params: Dict[str, Any] = {
+            "model_path": self.model.path,
+            "threshold": self.threshold,
+            "input_size": self.model.input_size,
+            "encoder": self.model.encoder.description.get("path"),
+        }
+        self.last_fallback: Optional[str] = None
+
+    def _masks(self, probabilities: np.ndarray, sizes) -> List[np.ndarray]:
+        return [(data.upsample(p, int(h), int(w)) > self.threshold).astype(np.uint8)
+                for p, (h, w) in zip(probabilities, sizes)]
+
+    def compute(self, image: np.ndarray) -> MaskResult:
+        image = to_rgb_uint8(image)
+        batch = data.encoder_input(image, self.model.input_size)[None]
+        probabilities = self.model.probabilities(batch).numpy()
+        mask = self._masks(probabilities, [image.shape[:2]])[0]
+        self.last_fallback = None
+        return MaskResult(mask, None, {"foreground_fraction": float(mask.mean()),
+                                       "max_probability": float(probabilities.max())})
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        return self.compute(image).mask
+
+    def _run(self, dataset: tf.data.Dataset, count: int) -> Iterator[np.ndarray]:
+        total = -(-count // self.batch_size)
+        for images, sizes in progress_bar(data.batches(dataset, self.batch_size), total=total,
+                                          desc="deep masks", unit="batch",
+                                          disable=not self.progress):
+            yield from self._masks(self.model.probabilities(images).numpy(), sizes.numpy())
+
+    def predict_arrays(self, images: Sequence[np.ndarray]) -> List[np.ndarray]:
+        """Masks ``uint8 {0, 1} [H_i, W_i]`` of many images (any sizes), batched."""
+        return list(self._run(data.arrays_dataset(images, self.model.input_size), len(images)))
+
+    def predict_files(self, paths: Sequence[str]) -> Iterator[Tuple[str, np.ndarray]]:
+        """Yields ``(path, mask uint8 {0, 1} [H, W])`` for image files, in order, batched
+        through tf.data (decoding in parallel)."""
+        missing = [p for p in paths if not os.path.isfile(p)]
+        if missing:
+            raise FileNotFoundError(f"deep mask: {len(missing)} image file(s) not found, "
+                                    f"e.g. {missing[0]}")
+        masks = self._run(data.files_dataset(paths, self.model.input_size), len(paths))
+        yield from zip(paths, masks)
+
+    def __repr__(self) -> str:
+        return f"DeepSaliencyMasks({self.params})"
