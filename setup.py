@@ -32,17 +32,21 @@ EXTRAS = {
     "beam": ["apache-beam==2.77.0", "google-crc32c>=1.5"],
 }
 
+# The tools' code lives in harl_tf/cli/; tools/<name>.py in a source checkout are two-line
+# entry points for `python -m tools.<name>`. Only harl_tf is installed: no top-level
+# "tools" package in site-packages (a generic name other projects use too). The quickstart
+# (python -m tools.quickstart) runs from a source checkout only: it reads flags/*.cfg.
 CONSOLE_SCRIPTS = [
     "harl-pretrain = harl_tf.pretrain:main",
     "harl-finetune = harl_tf.finetune:run",
     "harl-export = harl_tf.export:run",
-    "harl-build-tfrecords = tools.build_tfrecords:run",
-    "harl-generate-masks = tools.generate_masks:main",
-    "harl-train-saliency-head = tools.train_saliency_head:run",
-    "harl-mask-quality = tools.mask_quality:main",
-    "harl-preview = tools.preview:run",
-    "harl-export-torchvision = tools.export_torchvision:run",
-    "harl-quickstart = tools.quickstart:run",
+    "harl-build-tfrecords = harl_tf.cli.build_tfrecords:run",
+    "harl-generate-masks = harl_tf.cli.generate_masks:run",
+    "harl-train-saliency-head = harl_tf.cli.train_saliency_head:run",
+    "harl-mask-quality = harl_tf.cli.mask_quality:run",
+    "harl-preview = harl_tf.cli.preview:run",
+    "harl-export-torchvision = harl_tf.cli.export_torchvision:run",
+    "harl-shift-backgrounds = harl_tf.cli.shift_backgrounds:run",
 ]
 
 setup(
@@ -53,7 +57,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["harl_tf", "harl_tf.*", "tools"]),
+    packages=find_packages(include=["harl_tf", "harl_tf.*"]),
     install_requires=REQUIRES,
     extras_require=EXTRAS,
     entry_points={"console_scripts": CONSOLE_SCRIPTS},

@@ -22,19 +22,16 @@ import platform
 import sys
 import time
 
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import cv2
+import numpy as np
+from absl import app, flags
 
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from harl_tf.atomic import write_json_atomic  # noqa: E402
-from harl_tf.masks import get_method  # noqa: E402
-from harl_tf.masks.conventional import DEFAULT_PARAMS, centred_ellipse, segment  # noqa: E402
-from harl_tf.masks.folder import list_images, read_image  # noqa: E402
-from harl_tf.masks.quality import evaluate, read_mask  # noqa: E402
+from harl_tf.atomic import write_json_atomic
+from harl_tf.masks import get_method
+from harl_tf.masks.conventional import DEFAULT_PARAMS, centred_ellipse, segment
+from harl_tf.masks.folder import list_images, read_image
+from harl_tf.masks.quality import evaluate, read_mask
+from harl_tf.progress import progress
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data_dir", "../shared/data/cutouts", "cutouts dataset root.")
@@ -85,7 +82,7 @@ def quality(split_dir: str, limit):
     rows = {"conventional": [], "centre_ellipse": [], "spectral_residual": []}
     fallbacks = 0
     start = time.perf_counter()
-    for rel in tqdm(paths, desc="quality", unit="img"):
+    for rel in progress(paths, desc="quality", unit="img"):
         image = read_image(os.path.join(images_dir, rel))
         gt = read_mask(os.path.join(split_dir, "masks", os.path.splitext(rel)[0] + ".png"))
         class_name, example_id = rel.split("/")[0], os.path.splitext(rel)[0]

@@ -86,6 +86,10 @@ def _cases(tmp):
     }
 
 
+# Binaries run through harl_tf.errors.run_binary: the line is "<program>: error: ...".
+_PROGRAM = {"export": "export", "build": "build_tfrecords"}
+
+
 def binary_lines(stderr):
     """The non-empty stderr lines a binary wrote itself (TF's start-up log left out)."""
     return [line for line in stderr.splitlines() if line.strip() and not _TF_LOG.match(line)]
@@ -116,6 +120,9 @@ def test_every_bad_flag_ends_with_one_error_line_quickly(tmp_path):
             problems.append(f"{name}: expected one error line, got {lines!r}")
         elif not all(word in lines[0] for word in words):
             problems.append(f"{name}: {lines[0]!r} does not name {words}")
+        elif name.split("-")[0] in _PROGRAM and not lines[0].startswith(
+                f"{_PROGRAM[name.split('-')[0]]}: error: "):
+            problems.append(f"{name}: {lines[0]!r} is not '<program>: error: ...'")
         if seconds > limit:
             problems.append(f"{name}: took {seconds:.1f} s (import tensorflow: "
                             f"{import_seconds:.1f} s)")

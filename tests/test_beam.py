@@ -88,9 +88,10 @@ def test_two_worker_beam_build_equals_the_local_build_and_names_the_corrupt_imag
     assert _leftovers(tmp_path / "beam") == []
 
 
-def test_strict_beam_build_fails_with_one_line_naming_the_file(tmp_path, capsys):
+def test_strict_beam_build_fails_with_one_line_naming_the_file(tmp_path):
     from absl import flags
-    from tools import build_tfrecords
+    from harl_tf import errors
+    from harl_tf.cli import build_tfrecords
     _folder_dataset(tmp_path / "data", test_per_class=0)
     corrupt = tmp_path / "data" / "train" / "images" / "bird" / "04.jpg"
     corrupt.write_bytes(b"not an image")
@@ -101,12 +102,13 @@ def test_strict_beam_build_fails_with_one_line_naming_the_file(tmp_path, capsys)
     flags.FLAGS.unparse_flags()
     try:
         flags.FLAGS(argv)
-        assert build_tfrecords.main([argv[0]]) == 1
+        with pytest.raises(builder.BuildError) as failure:  # run_binary prints it, one line
+            build_tfrecords.main([argv[0]])
     finally:
         flags.FLAGS.unparse_flags()
-    last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last.startswith(f"build_tfrecords: error: {corrupt}: not a readable image")
-    assert "--strict" in last
+    assert str(failure.value) == errors.one_line(failure.value)
+    assert str(failure.value).startswith(f"{corrupt}: not a readable image")
+    assert "--strict" in str(failure.value)
     assert not (out / builder.MANIFEST_NAME).exists()  # nothing claims to be complete
     assert _leftovers(out) == []  # the failed shard left no partial file
 
@@ -236,7 +238,7 @@ def test_a_runners_error_text_gives_back_the_one_line_message():
 
 def test_partitions_are_refused_with_the_beam_runner(tmp_path):
     from absl import app, flags
-    from tools import build_tfrecords
+    from harl_tf.cli import build_tfrecords
     argv = ["build_tfrecords", "--source=synthetic", "--num_images=4", "--runner=beam",
             "--num_partitions=2", f"--output_dir={tmp_path}"]
     flags.FLAGS.unparse_flags()

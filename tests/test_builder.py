@@ -281,7 +281,7 @@ def test_tfds_mock_dataset_with_a_mask_method(tmp_path, monkeypatch):
 
 def test_cli_builds_the_synthetic_set(tmp_path):
     from absl import flags
-    from tools import build_tfrecords
+    from harl_tf.cli import build_tfrecords
     argv = ["build_tfrecords", "--source=synthetic", "--num_images=4", "--image_size=16",
             "--num_shards=2", f"--output_dir={tmp_path}", "--num_workers=1", "--noprogress"]
     flags.FLAGS.unparse_flags()

@@ -126,7 +126,9 @@ def test_cli_passes_method_flags_and_writes_summary(images_dir, tmp_path):
     assert (params["sigma"], params["min_size"], params["threshold"]) == (0.4, 1500, 0.5)
     strict = subprocess.run(command + ["--strict", f"--masks_dir={tmp_path / 'm2'}"],
                             capture_output=True, text=True)
-    assert strict.returncode != 0 and "cut.jpg" in strict.stderr
+    assert strict.returncode == 2 and "Traceback" not in strict.stderr
+    last = strict.stderr.strip().splitlines()[-1]
+    assert last.startswith("generate_masks: error: ") and "cut.jpg" in last
 
 
 def test_uniform_image_fallback_is_counted_and_16_bit_png_is_read(tmp_path):

@@ -100,7 +100,10 @@ def test_quality_tool_prints_table_writes_json_and_flags_missing(folders, tmp_pa
     command = [sys.executable, os.path.join(REPO, "tools", "mask_quality.py"),
                f"--pred_dir={pred_dir}", f"--gt_dir={gt_dir}", f"--output_json={out}"]
     failed = subprocess.run(command, capture_output=True, text=True)
-    assert failed.returncode != 0 and "dog/3" in failed.stderr
+    assert failed.returncode == 2 and "Traceback" not in failed.stderr
+    last = failed.stderr.strip().splitlines()[-1]
+    assert last.startswith("mask_quality: error: 1 ground-truth masks have no prediction")
+    assert "dog/3" in last and "--allow_missing" in last
     done = subprocess.run(command + ["--allow_missing"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "class-mean IoU 0.7000" in done.stdout

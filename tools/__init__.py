@@ -1,2 +1,3 @@
-"""Command-line tools: TFRecord builder, mask tools, previews, weight conversion, the
-quickstart. Each is a thin absl CLI over library code in ``harl_tf``."""
+"""Entry points for ``python -m tools.<name>`` in a source checkout. Each tool's code is in
+:mod:`harl_tf.cli` (installed, with a console script ``harl-<name>``); this package is not
+installed. The quickstart is a checkout-only script of its own."""

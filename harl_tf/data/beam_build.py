@@ -366,7 +366,7 @@ def own_error_message(err: BaseException) -> Optional[str]:
     """The last harl-tf error line (``BuildError: …`` etc.) in ``err``'s text, without
     Beam's ``[while running '…']`` suffix; ``None`` when there is none."""
     suffix = re.compile(r"(?: \[while running '[^']*'\])+\s*$")
-    if isinstance(err, (HarlError, folder.CorruptImageError)):  # raised in this process
+    if isinstance(err, HarlError):  # raised in this process
         return suffix.sub("", str(err).strip())
     pattern = re.compile(r"(?:^|[\s.])(?:%s): (.+)$" % "|".join(_OWN_ERRORS))
     found = None

@@ -598,7 +598,7 @@ def build_dataset(source: Source, output_dir: str, *, splits: Optional[Sequence[
         num_partitions == partition_index`` (several machines, one dataset).
       num_workers: worker processes (``<= 1``: all in this process).
       resize_masks, strict, max_pixels: see the module docstring.
-      progress: show a tqdm bar (images/s).
+      progress: show a progress bar (images/s; :mod:`harl_tf.progress`).
 
     Returns the manifest (also written to ``output_dir/manifest.json``).
     Raises :class:`BuildError` / :class:`SourceError` (both ``ValueError``).
@@ -677,7 +677,7 @@ def _build_shards(source: Source, output_dir: str, pending: List[_Shard],
                   processor_kwargs: Dict[str, Any], parent_processor: _Processor, *,
                   num_workers: int, strict: bool, progress: bool, total: int,
                   writer_factory) -> int:
-    from tqdm import tqdm
+    from harl_tf.progress import progress as progress_bar
 
     need_masks = not processor_kwargs["mask_method"]
 
@@ -703,8 +703,8 @@ def _build_shards(source: Source, output_dir: str, pending: List[_Shard],
     processed = 0
     current: Optional[_Shard] = None
     state: Dict[str, Any] = {}
-    bar = tqdm(total=total, unit="img", desc="build_tfrecords", disable=not progress,
-               smoothing=0.1)
+    bar = progress_bar(total=total, unit="img", desc="build_tfrecords", disable=not progress,
+                       smoothing=0.1)
     try:
         for shard, results in _ordered_map(function, tagged_chunks(), pool,
                                            max_inflight=4 * max(num_workers, 1)):

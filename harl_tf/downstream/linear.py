@@ -32,7 +32,8 @@ from typing import Dict, Optional, Sequence
 import keras
 import numpy as np
 import tensorflow as tf
-from tqdm import tqdm
+
+from harl_tf.progress import progress
 
 
 def topk_accuracy(scores: np.ndarray, labels: np.ndarray,
@@ -72,7 +73,7 @@ def extract_features(encoder: keras.Model, dataset: tf.data.Dataset, *,
         return tf.reduce_mean(encoder(images, training=False), axis=[1, 2])
 
     features, labels, ids = [], [], []
-    for batch in tqdm(dataset, desc=desc, unit=" batches", leave=False):
+    for batch in progress(dataset, desc=desc, unit=" batches", leave=False):
         features.append(embed(batch["image"]).numpy())
         labels.append(batch["label"].numpy())
         ids.append(batch["id"].numpy() if "id" in batch else
@@ -239,7 +240,7 @@ def predict_scores(model: keras.Model, dataset: tf.data.Dataset, *,
         return model(images, training=False)
 
     logits, labels = [], []
-    for batch in tqdm(dataset, desc=desc, unit=" batches", leave=False):
+    for batch in progress(dataset, desc=desc, unit=" batches", leave=False):
         logits.append(logits_of(batch["image"]).numpy())
         labels.append(batch["label"].numpy())
     return np.concatenate(logits), np.concatenate(labels).astype(np.int64)

@@ -18,10 +18,9 @@ from typing import Dict, Iterable, List, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
-from tqdm import tqdm
-
 from harl_tf import atomic
 from harl_tf.data import pipeline
+from harl_tf.progress import progress
 
 _ID_LABEL = {
     "id": tf.io.FixedLenFeature([], tf.string, default_value=b""),
@@ -128,8 +127,8 @@ def write_subset_records(file_pattern: str, ids: Iterable[str], out_dir: str, *,
             files = pipeline.list_files(file_pattern, caller=f"--{flag}")
             records = tf.data.TFRecordDataset(files).map(
                 lambda s: (s, tf.io.parse_single_example(s, _ID_LABEL)["id"]))
-            for serialized, example_id in tqdm(records.as_numpy_iterator(), leave=False,
-                                               desc="label subset", unit=" records"):
+            for serialized, example_id in progress(records.as_numpy_iterator(), leave=False,
+                                                   desc="label subset", unit=" records"):
                 if example_id.decode() in wanted_set:
                     writer.write(serialized)
                     found += 1

@@ -28,12 +28,13 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 import numpy as np
 
 from harl_tf.atomic import write_bytes_atomic, write_json_atomic
+from harl_tf.errors import HarlError
 from harl_tf.masks import get_method, to_rgb_uint8
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
-class CorruptImageError(ValueError):
+class CorruptImageError(HarlError):
     """An image file could not be decoded; the message names the path."""
 
 
@@ -231,8 +232,8 @@ def generate_mask_folder(images_dir: str, masks_dir: str, *, method: str = "conv
 def _progress_bar(total: int, enabled: bool, description: str):
     if not enabled:
         return None
-    from tqdm import tqdm
-    return tqdm(total=total, desc=description, unit="img", dynamic_ncols=True)
+    from harl_tf.progress import progress
+    return progress(total=total, desc=description, unit="img")
 
 
 def _run(todo: List[str], instance: Any, method: str, method_params: Dict[str, Any],

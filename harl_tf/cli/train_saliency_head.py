@@ -1,0 +1,114 @@
+r"""Train the deep mask method's 1×1 saliency head on a frozen encoder (SPEC §7).
+
+    python -m tools.train_saliency_head --encoder=/exports/harl_r50 \
+        --images_dir=data/train/images --pseudo_masks_dir=masks/conventional \
+        --output=/masks/deep_r50 --image_size=224 --epochs=20 --self_training_rounds=1
+
+Without ``--pseudo_masks_dir`` the pseudo-masks are computed on the fly with the
+conventional method. ``--encoder_config`` (a JSON file or inline JSON, e.g.
+``'{"depth": 18, "output_stride": 8}'``) uses a RANDOMLY INITIALISED ResNet instead of an
+export; the mask model records this and stores that encoder inside ``--output``.
+The mask model directory is used as ``get_method("deep", model_path=<output>)``.
+"""
+import json
+import os
+
+from absl import app, flags
+
+from harl_tf import errors
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string("encoder", None, "Encoder SavedModel directory (harl_tf.export output).")
+flags.DEFINE_string("encoder_config", None,
+                    "Instead of --encoder: ResNet config as a JSON file or inline JSON; the "
+                    "encoder is RANDOMLY INITIALISED (a baseline, not a pretrained encoder).")
+flags.DEFINE_string("images_dir", None, "Folder of training images (searched recursively).")
+flags.DEFINE_string("pseudo_masks_dir", None,
+                    "Folder of pseudo-masks mirroring --images_dir (<rel>/<name>.png); "
+                    "default: compute conventional masks on the fly.")
+flags.DEFINE_string("conventional_params", None,
+                    "JSON dict of conventional-method parameters (on-the-fly masks only).")
+flags.DEFINE_string("output", None, "Mask model directory to write (atomically).")
+flags.DEFINE_integer("image_size", 224, "Square encoder input size for training and use.")
+flags.DEFINE_float("threshold", 0.5, "Mask threshold recorded in the model: foreground "
+                   "where the upsampled probability is > threshold.")
+flags.DEFINE_integer("epochs", 20, "Epochs over the labelled cells, per round.")
+flags.DEFINE_integer("self_training_rounds", 0,
+                     "Rounds of self-training on the head's confident predictions.")
+flags.DEFINE_float("learning_rate", 0.01, "Adam learning rate.")
+flags.DEFINE_float("ignore_low", 0.2, "Cells with pseudo-mask area fraction in "
+                   "(ignore_low, ignore_high) are ignored.")
+flags.DEFINE_float("ignore_high", 0.8, "See --ignore_low.")
+flags.DEFINE_bool("balance_classes", True, "Weigh foreground and background cells "
+                  "equally in the loss (--nobalance_classes: plain mean).")
+flags.DEFINE_integer("limit", 0, "Train on a seeded random subset of this many images "
+                     "(0 = all).")
+flags.DEFINE_integer("batch_size", 32, "Images per encoder call.")
+flags.DEFINE_integer("seed", 0, "Seed of --limit's subset and of the head's shuffling.")
+
+
+def _json_flag(name):
+    text = getattr(FLAGS, name)
+    if text is None:
+        return None
+    try:
+        if os.path.isfile(text):
+            with open(text) as f:
+                return json.load(f)
+        return json.loads(text)
+    except (OSError, json.JSONDecodeError) as e:
+        raise app.UsageError(f"--{name}: not a JSON file or inline JSON object: {e}")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if (FLAGS.encoder is None) == (FLAGS.encoder_config is None):
+        raise app.UsageError("give exactly one of --encoder (SavedModel export) or "
+                             "--encoder_config (randomly initialised ResNet).")
+    if FLAGS.pseudo_masks_dir and FLAGS.conventional_params:
+        raise app.UsageError("--conventional_params applies only without --pseudo_masks_dir "
+                             "(masks computed on the fly).")
+    encoder_config = _json_flag("encoder_config")
+    conventional_params = _json_flag("conventional_params")
+
+    from harl_tf.masks import deep  # heavy imports after flag validation
+
+    try:
+        config = deep.TrainConfig(
+            epochs=FLAGS.epochs, self_training_rounds=FLAGS.self_training_rounds,
+            learning_rate=FLAGS.learning_rate, ignore_low=FLAGS.ignore_low,
+            ignore_high=FLAGS.ignore_high, balance_classes=FLAGS.balance_classes,
+            seed=FLAGS.seed)
+        if FLAGS.encoder is not None:
+            encoder = deep.FrozenEncoder.from_saved_model(FLAGS.encoder)
+        else:
+            encoder = deep.FrozenEncoder.from_config(encoder_config)
+            print("NOTE: --encoder_config: the encoder is RANDOMLY INITIALISED, not "
+                  "pretrained; the masks are a baseline.")
+        _, images, pseudo, provenance = deep.load_training_set(
+            FLAGS.images_dir, pseudo_masks_dir=FLAGS.pseudo_masks_dir, limit=FLAGS.limit,
+            seed=FLAGS.seed, conventional_params=conventional_params)
+        model = deep.train_saliency_head(
+            encoder, images, pseudo, input_size=FLAGS.image_size, config=config,
+            threshold=FLAGS.threshold,
+            batch_size=FLAGS.batch_size, provenance=provenance)
+        model.save(FLAGS.output)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:  # encoder, images, output
+        raise errors.HarlError(str(e)) from None
+    for entry in model.training["history"]:
+        print(f"round {entry['round']} ({entry['labels']}): loss {entry['loss']:.4f}, "
+              f"labelled cells {entry['labelled_cell_fraction']:.1%}, IoU vs pseudo-masks "
+              f"{entry['pseudo_mask_iou']:.4f}")
+    print(f"wrote {os.path.abspath(FLAGS.output)} ({len(images)} images, grid "
+          f"{model.training['feature_grid']}, input {FLAGS.image_size} px)")
+
+
+def run():
+    """Console-script entry point (``harl-train-saliency-head``)."""
+    errors.run_binary("train_saliency_head", main, required=["images_dir", "output"])
+
+
+if __name__ == "__main__":
+    run()
