@@ -8,7 +8,9 @@ as a whole line::
     for batch in progress(batches, total=n, desc="deep masks", unit="batch"):
         ...
 
-Every progress bar of the project goes through :func:`progress`.
+Every progress bar of the project goes through :func:`progress`; Keras' own bar in
+``fit`` takes its ``verbose`` from :func:`keras_verbose` (the same rule: a bar on a
+terminal, one line per epoch otherwise).
 """
 from __future__ import annotations
 
@@ -42,6 +44,13 @@ def is_terminal(stream: TextIO) -> bool:
         return bool(isatty and isatty())
     except ValueError:  # a closed stream
         return False
+
+
+def keras_verbose(verbose: int, stream: Optional[TextIO] = None) -> int:
+    """Keras ``fit`` verbosity: 1 (the live bar) becomes 2 (one line per epoch) when
+    ``stream`` (default ``sys.stdout``, where Keras writes) is not a terminal."""
+    stream = stream if stream is not None else sys.stdout
+    return 2 if verbose == 1 and not is_terminal(stream) else verbose
 
 
 def progress(iterable: Optional[Iterable] = None, *, total: Optional[float] = None,

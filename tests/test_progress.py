@@ -41,3 +41,9 @@ def test_disabled_shows_nothing():
     for _ in progress.progress(range(5), disable=True, stream=log):
         pass
     assert log.getvalue() == ""
+
+
+def test_keras_fit_prints_a_line_per_epoch_into_a_log_and_a_bar_on_a_terminal():
+    assert progress.keras_verbose(1, stream=io.StringIO()) == 2
+    assert progress.keras_verbose(1, stream=_Terminal()) == 1
+    assert progress.keras_verbose(0, stream=io.StringIO()) == 0  # silence stays silence

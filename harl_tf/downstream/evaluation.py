@@ -37,6 +37,7 @@ import tensorflow as tf
 from harl_tf import atomic, saved_encoder
 from harl_tf.data import background_shift, pipeline
 from harl_tf.downstream import encoder_source, knn, linear, probe_selection, subsets
+from harl_tf.progress import keras_verbose
 
 MODES = ("linear", "finetune", "knn")
 EVAL_BACKGROUNDS = ("original", "mixed_rand", "both")
@@ -207,7 +208,7 @@ def _evaluate(config: EvaluationConfig,
                 momentum=config.momentum, weight_decay=weight_decay,
                 seed=config.seed, standardize=config.standardize_features,
                 output_dir=config.output_dir, strategy=strategy,
-                verbose=config.verbose)
+                verbose=keras_verbose(config.verbose))
             for name, files in eval_sets.items():
                 queries = eval_features(name, files)
                 scores[name] = linear.topk_accuracy(
@@ -228,7 +229,8 @@ def _evaluate(config: EvaluationConfig,
                               steps_per_epoch=steps_per_epoch,
                               learning_rate=config.learning_rate, momentum=config.momentum,
                               weight_decay=config.weight_decay,
-                              output_dir=config.output_dir, verbose=config.verbose)
+                              output_dir=config.output_dir,
+                              verbose=keras_verbose(config.verbose))
         for name, files in eval_sets.items():
             logits, labels = linear.predict_scores(model, centre_crops(files),
                                                    desc=f"evaluate ({name})")
