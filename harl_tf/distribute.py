@@ -8,14 +8,15 @@
 
 Keras 3 ``fit`` does not run under MultiWorkerMirroredStrategy (keras-team/keras#20585);
 ``training.py`` uses its custom ``strategy.run`` loop there (:func:`uses_custom_loop`).
+
+TensorFlow is imported inside the functions that need it: :data:`STRATEGIES` (the
+``--strategy`` choices) is read by the flags and the config before any heavy import.
 """
 from __future__ import annotations
 
 import json
 import os
 from typing import Optional, Sequence
-
-import tensorflow as tf
 
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
 
@@ -36,6 +37,7 @@ def make_strategy(name: str, *, devices: Optional[Sequence[str]] = None,
     Raises:
       ValueError: unknown name, or "multi_worker" without a usable TF_CONFIG.
     """
+    import tensorflow as tf
     if name == "default":
         return tf.distribute.get_strategy()
     if name == "one_device":
@@ -121,6 +123,7 @@ def check_global_batch(global_batch_size: int, strategy_or_replicas,
 
 def is_multi_worker(strategy: tf.distribute.Strategy) -> bool:
     """True for a MultiWorkerMirroredStrategy (collective ops across processes)."""
+    import tensorflow as tf
     return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
 
 

@@ -20,12 +20,12 @@ to ``--output_dir``.
 variant of the eval records (records with masks) and reports the top-1 gap.
 See harl_tf/downstream/evaluation.py for the protocols.
 """
+import dataclasses
 import json
-import sys
 
 from absl import app, flags
 
-from harl_tf import errors
+from harl_tf import distribute, errors
 
 FLAGS = flags.FLAGS
 
@@ -78,51 +78,50 @@ flags.DEFINE_bool("standardize_features", True,
 flags.DEFINE_integer("knn_k", 20, "k of the k-NN classifier.")
 flags.DEFINE_float("knn_temperature", 0.07, "Temperature T of the exp(cos / T) votes.")
 flags.DEFINE_integer("seed", 0, "Random seed.")
-flags.DEFINE_string("strategy", "default", "Distribution strategy (harl_tf.distribute).")
+flags.DEFINE_enum("strategy", "default", list(distribute.STRATEGIES),
+                  "Distribution strategy (harl_tf.distribute).")
 flags.DEFINE_integer("verbose", 1, "Keras fit verbosity (0, 1, 2).")
+
+
+REQUIRED = ("encoder", "train_files", "eval_files", "output_dir")
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    for name in ("encoder", "train_files", "eval_files", "output_dir"):
-        if not getattr(FLAGS, name):
-            sys.exit(f"error: --{name} is required.")
+    from harl_tf.config import ConfigError  # heavy imports after the flags parsed
+    from harl_tf.data import pipeline
+    from harl_tf.downstream import evaluation, subsets
 
-    from harl_tf import distribute  # heavy imports after the cheap checks
-    from harl_tf.downstream import encoder_source, evaluation
-
-    if FLAGS.strategy not in distribute.STRATEGIES:
-        sys.exit(f"error: --strategy must be one of {', '.join(distribute.STRATEGIES)}, "
-                 f"got {FLAGS.strategy!r}.")
-    try:
-        grid = weight_decay_grid()
-        encoder_config = (encoder_source.parse_encoder_config(FLAGS.encoder_config)
-                          if FLAGS.encoder_config else None)
-        config = evaluation.EvaluationConfig(
-            mode=FLAGS.mode, encoder=FLAGS.encoder, encoder_config=encoder_config,
-            step=FLAGS.step,
-            output_stride=None if FLAGS.output_stride == "keep" else int(FLAGS.output_stride),
-            train_files=FLAGS.train_files, eval_files=FLAGS.eval_files,
-            output_dir=FLAGS.output_dir, label_fraction=FLAGS.label_fraction,
-            subset_seed=FLAGS.subset_seed, num_classes=FLAGS.num_classes,
-            image_size=FLAGS.image_size, crop_fraction=FLAGS.crop_fraction,
-            min_crop_area=FLAGS.min_crop_area, batch_size=FLAGS.batch_size,
-            eval_batch_size=FLAGS.eval_batch_size, epochs=FLAGS.epochs,
-            learning_rate=FLAGS.learning_rate, momentum=FLAGS.momentum,
-            weight_decay=FLAGS.weight_decay, linear_augmentation=FLAGS.linear_augmentation,
-            standardize_features=FLAGS.standardize_features,
-            knn_k=FLAGS.knn_k, knn_temperature=FLAGS.knn_temperature, seed=FLAGS.seed,
-            verbose=FLAGS.verbose, weight_decay_grid=grid,
-            validation_fraction=FLAGS.validation_fraction,
-            eval_background=FLAGS.eval_background, background_seed=FLAGS.background_seed)
+    try:  # problems of the flags themselves: one line each
+        config = evaluation_config()
         config.check()
-        strategy = distribute.make_strategy(FLAGS.strategy)
-        results = evaluation.evaluate(config, strategy)
+        for flag in ("train_files", "eval_files"):
+            pipeline.list_files(getattr(config, flag), caller=f"--{flag}")
     except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+        raise ConfigError(str(e)) from None
+    strategy = distribute.make_strategy(FLAGS.strategy)
+    try:
+        results = evaluation.evaluate(config, strategy)
+    except subsets.MissingLabelsError as e:   # the records' problem, not a bug
+        raise ConfigError(str(e)) from None
     print(json.dumps({k: results[k] for k in ("mode", "top1", "top5", "num_train",
                                               "num_eval", "weight_decay", "background")}))
+
+
+def evaluation_config():
+    """The EvaluationConfig of the parsed flags: every field is the flag of the same name,
+    except three the flags spell differently (a JSON --encoder_config, --output_stride
+    'keep', the --weight_decay_grid string)."""
+    from harl_tf.downstream import encoder_source, evaluation
+    values = {f.name: FLAGS[f.name].value
+              for f in dataclasses.fields(evaluation.EvaluationConfig)}
+    values.update(
+        encoder_config=(encoder_source.parse_encoder_config(FLAGS.encoder_config)
+                        if FLAGS.encoder_config else None),
+        output_stride=None if FLAGS.output_stride == "keep" else int(FLAGS.output_stride),
+        weight_decay_grid=weight_decay_grid())
+    return evaluation.EvaluationConfig(**values)
 
 
 def weight_decay_grid():
@@ -143,7 +142,10 @@ def weight_decay_grid():
 
 
 def run():
-    errors.run_binary("finetune", main)
+    """Console-script entry point: the project's errors (HarlError: ConfigError, bad
+    records, a bad export) end in one line; anything else is a bug and keeps its
+    traceback."""
+    errors.run_binary("finetune", main, required=REQUIRED)
 
 
 if __name__ == "__main__":

@@ -31,12 +31,77 @@ on a single replica.
 """
 from __future__ import annotations
 
-from typing import Mapping, NamedTuple, Optional
+from typing import Mapping, NamedTuple, Optional, Tuple
 
-import tensorflow as tf
+# TensorFlow is imported inside the functions: the loss-mode registry below is read by the
+# config (harl_tf.config) and the flags, which must not wait for TensorFlow.
 
 REGIONS = ("fg", "bg", "glob")
-LOSS_MODES = ("mask", "hybrid", "byol")
+
+
+class LossMode(NamedTuple):
+    """A loss mode: the regions whose heads it runs and the weights it fixes.
+
+    regions: the regions of :data:`REGIONS` it needs; the others get weight 0 and the step
+      skips their head passes (so BYOL costs what BYOL costs).
+    alpha, lam: α and λ forced by the mode; None keeps the scheduled value.
+    summary: what it is, for the --loss_mode help.
+    """
+    regions: Tuple[str, ...]
+    alpha: Optional[float]
+    lam: Optional[float]
+    summary: str
+
+
+# THE loss modes (the --loss_mode choices). Adding one is adding an entry here.
+LOSS_MODES = {
+    "mask": LossMode(("fg", "bg"), alpha=None, lam=1.0, summary="Eq. 1"),
+    "hybrid": LossMode(REGIONS, alpha=None, lam=None, summary="Eq. 4"),
+    "byol": LossMode(("glob",), alpha=None, lam=0.0, summary="lambda = 0"),
+}
+
+# How α_k and λ_k move over the run (the --alpha_schedule / --lambda_schedule choices):
+# constant, or the cosine rise from the base value to 1 (schedules.cosine_rise).
+WEIGHT_SCHEDULES = ("constant", "cosine")
+
+
+def loss_mode(mode: str) -> LossMode:
+    """The registry entry of ``mode``; ValueError naming --loss_mode if there is none."""
+    if mode not in LOSS_MODES:
+        raise ValueError(f"loss mode (--loss_mode) must be one of {', '.join(LOSS_MODES)}; "
+                         f"got {mode!r}.")
+    return LOSS_MODES[mode]
+
+
+def loss_mode_help() -> str:
+    """The --loss_mode help, from the registry: "mask: Eq. 1; hybrid: Eq. 4; ..."."""
+    return "; ".join(f"{name}: {mode.summary}" for name, mode in LOSS_MODES.items()) + "."
+
+
+def regions_for_mode(mode: str) -> tuple:
+    """The regions whose heads a loss mode needs: byol only the whole image, mask only
+    foreground and background (λ = 1), hybrid all three."""
+    return loss_mode(mode).regions
+
+
+def mode_weights(mode: str, alpha, lam):
+    """(α, λ) actually used by a loss mode: mask → λ = 1, byol → λ = 0, hybrid → as given."""
+    entry = loss_mode(mode)
+    return (alpha if entry.alpha is None else entry.alpha,
+            lam if entry.lam is None else entry.lam)
+
+
+def weight_at(kind: str, base, step, total_steps):
+    """α_k or λ_k, float32 scalar: ``base`` (constant) or the cosine rise from ``base`` at
+    step 0 to 1 at step K = ``total_steps`` (``schedules.cosine_rise``)."""
+    import tensorflow as tf
+    from harl_tf import schedules
+    if kind not in WEIGHT_SCHEDULES:
+        raise ValueError(f"a loss weight schedule must be one of {WEIGHT_SCHEDULES}; "
+                         f"got {kind!r}.")
+    if kind == "constant":
+        return tf.constant(float(base), tf.float32)
+    return schedules.cosine_rise(step, total_steps, base)
 
 
 class LossTerms(NamedTuple):
@@ -63,6 +128,7 @@ def regression_loss(p: tf.Tensor, z: tf.Tensor) -> tf.Tensor:
     Returns:
       float32 [B] in [0, 4].
     """
+    import tensorflow as tf
     p = tf.math.l2_normalize(tf.cast(p, tf.float32), axis=-1)
     z = tf.math.l2_normalize(tf.cast(z, tf.float32), axis=-1)
     return 2.0 - 2.0 * tf.reduce_sum(p * z, axis=-1)
@@ -75,6 +141,7 @@ def masked_mean_contribution(values: tf.Tensor, weights: tf.Tensor,
     Entries with w_i = 0 are removed with tf.where, so even a NaN there cannot leak into the
     value or the gradient. values, weights: float32 [B]; returns a float32 scalar.
     """
+    import tensorflow as tf
     values = tf.cast(values, tf.float32)
     weights = tf.cast(weights, tf.float32)
     if global_count is None:
@@ -85,6 +152,7 @@ def masked_mean_contribution(values: tf.Tensor, weights: tf.Tensor,
 
 def combine(fg, bg, glob, *, alpha, lam) -> tf.Tensor:
     """λ·(α·fg + (1 − α)·bg) + (1 − λ)·glob, with α, λ float scalars."""
+    import tensorflow as tf
     alpha = tf.cast(alpha, tf.float32)
     lam = tf.cast(lam, tf.float32)
     return lam * (alpha * fg + (1.0 - alpha) * bg) + (1.0 - lam) * glob
@@ -108,6 +176,7 @@ def harl_loss(predictions: Mapping[str, tf.Tensor], targets: Mapping[str, tf.Ten
     Returns:
       LossTerms of float32 scalar contributions (see module docstring).
     """
+    import tensorflow as tf
     ones = tf.ones_like(tf.cast(fg_valid, tf.float32))
     if batch_count is None:
         batch_count = tf.reduce_sum(ones)
@@ -123,26 +192,3 @@ def harl_loss(predictions: Mapping[str, tf.Tensor], targets: Mapping[str, tf.Ten
     loss = combine(terms["fg"], terms["bg"], terms["glob"], alpha=alpha, lam=lam)
     return LossTerms(loss=loss, fg=terms["fg"], bg=terms["bg"], glob=terms["glob"])
 
-
-def regions_for_mode(mode: str) -> tuple:
-    """The regions whose heads a loss mode needs: byol only the whole image, mask only
-    foreground and background (λ = 1), hybrid all three. A mode skips the head passes of
-    the regions it gives zero weight, so BYOL costs what BYOL costs."""
-    if mode == "byol":
-        return ("glob",)
-    if mode == "mask":
-        return ("fg", "bg")
-    if mode == "hybrid":
-        return REGIONS
-    raise ValueError(f"loss mode must be one of {LOSS_MODES}, got {mode!r}.")
-
-
-def mode_weights(mode: str, alpha, lam):
-    """(α, λ) actually used by a loss mode: mask → λ = 1, byol → λ = 0, hybrid → as given."""
-    if mode == "mask":
-        return alpha, 1.0
-    if mode == "byol":
-        return alpha, 0.0
-    if mode == "hybrid":
-        return alpha, lam
-    raise ValueError(f"loss mode must be one of {LOSS_MODES}, got {mode!r}.")

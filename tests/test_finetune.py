@@ -135,8 +135,32 @@ def test_cli_flag_errors_are_one_line(records, tmp_path):
          f"--train_files={records / 'train.tfrecord'}",
          f"--eval_files={records / 'eval.tfrecord'}"],
         capture_output=True, text=True, env=ENV, timeout=60)
-    assert result.returncode != 0
-    assert result.stderr.strip().splitlines() == ["error: --output_dir is required."]
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "finetune: error: flag --output_dir=None: Flag --output_dir must have a value other "
+        "than None."]
+
+
+def test_a_bug_inside_the_evaluation_keeps_its_traceback(records, tmp_path):
+    """Only the project's own errors become one line: a ValueError from deep inside Keras
+    (here: raised by a stand-in evaluate) is a bug, shown with its traceback."""
+    script = ("import sys\n"
+              "from harl_tf import finetune\n"
+              "from harl_tf.downstream import evaluation\n"
+              "def evaluate(config, strategy=None):\n"
+              "    raise ValueError('Input 0 of layer dense is incompatible')\n"
+              "evaluation.evaluate = evaluate\n"
+              "sys.argv = ['finetune'] + sys.argv[1:]\n"
+              "finetune.run()\n")
+    result = subprocess.run(
+        [sys.executable, "-c", script, "--mode=knn", "--encoder=random",
+         "--encoder_config={\"depth\": 18}", f"--train_files={records / 'train.tfrecord'}",
+         f"--eval_files={records / 'eval.tfrecord'}", f"--output_dir={tmp_path / 'out'}"],
+        capture_output=True, text=True, env=ENV, timeout=120)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback" in result.stderr and "in evaluate" in result.stderr
+    assert "ValueError: Input 0 of layer dense is incompatible" in result.stderr
+    assert "finetune: error" not in result.stderr
 
 
 def test_weights_load_identically_from_export_and_checkpoint(tmp_path):

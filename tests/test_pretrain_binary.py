@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from harl_tf import training
+from harl_tf import bootstrap, config, hooks, losses, training
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(REPO, "tests")
@@ -49,31 +49,31 @@ def _tiny(tmp_path, **overrides):
 ])
 def test_invalid_config_names_the_flag_in_one_line(tmp_path, change, flag):
     with pytest.raises(ValueError) as e:
-        training.validate_config(_tiny(tmp_path, **change))
+        _tiny(tmp_path, **change).validate()
     assert flag in str(e.value) and "\n" not in str(e.value)
 
 
-def test_validation_constants_match_the_library():
-    from harl_tf import distribute, losses
-    from harl_tf.models import harl
-    assert training.LOSS_MODES == losses.LOSS_MODES
-    assert training.SCHEDULE_KINDS == harl.SCHEDULE_KINDS
-    assert training.STRATEGIES == distribute.STRATEGIES
-
-
-def test_pretrain_defaults_are_the_model_defaults():
-    """PretrainConfig (one field per flag) repeats HARLConfig's defaults; they must agree,
-    so the binary and the library build the same model when nothing is set."""
-    import dataclasses
-    from harl_tf.models import harl
-    model_defaults = harl.HARLConfig()
-    built = training.PretrainConfig().harl_config()
-    shared = [f.name for f in dataclasses.fields(harl.HARLConfig)
-              if f.name not in ("encoder", "total_steps")]
-    assert len(shared) >= 15
-    for name in shared:
-        assert getattr(built, name) == getattr(model_defaults, name), name
-    assert built.encoder["depth"] == model_defaults.encoder["depth"] == 50
+def test_every_config_field_is_a_flag_that_parses_back_to_it():
+    """The flags are made from the config: each field (sections included) is a flag with
+    the field's default, a parsed command line builds the config the flag names build, and
+    the --loss_mode choices are the loss-mode registry."""
+    from absl import flags
+    values = flags.FlagValues()
+    config.define_flags(config.PretrainConfig, values)
+    names = set(config.flag_paths(config.PretrainConfig))
+    assert names == set(values) and len(names) == 46 and {"depth", "momentum"} <= names
+    values(["pretrain"])
+    assert config.from_flags(config.PretrainConfig, values) == config.PretrainConfig()
+    values(["pretrain", "--depth=18", "--loss_mode=byol", "--momentum=0.8", "--seed=3",
+            "--min_region_fraction=0.25", "--jit_compile"])
+    parsed = config.from_flags(config.PretrainConfig, values)
+    assert parsed == config.PretrainConfig(depth=18, loss_mode="byol", momentum=0.8, seed=3,
+                                           min_region_fraction=0.25, jit_compile=True)
+    assert (parsed.model.encoder.depth, parsed.optimizer.momentum) == (18, 0.8)
+    assert parsed.harl_config().total_steps == parsed.total_steps
+    values["min_region_fraction"].value = -1.0        # negative: one feature cell (None)
+    assert config.from_flags(config.PretrainConfig, values).model.min_region_fraction is None
+    assert values["loss_mode"].parser.enum_values == list(losses.LOSS_MODES)
 
 
 def test_binary_rejects_bad_flags_with_one_line_and_status_2(tmp_path):
@@ -110,20 +110,27 @@ def test_binary_rejects_bad_flags_with_one_line_and_status_2(tmp_path):
     ("cutouts", {}),
     ("imagenet_harl_r50_1000ep", dict(depth=50, epochs=1000, batch_size=4096,
                                       loss_mode="hybrid", tau_base=0.996)),
-    ("imagenet_harl_r50_100ep", dict(epochs=100, tau_base=0.99)),
-    ("imagenet_byol_r50_100ep", dict(loss_mode="byol", epochs=100)),
-    ("imagenet_harl_r50_100ep_mask_alpha0.7", dict(loss_mode="mask", alpha_base=0.7)),
-    ("imagenet_harl_r50_100ep_hybrid_lambda0.7", dict(loss_mode="hybrid", lambda_base=0.7)),
-    ("imagenet_harl_r50_100ep_stride16", dict(output_stride=16)),
+    # The 100-epoch presets nest the 1000-epoch one, the ablations the 100-epoch one.
+    ("imagenet_harl_r50_100ep", dict(epochs=100, tau_base=0.99, depth=50, batch_size=4096,
+                                     mixed_precision="mixed_bfloat16",
+                                     model_dir="/runs/harl_r50_100ep")),
+    ("imagenet_byol_r50_100ep", dict(loss_mode="byol", epochs=100, tau_base=0.99)),
+    ("imagenet_harl_r50_100ep_mask_alpha0.7", dict(loss_mode="mask", alpha_base=0.7,
+                                                   alpha_schedule="constant", epochs=100)),
+    ("imagenet_harl_r50_100ep_hybrid_lambda0.7", dict(loss_mode="hybrid", lambda_base=0.7,
+                                                      lambda_schedule="constant",
+                                                      alpha_schedule="constant")),
+    ("imagenet_harl_r50_100ep_stride16", dict(output_stride=16, epochs=100,
+                                              model_dir="/runs/harl_r50_100ep_stride16")),
 ])
 def test_flagfiles_parse_into_valid_configs(name, expect):
     # Parsed in a fresh process: absl flags are process-global, and other test modules
     # import binaries whose flag names overlap (--image_size, --seed, ...).
     script = (
-        "import json, sys; from harl_tf import pretrain, training\n"
+        "import json, sys; from harl_tf import pretrain\n"
         "pretrain.FLAGS(['pretrain', '--flagfile=' + sys.argv[1]])\n"
         "c = pretrain.config_from_flags()\n"
-        "training.validate_config(c, check_files=False)\n"
+        "c.validate(check_files=False)\n"
         "print(json.dumps(c.to_json()))\n")
     out = subprocess.run(
         [sys.executable, "-c", script, os.path.join(REPO, "flags", name + ".cfg")],
@@ -297,8 +304,8 @@ def test_nan_weights_with_a_finite_loss_stop_as_training_diverged(tmp_path):
     model.step_counter.assign(2)
     weight = model.online_variables[0]
     weight.assign(np.full(weight.shape, np.nan, np.float32))
-    with pytest.raises(training.TrainingDiverged, match="last good checkpoint .* step 1"):
-        training._save_or_diverged(manager.maybe_save)
+    with pytest.raises(hooks.TrainingDiverged, match="last good checkpoint .* step 1"):
+        hooks.save_or_diverged(manager.maybe_save)
     assert checkpoints.available_steps(str(tmp_path)) == [1]
 
 
@@ -307,29 +314,29 @@ def test_an_unseeded_run_keeps_its_drawn_data_seed_across_a_resume(tmp_path, mon
     resumed run continues the same epochs; a worker that cannot find it, or a damaged
     file, is a one-line error naming the file."""
     first = training.run_pretraining(_tiny(tmp_path, seed=None, train_steps=4))
-    seed_file = tmp_path / "model" / training.DATA_SEED_FILE
+    seed_file = tmp_path / "model" / bootstrap.DATA_SEED_FILE
     kept = json.load(open(seed_file))["data_seed"]
     assert first["data_seed"] == kept and 0 <= kept < 2 ** 31
     second = training.run_pretraining(_tiny(tmp_path, seed=None, train_steps=8))
     assert second["start_step"] == 4 and second["final_step"] == 8
     assert second["data_seed"] == kept == json.load(open(seed_file))["data_seed"]
     seeded = _tiny(tmp_path / "other", seed=7)
-    assert training._data_seed(seeded, chief=True) == 7
-    assert not (tmp_path / "other" / "model" / training.DATA_SEED_FILE).exists()
+    assert bootstrap.data_seed(seeded, chief=True) == 7
+    assert not (tmp_path / "other" / "model" / bootstrap.DATA_SEED_FILE).exists()
 
-    monkeypatch.setattr(training, "_DATA_SEED_WAIT_SECONDS", 0.2)
-    with pytest.raises(training.ConfigError, match="--seed") as e:
-        training._data_seed(_tiny(tmp_path / "worker", seed=None), chief=False)
-    assert training.DATA_SEED_FILE in str(e.value) and "\n" not in str(e.value)
+    monkeypatch.setattr(bootstrap, "DATA_SEED_WAIT_SECONDS", 0.2)
+    with pytest.raises(config.ConfigError, match="--seed") as e:
+        bootstrap.data_seed(_tiny(tmp_path / "worker", seed=None), chief=False)
+    assert bootstrap.DATA_SEED_FILE in str(e.value) and "\n" not in str(e.value)
     seed_file.write_text("{not json")
-    with pytest.raises(training.ConfigError, match="data_seed.json is unreadable"):
-        training._data_seed(_tiny(tmp_path, seed=None), chief=True)
+    with pytest.raises(config.ConfigError, match="data_seed.json is unreadable"):
+        bootstrap.data_seed(_tiny(tmp_path, seed=None), chief=True)
 
 
 PRETRAIN_WORKER = textwrap.dedent("""
     import json, sys, pathlib
     from test_pretrain_binary import _tiny
-    from harl_tf import training
+    from harl_tf import bootstrap, config, hooks, losses, training
     config = _tiny(pathlib.Path(sys.argv[1]), seed=None, strategy="multi_worker",
                    sync_batchnorm=True, train_steps=int(sys.argv[2]))
     print("SUMMARY " + json.dumps(training.run_pretraining(config)), flush=True)
@@ -342,7 +349,7 @@ def test_two_unseeded_workers_pretrain_resume_and_share_one_data_seed(tmp_path):
     step 8, resume to 12 from the chief's checkpoint and end with identical weights. (With
     synchronised BatchNorm; without it only the BN moving statistics differ, each worker's
     from its own batches, and the checkpoint keeps the chief's.)"""
-    training.ensure_synthetic_records(_tiny(tmp_path))        # no build race between workers
+    bootstrap.ensure_synthetic_records(_tiny(tmp_path))        # no build race between workers
     cluster = {"worker": [f"127.0.0.1:{p}" for p in _free_ports(2)]}
     summaries = {}
     for steps in (8, 12):
@@ -356,7 +363,7 @@ def test_two_unseeded_workers_pretrain_resume_and_share_one_data_seed(tmp_path):
             assert p.returncode == 0, out[-3000:]
         summaries[steps] = [json.loads(out.split("SUMMARY ", 1)[1].splitlines()[0])
                             for out in outputs]
-    kept = json.load(open(tmp_path / "model" / training.DATA_SEED_FILE))["data_seed"]
+    kept = json.load(open(tmp_path / "model" / bootstrap.DATA_SEED_FILE))["data_seed"]
     for steps, start in ((8, 0), (12, 8)):
         chief, other = summaries[steps]
         assert chief["task_id"] == 0 and other["task_id"] == 1

@@ -59,10 +59,10 @@ def tiny_config(train_files, model_dir, **overrides):
 
 
 def config_flags(config):
-    defaults = training.PretrainConfig()
+    defaults = training.PretrainConfig().flag_values()
     out = []
-    for name, value in vars(config).items():
-        if value == getattr(defaults, name) or value is None:
+    for name, value in config.flag_values().items():
+        if value == defaults[name] or value is None:
             continue
         out.append(f"--{name}" if value is True else f"--{name}={value}")
     return out
@@ -268,8 +268,8 @@ def test_nan_weights_with_a_finite_loss_are_reported_as_divergence(built, tmp_pa
     weight = model.online_encoder.weights[0]
     weight.assign(tf.fill(weight.shape, float("nan")))
     model.step_counter.assign(2)
-    hooks = training._StepHooks(config, manager, tf.summary.create_noop_writer(),
-                                checkpoints.PreemptionGuard(), model)
+    hooks = training.StepHooks(config, manager, tf.summary.create_noop_writer(),
+                               checkpoints.PreemptionGuard(), model)
     try:
         with pytest.raises(training.TrainingDiverged, match="last good checkpoint"):
             hooks.after_step({"loss": 1.5})

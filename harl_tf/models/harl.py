@@ -4,10 +4,12 @@ Online network θ: encoder f → pooled regions (fg, bg, glob) → projector g �
 Target network ξ: encoder f_ξ → pooled regions → projector g_ξ (no predictor). ξ starts as a
 copy of θ and is never trained by gradients.
 
-One training step on a batch {view1, view2, mask1, mask2, label}:
+One training step on a batch {view1, view2, mask1, mask2, label} (:meth:`train_step`; steps
+1–3 are :meth:`HARLModel.loss_and_logs`, which returns ``(loss, logs, features)``):
 
-1. target forward on both views (training mode, outside the tape, stop-gradient);
-2. online forward on both views under the tape;
+1. target forward on both views (training mode, stop-gradient; the tape watches only θ, so
+   it keeps none of the target's activations);
+2. online forward on both views;
 3. L = L(v1 → v2) + L(v2 → v1) (``losses.harl_loss``), each averaged over the GLOBAL batch:
    every replica computes Σ_local / N_global (counts all-reduced), the optimizer sums the
    replicas' gradients, so 1 replica and n replicas at the same global batch take the same
@@ -25,16 +27,18 @@ target's own forward passes run in training mode (batch statistics, as in BYOL) 
 the target's moving statistics themselves; they matter only if someone evaluates the target.
 
 Schedules (step k of K = ``total_steps``): τ_k = 1 − (1 − τ_base)(cos(πk/K) + 1)/2;
-α_k, λ_k either constant or the same cosine rise from α_base, λ_base (``schedules``).
-Loss modes: "mask" (λ = 1; the whole-image head pass is skipped), "hybrid" (all three
-regions), "byol" (λ = 0; the fg/bg head passes are skipped, so a BYOL step costs exactly a
-BYOL step). A skipped region reports 0 for its loss metric.
+α_k, λ_k either constant or the same cosine rise from α_base, λ_base (``losses.weight_at``).
+Loss modes (``losses.LOSS_MODES``): "mask" (λ = 1; the whole-image head pass is skipped),
+"hybrid" (all three regions), "byol" (λ = 0; the fg/bg head passes are skipped, so a BYOL
+step costs exactly a BYOL step). A skipped region reports 0 for its loss metric.
 
 Metrics returned by a step (global values, identical on every replica): loss, loss_fg,
 loss_bg, loss_glob (each the sum of both directions), valid_fg, valid_bg (fraction of
 examples whose region is valid in both views), tau, alpha, lambda, learning_rate and, with
 a probe, probe_loss, probe_top1 (over labelled examples of both views; 0 when a batch has
-no labels) and labelled (fraction of labelled examples).
+no labels) and labelled (fraction of labelled examples). Each replica computes its
+contribution to every batch metric (local sum / global count); one all-reduce of the dict
+sums them.
 
 Custom loops (multi-worker; Keras 3 ``fit`` fails under MultiWorkerMirroredStrategy,
 keras-team/keras#20585) use :func:`make_distributed_step`, which runs the very same
@@ -43,68 +47,22 @@ keras-team/keras#20585) use :func:`make_distributed_step`, which runs the very s
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict, Optional
+from typing import Callable, Optional
 
 import keras
 import tensorflow as tf
 
 from harl_tf import losses, schedules
+from harl_tf.config import HARLConfig
 from harl_tf.models import pooling
 
-SCHEDULE_KINDS = ("constant", "cosine")
-
-
-@dataclasses.dataclass
-class HARLConfig:
-    """Everything the model needs (not the optimizer, data or strategy).
-
-    encoder: keyword arguments of ``resnet.ResNet`` (depth, width_multiplier,
-      output_stride, small_stem, ...); ``sync_batchnorm`` below is added.
-    """
-    encoder: Dict = dataclasses.field(default_factory=lambda: {"depth": 50})
-    projector_hidden_dim: int = 4096
-    projection_dim: int = 512
-    predictor_hidden_dim: int = 4096
-    sync_batchnorm: bool = False
-    loss_mode: str = "hybrid"
-    alpha_base: float = 0.7
-    alpha_schedule: str = "cosine"
-    lambda_base: float = 0.7
-    lambda_schedule: str = "cosine"
-    tau_base: float = 0.996
-    total_steps: int = 1
-    min_region_fraction: Optional[float] = None   # None: one feature cell
-    pooling_epsilon: float = pooling.DEFAULT_EPSILON
-    literal_pooling: bool = False
-    # Head BatchNorm statistics of the fg / bg groups from the rows where that region is
-    # present in the view (heads.MLPHead.call_groups' row_weights), not the zero vectors
-    # pooled for absent regions.
-    valid_region_batchnorm: bool = False
-    num_classes: int = 0                            # 0: no online probe
-    probe_learning_rate: float = 1e-3
-
-    def validate(self):
-        """Raise ValueError naming the offending field."""
-        if self.loss_mode not in losses.LOSS_MODES:
-            raise ValueError(f"--loss_mode must be one of {losses.LOSS_MODES}, "
-                             f"got {self.loss_mode!r}.")
-        for name in ("alpha_schedule", "lambda_schedule"):
-            if getattr(self, name) not in SCHEDULE_KINDS:
-                raise ValueError(f"--{name} must be one of {SCHEDULE_KINDS}, "
-                                 f"got {getattr(self, name)!r}.")
-        for name in ("alpha_base", "lambda_base", "tau_base"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"--{name} must be in [0, 1], got {value}.")
-        if self.total_steps <= 0:
-            raise ValueError(f"total_steps must be positive, got {self.total_steps}.")
-        if self.num_classes < 0:
-            raise ValueError(f"--num_classes must be >= 0, got {self.num_classes}.")
+__all__ = ["HARLConfig", "HARLModel", "make_distributed_step"]
 
 
 def _default_encoder_factory(config: HARLConfig, name: str) -> keras.Model:
     from harl_tf.models.resnet import ResNet
-    return ResNet(**{**config.encoder, "sync_batchnorm": config.sync_batchnorm, "name": name})
+    return ResNet(**dataclasses.asdict(config.encoder), sync_batchnorm=config.sync_batchnorm,
+                  name=name)
 
 
 def _default_head_factory(hidden_dim: int, output_dim: int, sync_batchnorm: bool,
@@ -114,11 +72,9 @@ def _default_head_factory(hidden_dim: int, output_dim: int, sync_batchnorm: bool
                    sync_batchnorm=sync_batchnorm, name=name)
 
 
-def schedule_value(kind: str, base, step, total_steps) -> tf.Tensor:
-    """α_k or λ_k: ``base`` (constant) or the cosine rise from ``base`` to 1; float32."""
-    if kind == "constant":
-        return tf.constant(float(base), tf.float32)
-    return schedules.cosine_rise(step, total_steps, base)
+def _replica_sum(values):
+    """Σ over the replicas of a dict (any tf.nest structure) of float32 tensors."""
+    return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, values)
 
 
 def _strip_root(path: str) -> str:
@@ -231,8 +187,8 @@ class HARLModel(keras.Model):
         """(τ_k, α_k, λ_k) as float32 scalars, λ and α as used by the loss mode."""
         c = self.harl_config
         tau = schedules.ema_decay_at(step, c.total_steps, c.tau_base)
-        alpha = schedule_value(c.alpha_schedule, c.alpha_base, step, c.total_steps)
-        lam = schedule_value(c.lambda_schedule, c.lambda_base, step, c.total_steps)
+        alpha = losses.weight_at(c.alpha_schedule, c.alpha_base, step, c.total_steps)
+        lam = losses.weight_at(c.lambda_schedule, c.lambda_base, step, c.total_steps)
         alpha, lam = losses.mode_weights(c.loss_mode, alpha, lam)
         return tau, tf.cast(alpha, tf.float32), tf.cast(lam, tf.float32)
 
@@ -282,95 +238,80 @@ class HARLModel(keras.Model):
 
     # The step -------------------------------------------------------------------------
 
-    def compute_loss_terms(self, data, alpha, lam, targets=None):
-        """Symmetrised loss contributions of this replica and the global counts.
+    def loss_and_logs(self, data, alpha, lam):
+        """Targets, online predictions and the symmetrised loss (steps 1–3), per replica.
 
-        Must run in a replica context (or without a strategy). ``targets``: (z1, z2) from
-        :meth:`target_projections` of both views, computed here when None. Returns
-        (LossTerms, counts dict of float32 scalars: batch, fg, bg — global),
-        (regions1, regions2).
+        Must run in a replica context (or without a strategy). Returns (loss, logs,
+        features): ``loss``, this replica's float32 contribution to the global-batch loss
+        L(v1 → v2) + L(v2 → v1); ``logs``, its contributions to loss, loss_fg, loss_bg,
+        loss_glob, valid_fg and valid_bg (their sums over the replicas are the global
+        values); ``features``, the online h_glob of view 1 and view 2 (for the probe).
         """
-        ctx = tf.distribute.get_replica_context()
-        if targets is None:
-            targets = (self.target_projections(data["view1"], data["mask1"]),
-                       self.target_projections(data["view2"], data["mask2"]))
-        z1, z2 = targets
+        z1 = self.target_projections(data["view1"], data["mask1"])
+        z2 = self.target_projections(data["view2"], data["mask2"])
         p1, regions1 = self.online_predictions(data["view1"], data["mask1"])
         p2, regions2 = self.online_predictions(data["view2"], data["mask2"])
-        fg_valid = regions1.fg_valid * regions2.fg_valid
+        fg_valid = regions1.fg_valid * regions2.fg_valid        # valid in both views
         bg_valid = regions1.bg_valid * regions2.bg_valid
-        local = tf.stack([tf.cast(tf.shape(fg_valid)[0], tf.float32),
-                          tf.reduce_sum(fg_valid), tf.reduce_sum(bg_valid)])
-        total = ctx.all_reduce(tf.distribute.ReduceOp.SUM, tf.stop_gradient(local))
-        counts = {"batch": total[0], "fg": total[1], "bg": total[2]}
+        local = {"batch": tf.cast(tf.shape(fg_valid)[0], tf.float32),
+                 "fg": tf.reduce_sum(fg_valid), "bg": tf.reduce_sum(bg_valid)}
+        counts = _replica_sum(tf.nest.map_structure(tf.stop_gradient, local))
         kw = dict(alpha=alpha, lam=lam, fg_count=counts["fg"], bg_count=counts["bg"],
                   batch_count=counts["batch"])
         terms = (losses.harl_loss(p1, z2, fg_valid, bg_valid, **kw)
                  + losses.harl_loss(p2, z1, fg_valid, bg_valid, **kw))
-        return terms, counts, (regions1, regions2)
+        logs = {"loss": terms.loss, "loss_fg": terms.fg, "loss_bg": terms.bg,
+                "loss_glob": terms.glob, "valid_fg": local["fg"] / counts["batch"],
+                "valid_bg": local["bg"] / counts["batch"]}
+        return terms.loss, logs, (regions1.glob, regions2.glob)
 
     def train_step(self, data):
         """One HARL step (module docstring); runs per replica. Returns global metrics."""
-        ctx = tf.distribute.get_replica_context()
         step = tf.identity(self.step_counter.value)
         tau, alpha, lam = self.schedule_values(step)
-        learning_rate = tf.cast(self.optimizer.learning_rate, tf.float32)
+        learning_rate = tf.cast(self.optimizer.learning_rate, tf.float32)   # at step k
         variables = self.online_variables
-        # Target forward outside the tape: it needs no gradient, so the tape keeps none of
-        # its activations.
-        targets = (self.target_projections(data["view1"], data["mask1"]),
-                   self.target_projections(data["view2"], data["mask2"]))
-        with tf.GradientTape() as tape:
-            terms, counts, (regions1, regions2) = self.compute_loss_terms(
-                data, alpha, lam, targets=targets)
-            scaled = self.optimizer.scale_loss(terms.loss)
-        grads = tape.gradient(scaled, variables)
-        self.optimizer.apply(grads, variables)
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch([v.value for v in variables])       # the tf.Variables of θ
+            loss, logs, features = self.loss_and_logs(data, alpha, lam)
+            scaled = self.optimizer.scale_loss(loss)
+        self.optimizer.apply(tape.gradient(scaled, variables), variables)
         self._ema_update(tau)
-
-        local_sums = [terms.loss, terms.fg, terms.bg, terms.glob]
-        probe_metrics = {}
         if self.probe is not None and "label" in data:
-            probe_sums, labelled = self._probe_step(data["label"], regions1, regions2, ctx)
-            local_sums += probe_sums
-        totals = ctx.all_reduce(tf.distribute.ReduceOp.SUM,
-                                tf.stack([tf.cast(v, tf.float32) for v in local_sums]))
-        if self.probe is not None and "label" in data:
-            probe_metrics = {"probe_loss": totals[4], "probe_top1": totals[5],
-                             "labelled": labelled}
+            logs.update(self._probe_step(features, data["label"]))
         self.step_counter.assign_add(1)
-        metrics = {
-            "loss": totals[0], "loss_fg": totals[1], "loss_bg": totals[2],
-            "loss_glob": totals[3],
-            "valid_fg": counts["fg"] / counts["batch"],
-            "valid_bg": counts["bg"] / counts["batch"],
-            "tau": tau, "alpha": alpha, "lambda": lam, "learning_rate": learning_rate,
-        }
-        metrics.update(probe_metrics)
-        return metrics
+        logs = _replica_sum({k: tf.cast(v, tf.float32) for k, v in logs.items()})
+        logs.update({"tau": tau, "alpha": alpha, "lambda": lam,
+                     "learning_rate": learning_rate})
+        return logs
 
-    def _probe_step(self, labels, regions1, regions2, ctx):
-        """Softmax-CE probe on stop-gradient h_glob of both views; own optimizer.
+    def _probe_step(self, features, labels):
+        """Softmax-CE probe on stop-gradient h_glob of both views; its own optimizer.
 
-        Returns ([loss contribution, top-1 contribution], global labelled fraction).
+        ``features``: (h_glob of view 1, of view 2), [B, C] each; ``labels``: [B], < 0 for
+        unlabelled. Returns this replica's contributions to probe_loss, probe_top1 (means
+        over the labelled examples of the global batch) and labelled (their fraction).
         """
-        features = tf.stop_gradient(tf.concat([regions1.glob, regions2.glob], axis=0))
+        features = tf.stop_gradient(tf.concat(list(features), axis=0))
         labels = tf.cast(tf.concat([labels, labels], axis=0), tf.int32)
         labelled = tf.cast(labels >= 0, tf.float32)
-        local = tf.stack([tf.reduce_sum(labelled), tf.cast(tf.size(labels), tf.float32)])
-        total = ctx.all_reduce(tf.distribute.ReduceOp.SUM, local)
+        local_labelled = tf.reduce_sum(labelled)
+        counts = _replica_sum({"labelled": local_labelled,
+                               "examples": tf.cast(tf.size(labels), tf.float32)})
         safe_labels = tf.maximum(labels, 0)
         with tf.GradientTape() as tape:
             logits = tf.cast(self.probe(features, training=True), tf.float32)
             ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=safe_labels,
                                                                 logits=logits)
-            loss = losses.masked_mean_contribution(ce, labelled, total[0])
+            loss = losses.masked_mean_contribution(ce, labelled, counts["labelled"])
         grads = tape.gradient(loss, self.probe.trainable_variables)
         self.probe_optimizer.apply(grads, self.probe.trainable_variables)
         correct = tf.cast(tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32),
                                    safe_labels), tf.float32)
-        top1 = losses.masked_mean_contribution(correct, labelled, total[0])
-        return [loss, top1], total[0] / total[1]
+        return {"probe_loss": loss,
+                "probe_top1": losses.masked_mean_contribution(correct, labelled,
+                                                              counts["labelled"]),
+                "labelled": local_labelled / counts["examples"]}
 
     def _ema_update(self, tau):
         """ξ ← τ·ξ + (1 − τ)·θ for every trainable weight pair, in cross-replica context."""
@@ -387,15 +328,16 @@ class HARLModel(keras.Model):
 
 
 def make_distributed_step(model: HARLModel, strategy: tf.distribute.Strategy, *,
-                          compile: bool = True):
+                          compile: bool = True, jit_compile: bool = False):
     """``step(batch) -> metrics`` running ``model.train_step`` via ``strategy.run``.
 
     ``batch`` is a per-replica value from a distributed dataset (or a plain batch with the
     default strategy). Metrics are global (all-reduced inside the step), so the first local
     replica's values are returned as float32 scalars. ``compile=False`` runs eagerly (for
-    debugging and tiny tests, where tracing costs more than the step).
+    debugging and tiny tests, where tracing costs more than the step); ``jit_compile``
+    compiles the step with XLA (``--jit_compile``).
     """
     def step(batch):
         outputs = strategy.run(model.train_step, args=(batch,))
         return {k: strategy.experimental_local_results(v)[0] for k, v in outputs.items()}
-    return tf.function(step) if compile else step
+    return tf.function(step, jit_compile=jit_compile) if compile else step
