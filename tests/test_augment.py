@@ -175,11 +175,14 @@ def test_jitter_follows_the_drawn_order():
     seed = tf.constant([3, 4], tf.int64)
     ops = {0: lambda x, f: x * f, 1: tf.image.adjust_contrast,
            2: tf.image.adjust_saturation, 3: tf.image.adjust_hue}
-    factors = [augment._uniform(augment.op_seed(seed, code), low, high)
-               for code, (low, high) in zip((1, 2, 3, 4), [(0.6, 1.4), (0.6, 1.4),
-                                                           (0.8, 1.2), (-0.1, 0.1)])]
+    factors, order = augment.jitter_draws(seed, brightness=0.4, contrast=0.4,
+                                          saturation=0.2, hue=0.1)
+    for factor, (low, high) in zip(factors.numpy(), [(0.6, 1.4), (0.6, 1.4), (0.8, 1.2),
+                                                     (-0.1, 0.1)]):
+        assert low <= factor <= high
+    np.testing.assert_array_equal(order, augment.jitter_order(seed))
     expected = image
-    for op in augment.jitter_order(seed).numpy():
+    for op in order.numpy():
         expected = tf.clip_by_value(ops[op](expected, factors[op]), 0.0, 1.0)
     out = augment.color_jitter(image, seed, brightness=0.4, contrast=0.4, saturation=0.2,
                                hue=0.1)

@@ -18,9 +18,12 @@ the mask.
 
 Randomness is stateless: every draw comes from ``tf.random.stateless_*`` with a seed
 derived from a per-example seed (int32/int64 ``[2]``) by ``stateless_fold_in`` with a fixed
-code per view and per operation. Each coin and magnitude is drawn whether or not its op
-is enabled, so switching the colour ops off leaves the crop and flip of the same seed
-unchanged, and the same seed always gives the same view.
+code per view and per purpose: the crop window, one vector of uniforms holding every coin
+and the blur sigma, and the colour jitter's factors and order. Each coin and magnitude is
+drawn whether or not its op is enabled, so switching the colour ops off leaves the crop
+and flip of the same seed unchanged, and the same seed always gives the same view. (One
+vector per purpose rather than one seed per draw: a seed derivation costs a random op of
+its own, and per-draw seeds made up about 7 % of a view's CPU time.)
 
 Images are ``float32`` in [0, 1] after the crop; decoded records are ``uint8``.
 """
@@ -33,11 +36,11 @@ import tensorflow as tf
 
 from harl_tf.data import schema
 
-# Operation codes folded into a view's seed; fixed, so that a seed means the same view
-# whatever else is enabled.
-_CROP, _FLIP, _JITTER, _GRAYSCALE, _BLUR, _SOLARIZE = 1, 2, 3, 4, 5, 6
-# Codes inside colour jitter: the order, then one factor per op.
-_ORDER, _BRIGHTNESS, _CONTRAST, _SATURATION, _HUE = 0, 1, 2, 3, 4
+# Codes folded into a view's seed; fixed, so that a seed means the same view whatever
+# else is enabled.
+_CROP, _COINS, _JITTER = 1, 2, 3
+# Slots of a view's vector of uniforms (_COINS): one per coin, and the blur sigma.
+_FLIP_U, _JITTER_U, _GRAYSCALE_U, _BLUR_U, _SIGMA_U, _SOLARIZE_U = range(6)
 
 RESIZE_METHODS = ("bicubic", "bilinear")
 
@@ -143,16 +146,32 @@ class AugmentedView(NamedTuple):
 
 
 def op_seed(seed: tf.Tensor, code: int) -> tf.Tensor:
-    """A seed for one operation: ``seed`` (int [2]) folded with the operation's code."""
+    """A seed for one purpose: ``seed`` (int [2]) folded with the purpose's code."""
     return tf.random.experimental.stateless_fold_in(seed, code)
 
 
-def _coin(seed: tf.Tensor, probability: float) -> tf.Tensor:
-    return tf.random.stateless_uniform([], seed) < probability
+def _scaled(unit: tf.Tensor, low: float, high: float) -> tf.Tensor:
+    """A uniform in [0, 1) mapped onto [low, high), as ``stateless_uniform`` maps it."""
+    return unit * (high - low) + low
 
 
-def _uniform(seed: tf.Tensor, low: float, high: float) -> tf.Tensor:
-    return tf.random.stateless_uniform([], seed, minval=low, maxval=high)
+def view_coins(seed: tf.Tensor, config: "ViewConfig") -> Dict[str, tf.Tensor]:
+    """Every coin of a view and its blur sigma, from one vector of uniforms.
+
+    Args:
+      seed: the view's seed, int32/int64 [2].
+      config: probabilities and the sigma range.
+    Returns:
+      bool scalars ``flip``, ``jitter``, ``grayscale``, ``blur``, ``solarize`` (True with
+      the configured probability) and float32 ``blur_sigma`` uniform in ``blur_sigma``.
+    """
+    u = tf.random.stateless_uniform([6], op_seed(seed, _COINS))
+    return {"flip": u[_FLIP_U] < config.flip_prob,
+            "jitter": u[_JITTER_U] < config.jitter_prob,
+            "grayscale": u[_GRAYSCALE_U] < config.grayscale_prob,
+            "blur": u[_BLUR_U] < config.blur_prob,
+            "blur_sigma": _scaled(u[_SIGMA_U], *config.blur_sigma),
+            "solarize": u[_SOLARIZE_U] < config.solarize_prob}
 
 
 # --------------------------------------------------------------------------- geometry
@@ -188,6 +207,13 @@ def sample_crop_window(image_shape: tf.Tensor, seed: tf.Tensor,
         max_attempts=config.crop_attempts,
         use_image_if_no_bounding_boxes=True)
     return tf.stack([begin[0], begin[1], size[0], size[1]])
+
+
+def view_crop_window(image_shape: tf.Tensor, seed: tf.Tensor, config: ViewConfig
+                     ) -> tf.Tensor:
+    """The crop window of the view whose seed is ``seed``: :func:`sample_crop_window`
+    with the view's crop seed. int32 [4] (offset_y, offset_x, height, width)."""
+    return sample_crop_window(image_shape, op_seed(seed, _CROP), config)
 
 
 def central_crop_window(image_shape: tf.Tensor, crop_fraction: float) -> tf.Tensor:
@@ -252,12 +278,34 @@ def resize_image(image: tf.Tensor, image_size: int, method: str = "bicubic") -> 
     return tf.clip_by_value(image, 0.0, 1.0)
 
 
-def resize_mask(mask: tf.Tensor, image_size: int) -> tf.Tensor:
+def nearest_indices(in_size: tf.Tensor, out_size: int) -> tf.Tensor:
+    """Source index of each of ``out_size`` outputs for a nearest-neighbour resize from
+    ``in_size``, on the half-pixel grid of ``tf.image.resize(method="nearest")``:
+    ``min(floor((i + 0.5) · in / out), in − 1)`` in float32 as TF computes it, so a
+    gather with these indices is that resize, bit for bit. Returns int32 [out_size]."""
+    scale = tf.cast(in_size, tf.float32) / float(out_size)
+    index = tf.floor((tf.range(out_size, dtype=tf.float32) + 0.5) * scale)
+    return tf.minimum(tf.cast(index, tf.int32), tf.cast(in_size, tf.int32) - 1)
+
+
+def resize_mask(mask: tf.Tensor, image_size: int, flip: Optional[tf.Tensor] = None
+                ) -> tf.Tensor:
     """Binary mask [h, w, 1] (any numeric dtype) → float32 [S, S, 1] in {0, 1}, nearest
-    neighbour (the same half-pixel grid as the image resize, so edges line up)."""
-    mask = tf.image.resize(tf.cast(mask, tf.float32), [image_size, image_size],
-                           method="nearest")
-    return tf.cast(mask >= 0.5, tf.float32)
+    neighbour (the same half-pixel grid as the image resize, so edges line up); mirrored
+    along the width where ``flip`` (bool scalar) is True.
+
+    Two gathers of the mask's own values (rows, then columns, the columns reversed for a
+    flip) and one cast of the S × S result: the same pixels as ``tf.image.resize(...,
+    "nearest")`` then ``tf.reverse``, at a fraction of the cost, since nothing of the
+    crop is converted or interpolated.
+    """
+    shape = tf.shape(mask)
+    rows = nearest_indices(shape[0], image_size)
+    columns = nearest_indices(shape[1], image_size)
+    if flip is not None:
+        columns = tf.where(flip, tf.reverse(columns, [0]), columns)
+    mask = tf.gather(tf.gather(mask, rows, axis=0), columns, axis=1)
+    return tf.cast(tf.cast(mask, tf.float32) >= 0.5, tf.float32)
 
 
 def flip_left_right(image: tf.Tensor) -> tf.Tensor:
@@ -283,59 +331,111 @@ def blur_radius(image_size: int, kernel_fraction: float = 0.1) -> int:
     return max(int(kernel_fraction * image_size) // 2, 1)
 
 
+def symmetric_indices(size: tf.Tensor, radius: int) -> tf.Tensor:
+    """Indices of ``size`` samples padded by ``radius`` on each side with edge-repeating
+    (symmetric) padding: −r..−1 → r−1..0, size..size+r−1 → size−1..size−r. int32
+    [size + 2·radius]; needs radius <= size, as ``tf.pad(mode="SYMMETRIC")`` does."""
+    index = tf.range(-radius, size + radius)
+    index = tf.where(index < 0, -index - 1, index)
+    return tf.where(index >= size, 2 * size - 1 - index, index)
+
+
+def _blur_rows(rows: tf.Tensor, kernel: tf.Tensor, radius: int) -> tf.Tensor:
+    """1-D blur along the first axis of [n, d], symmetric padding: one depthwise
+    convolution with the d columns as its channels."""
+    padded = tf.gather(rows, symmetric_indices(tf.shape(rows)[0], radius))
+    taps = tf.tile(tf.reshape(kernel, [-1, 1, 1, 1]), tf.stack([1, 1, tf.shape(rows)[1], 1]))
+    out = tf.nn.depthwise_conv2d(padded[tf.newaxis, :, tf.newaxis, :], taps, [1, 1, 1, 1],
+                                 "VALID")
+    return out[0, :, 0, :]
+
+
 def gaussian_blur(image: tf.Tensor, sigma: tf.Tensor, radius: int) -> tf.Tensor:
-    """Separable Gaussian blur of float [H, W, C] (depthwise: each channel on its own),
-    with symmetric (edge-repeating) padding, so a constant image stays constant — zero
+    """Separable Gaussian blur of float [H, W, C] (each channel on its own), with
+    symmetric (edge-repeating) padding, so a constant image stays constant — zero
     padding would darken the border. Equals ``scipy.ndimage.convolve1d(..., mode=
-    'reflect')`` along height then width with :func:`gaussian_kernel`."""
-    channels = image.shape[-1]
+    'reflect')`` along height then width with :func:`gaussian_kernel`.
+
+    Each pass runs on [rows, W·C] (the image transposed for the width pass), so the
+    depthwise convolution has hundreds of channels rather than three: TF's CPU kernel
+    vectorises over channels, and this layout costs half the time of a [H, W, 3] blur
+    for the same sums in the same order.
+    """
+    shape = tf.shape(image)
+    height, width, channels = shape[0], shape[1], shape[2]
     kernel = gaussian_kernel(sigma, radius)
-    padded = tf.pad(image[tf.newaxis], [[0, 0], [radius, radius], [radius, radius], [0, 0]],
-                    mode="SYMMETRIC")
-    vertical = tf.tile(tf.reshape(kernel, [-1, 1, 1, 1]), [1, 1, channels, 1])
-    horizontal = tf.tile(tf.reshape(kernel, [1, -1, 1, 1]), [1, 1, channels, 1])
-    out = tf.nn.depthwise_conv2d(padded, vertical, [1, 1, 1, 1], "VALID")
-    out = tf.nn.depthwise_conv2d(out, horizontal, [1, 1, 1, 1], "VALID")
-    return out[0]
+    out = _blur_rows(tf.reshape(image, tf.stack([height, width * channels])), kernel, radius)
+    out = tf.transpose(tf.reshape(out, shape), [1, 0, 2])
+    out = _blur_rows(tf.reshape(out, tf.stack([width, height * channels])), kernel, radius)
+    out = tf.transpose(tf.reshape(out, tf.stack([width, height, channels])), [1, 0, 2])
+    out.set_shape(image.shape)
+    return out
 
 
 def solarize(image: tf.Tensor, threshold: float = 0.5) -> tf.Tensor:
     """x ↦ x where x < threshold, else 1 − x (float [0, 1] pixels)."""
+    if threshold == 0.5:
+        # The same values: below 0.5, 1 − x > x; from 0.5 on, 1 − x (exact) <= x. One
+        # minimum costs a seventh of a select.
+        return tf.minimum(image, 1.0 - image)
     return tf.where(image < threshold, image, 1.0 - image)
 
 
 def to_grayscale(image: tf.Tensor) -> tf.Tensor:
-    """Luma Y = 0.2989 R + 0.5870 G + 0.1140 B, repeated on three channels. [H, W, 3]."""
-    return tf.tile(tf.image.rgb_to_grayscale(image), [1, 1, 3])
+    """Luma Y = 0.2989 R + 0.5870 G + 0.1140 B (``tf.image.rgb_to_grayscale``'s weights),
+    repeated on three channels. float [H, W, 3]."""
+    luma = (image[..., 0:1] * 0.2989 + image[..., 1:2] * 0.5870
+            + image[..., 2:3] * 0.1140)
+    return tf.concat([luma, luma, luma], axis=-1)
+
+
+def jitter_draws(seed: tf.Tensor, *, brightness: float, contrast: float,
+                 saturation: float, hue: float) -> Tuple[tf.Tensor, tf.Tensor]:
+    """The colour jitter's factors and order, from one vector of eight uniforms.
+
+    Returns (float32 [4]: brightness factor b ~ U[1 − brightness, 1 + brightness],
+    contrast c ~ U[1 − contrast, 1 + contrast], saturation s ~ U[1 − saturation,
+    1 + saturation], hue shift h ~ U[−hue, hue]; int32 [4]: :func:`jitter_order`).
+    """
+    u = tf.random.stateless_uniform([8], seed)
+    factors = tf.stack([_scaled(u[0], 1.0 - brightness, 1.0 + brightness),
+                        _scaled(u[1], 1.0 - contrast, 1.0 + contrast),
+                        _scaled(u[2], 1.0 - saturation, 1.0 + saturation),
+                        _scaled(u[3], -hue, hue)])
+    return factors, tf.argsort(u[4:])
 
 
 def jitter_order(seed: tf.Tensor) -> tf.Tensor:
     """The order of the colour-jitter ops for a jitter seed: a uniformly random
     permutation, int32 [4], of 0 brightness, 1 contrast, 2 saturation, 3 hue."""
-    return tf.argsort(tf.random.stateless_uniform([4], op_seed(seed, _ORDER)))
+    return tf.argsort(tf.random.stateless_uniform([8], seed)[4:])
+
+
+def jitter_in_order(image: tf.Tensor, factors: tf.Tensor, order: tf.Tensor) -> tf.Tensor:
+    """Brightness x·b, contrast, saturation and hue (``tf.image.adjust_*``) with
+    ``factors`` [4] (b, c, s, h), in ``order`` [4], each result clipped to [0, 1].
+    float32 [H, W, 3] in [0, 1] → same."""
+    branches = [
+        lambda x: x * factors[0],
+        lambda x: tf.image.adjust_contrast(x, factors[1]),
+        lambda x: tf.image.adjust_saturation(x, factors[2]),
+        lambda x: tf.image.adjust_hue(x, factors[3]),
+    ]
+    for position in range(4):
+        image = tf.switch_case(order[position],
+                               [lambda f=f, x=image: f(x) for f in branches])
+        image = tf.clip_by_value(image, 0.0, 1.0)
+    return image
 
 
 def color_jitter(image: tf.Tensor, seed: tf.Tensor, *, brightness: float,
                  contrast: float, saturation: float, hue: float) -> tf.Tensor:
-    """Brightness, contrast, saturation, hue in an order drawn from ``seed``; each factor
-    from its own sub-seed, each result clipped to [0, 1] (see :class:`ViewConfig`).
-    float32 [H, W, 3] in [0, 1] → same."""
-    b = _uniform(op_seed(seed, _BRIGHTNESS), 1.0 - brightness, 1.0 + brightness)
-    c = _uniform(op_seed(seed, _CONTRAST), 1.0 - contrast, 1.0 + contrast)
-    s = _uniform(op_seed(seed, _SATURATION), 1.0 - saturation, 1.0 + saturation)
-    h = _uniform(op_seed(seed, _HUE), -hue, hue)
-    branches = [
-        lambda x: x * b,
-        lambda x: tf.image.adjust_contrast(x, c),
-        lambda x: tf.image.adjust_saturation(x, s),
-        lambda x: tf.image.adjust_hue(x, h),
-    ]
-    order = jitter_order(seed)
-    for position in range(4):
-        image = tf.switch_case(order[position],
-                               [lambda f=f: f(image) for f in branches])
-        image = tf.clip_by_value(image, 0.0, 1.0)
-    return image
+    """Brightness, contrast, saturation, hue in an order drawn from ``seed``, with
+    factors drawn from it too (:func:`jitter_draws`), each result clipped to [0, 1] (see
+    :class:`ViewConfig`). float32 [H, W, 3] in [0, 1] → same."""
+    factors, order = jitter_draws(seed, brightness=brightness, contrast=contrast,
+                                  saturation=saturation, hue=hue)
+    return jitter_in_order(image, factors, order)
 
 
 # --------------------------------------------------------------------------- views
@@ -346,44 +446,53 @@ def _maybe(coin: tf.Tensor, fn: Callable[[tf.Tensor], tf.Tensor],
     return tf.cond(coin, lambda: fn(x), lambda: tf.identity(x))
 
 
+# Steps 3–6 of a view, in order. Each maps (image float32 [S, S, 3], the view's seed, its
+# coins from view_coins, its config, S) to the next image; the stage benchmark
+# (bench/bench_input_stages.py) times them one by one.
+def _jitter_step(image, seed, coins, config, image_size):
+    return _maybe(coins["jitter"], lambda x: color_jitter(
+        x, op_seed(seed, _JITTER), brightness=config.brightness, contrast=config.contrast,
+        saturation=config.saturation, hue=config.hue), image)
+
+
+def _grayscale_step(image, seed, coins, config, image_size):
+    return _maybe(coins["grayscale"], to_grayscale, image)
+
+
+def _blur_step(image, seed, coins, config, image_size):
+    radius = blur_radius(image_size, config.blur_kernel_fraction)
+    return _maybe(coins["blur"], lambda x: gaussian_blur(x, coins["blur_sigma"], radius),
+                  image)
+
+
+def _solarize_step(image, seed, coins, config, image_size):
+    return _maybe(coins["solarize"], lambda x: solarize(x, config.solarize_threshold),
+                  image)
+
+
+COLOUR_STEPS = (("colour_jitter", _jitter_step), ("grayscale", _grayscale_step),
+                ("blur", _blur_step), ("solarize", _solarize_step))
+
+
 def finish_view(cropped: tf.Tensor, cropped_mask: Optional[tf.Tensor], seed: tf.Tensor,
                 config: ViewConfig, image_size: int,
                 window: Optional[tf.Tensor] = None) -> AugmentedView:
     """Steps 1 (resize) to 6 on an already cropped image (uint8 or float [h, w, 3]) and
     mask ([h, w, 1] or None). ``seed`` is the view's seed; ``window`` only goes to the
     record."""
+    coins = view_coins(seed, config)
     image = resize_image(cropped, image_size, config.resize_method)
-    mask = None if cropped_mask is None else resize_mask(cropped_mask, image_size)
-
-    flip = _coin(op_seed(seed, _FLIP), config.flip_prob)
-    image = _maybe(flip, flip_left_right, image)
-    if mask is not None:
-        mask = _maybe(flip, flip_left_right, mask)
-
-    jitter_seed = op_seed(seed, _JITTER)
-    jitter = _coin(jitter_seed, config.jitter_prob)
-    image = _maybe(jitter, lambda x: color_jitter(
-        x, jitter_seed, brightness=config.brightness, contrast=config.contrast,
-        saturation=config.saturation, hue=config.hue), image)
-
-    grayscale = _coin(op_seed(seed, _GRAYSCALE), config.grayscale_prob)
-    image = _maybe(grayscale, to_grayscale, image)
-
-    blur_seed = op_seed(seed, _BLUR)
-    blur = _coin(blur_seed, config.blur_prob)
-    sigma = _uniform(op_seed(blur_seed, 1), *config.blur_sigma)
-    radius = blur_radius(image_size, config.blur_kernel_fraction)
-    image = _maybe(blur, lambda x: gaussian_blur(x, sigma, radius), image)
-
-    solar = _coin(op_seed(seed, _SOLARIZE), config.solarize_prob)
-    image = _maybe(solar, lambda x: solarize(x, config.solarize_threshold), image)
-
+    image = _maybe(coins["flip"], flip_left_right, image)
+    # The mask is resized and flipped in one gather.
+    mask = None if cropped_mask is None else resize_mask(cropped_mask, image_size,
+                                                         coins["flip"])
+    for _, step in COLOUR_STEPS:
+        image = step(image, seed, coins, config, image_size)
     image = tf.clip_by_value(image, 0.0, 1.0)
     image.set_shape([image_size, image_size, 3])
     if mask is not None:
         mask.set_shape([image_size, image_size, 1])
-    record = {"flip": flip, "jitter": jitter, "grayscale": grayscale, "blur": blur,
-              "blur_sigma": sigma, "solarize": solar}
+    record = dict(coins)
     if window is not None:
         record["crop_window"] = window
     return AugmentedView(image, mask, record)
@@ -403,7 +512,7 @@ def augment_view(image: tf.Tensor, mask: Optional[tf.Tensor], seed: tf.Tensor,
       :class:`AugmentedView` with image float32 [S, S, 3] in [0, 1] and mask float32
       [S, S, 1] in {0, 1}, cropped with the same window and flipped with the same coin.
     """
-    window = sample_crop_window(tf.shape(image), op_seed(seed, _CROP), config)
+    window = view_crop_window(tf.shape(image), seed, config)
     cropped_mask = None if mask is None else crop(mask, window)
     return finish_view(crop(image, window), cropped_mask, seed, config, image_size, window)
 
@@ -423,9 +532,8 @@ def record_views(parsed: Mapping[str, tf.Tensor], seed: tf.Tensor,
     differs from the image's fails with an error naming the record id.
     """
     seeds = view_seeds(seed, len(configs))
-    window_fns = [
-        (lambda shape, s=s, c=c: sample_crop_window(shape, op_seed(s, _CROP), c))
-        for s, c in zip(seeds, configs)]
+    window_fns = [(lambda shape, s=s, c=c: view_crop_window(shape, s, c))
+                  for s, c in zip(seeds, configs)]
     crops, windows, shape = decode_and_crop(parsed["image"], window_fns, fused=fused_crop)
     masks: List[Optional[tf.Tensor]] = [None] * len(configs)
     if with_mask:
