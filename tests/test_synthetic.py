@@ -98,3 +98,20 @@ def test_class_colour_variant_changes_only_the_object_colour():
     assert np.median(errors) < 0.1
     with pytest.raises(ValueError, match="object_colour"):
         synthetic.generate(2, 32, object_colour="rainbow")
+
+
+def test_max_rotation_zero_draws_upright_objects_over_the_same_background():
+    squares = [i for i in range(80) if synthetic.label_for(i, 0) == 1][:6]
+    fills_upright, fills_any = [], []
+    for i in squares:
+        upright_image, upright_mask, _ = synthetic.render(i, 64, 0, max_rotation=0.0)
+        image, mask, _ = synthetic.render(i, 64, 0)
+        for m, fills in ((upright_mask, fills_upright), (mask, fills_any)):
+            rows, cols = np.nonzero(m)
+            box = (np.ptp(rows) + 1) * (np.ptp(cols) + 1)
+            fills.append(m.sum() / box)
+        # Only the object moved: outside both objects the pixels are identical.
+        outside = (upright_mask == 0) & (mask == 0)
+        np.testing.assert_array_equal(upright_image[outside], image[outside])
+    assert min(fills_upright) > 0.95  # an axis-aligned square fills its bounding box
+    assert min(fills_any) < 0.8       # rotated squares do not

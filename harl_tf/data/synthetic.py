@@ -149,7 +149,7 @@ def _check_object_colour(object_colour: str) -> None:
 
 
 def render(index: int, image_size: Size = 64, seed: int = 0, object_fill=None,
-           object_colour: str = "random"):
+           object_colour: str = "random", max_rotation: float = 180.0):
     """Draws image ``index`` of the set ``seed``: returns ``(image uint8 [H,W,3], mask uint8
     {0,1} [H,W], label int)``.
 
@@ -157,7 +157,10 @@ def render(index: int, image_size: Size = 64, seed: int = 0, object_fill=None,
     random colour and texture, everything else unchanged: it shows which pixels the object
     covers (used to check that the mask is exactly those pixels). ``object_colour="class"``
     paints it in its class's hue (:data:`CLASS_COLOURS` ± 0.05 per channel) with the same
-    texture; background, shape, pose and mask are the same as with ``"random"``."""
+    texture; background, shape, pose and mask are the same as with ``"random"``.
+    ``max_rotation`` (degrees) limits the object's rotation to ``+-max_rotation``; 180 (the
+    default) is any rotation, 0 the canonical upright pose. The random stream is the same
+    either way, so only the object's pose changes."""
     _check_object_colour(object_colour)
     height, width = _height_width(image_size)
     side = float(min(height, width))
@@ -181,7 +184,9 @@ def render(index: int, image_size: Size = 64, seed: int = 0, object_fill=None,
     radius = side * rng.uniform(0.18, 0.36)
     cx = rng.uniform(radius * 0.8, width - radius * 0.8)
     cy = rng.uniform(radius * 0.8, height - radius * 0.8)
-    angle = rng.uniform(0, 2 * np.pi)
+    turn = rng.uniform(0, 1)
+    angle = (2 * np.pi * turn if max_rotation >= 180.0
+             else np.deg2rad(max_rotation) * (2.0 * turn - 1.0))
     du, dv = (x - cx) / radius, (y - cy) / radius
     u = np.cos(angle) * du + np.sin(angle) * dv
     v = -np.sin(angle) * du + np.cos(angle) * dv

@@ -1,0 +1,189 @@
+r"""Can a few minutes of pretraining learn a procedural dataset? Quickstart-budget runs on
+variants of the embedded synthetic set.
+
+    python bench/bench_quickstart_variants.py --work_dir=/tmp/harl_qs_variants \
+        [--variants=default,upright,upright_clean,upright_clutter] \
+        [--extra_pretrain_flags=--base_learning_rate=3.0] [--results_name=NAME]
+
+Each variant is 2,000 training and 800 held-out 64 px images with exact masks (the held-out
+images come from another seed). Every variant runs the quickstart's own budget and
+binaries: ``harl_tf.pretrain --flagfile=flags/quickstart.cfg`` (HARL hybrid, 400 steps of
+batch 64, ResNet-18 at width 0.5 on 32 px views), ``harl_tf.export --output_stride=keep``,
+then ``harl_tf.finetune`` with ``flags/quickstart_linear.cfg`` (linear probe, weight decay
+chosen on a validation part of the train split) and k-NN (k = 20), for the pretrained
+encoder and for a randomly initialised one of the same architecture. The gain is
+pretrained minus random init, the quickstart's figure.
+
+Variants (8 shape classes each; only the object's shape carries the class):
+
+- ``default``: :mod:`harl_tf.data.synthetic` as shipped (any rotation, random colour and
+  texture on the object, gradient + texture + 2-4 distractor blobs behind it).
+- ``upright``: the same, with the object's rotation limited to 0 (canonical pose), so that
+  the only within-class changes are ones the augmentations cover (position, scale) and the
+  colours.
+- ``upright_clean``: upright objects in one flat colour (random hue, strong contrast:
+  light or dark) on a low-contrast two-colour gradient; rotation within +-10 degrees.
+- ``upright_clutter``: ``upright_clean`` plus a background texture and 1-3 distractor
+  blobs.
+
+Writes ``bench/results/<results_name>.json``.
+"""
+from __future__ import annotations
+
+import colorsys
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from bench import common  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VARIANTS = ("default", "upright", "upright_clean", "upright_clutter")
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("work_dir", "/tmp/harl_qs_variants", "Records, models and probes.")
+flags.DEFINE_list("variants", list(VARIANTS), f"Variants to run, from {VARIANTS}.")
+flags.DEFINE_integer("num_images", 2000, "Training images per variant.")
+flags.DEFINE_integer("num_test_images", 800, "Held-out images per variant.")
+flags.DEFINE_string("extra_pretrain_flags", "",
+                    "Flags appended to the pretraining command (space-separated).")
+flags.DEFINE_string("results_name", "bench_quickstart_variants", "Results file name.")
+
+
+def _render_upright(index: int, side: int, seed: int, clutter: bool):
+    """``upright_clean`` / ``upright_clutter``: one flat-coloured upright shape."""
+    from harl_tf.data import synthetic as s
+    label = s.label_for(index, seed)
+    rng = np.random.default_rng([seed, index, 77])
+    y, x = np.mgrid[0:side, 0:side].astype(np.float32) + 0.5
+    c0 = np.array(colorsys.hsv_to_rgb(rng.uniform(), rng.uniform(0.2, 0.6),
+                                      rng.uniform(0.3, 0.8)))
+    c1 = np.clip(c0 + rng.uniform(-0.2, 0.2, 3), 0, 1)
+    angle = rng.uniform(0, 2 * np.pi)
+    ramp = np.cos(angle) * x + np.sin(angle) * y
+    ramp = (ramp - ramp.min()) / (ramp.max() - ramp.min())
+    image = c0 + (c1 - c0) * ramp[..., None]
+    if clutter:
+        image = image + 0.08 * s._texture(rng, y, x, side)[..., None]
+        for _ in range(rng.integers(1, 4)):
+            blob = s._distractor(rng, y, x, side)
+            shade = colorsys.hsv_to_rgb(rng.uniform(), rng.uniform(0.2, 0.8),
+                                        rng.uniform(0.3, 0.9))
+            image = np.where(blob[..., None], np.array(shade), image)
+    radius = side * rng.uniform(0.22, 0.38)
+    cx = rng.uniform(radius * 0.8, side - radius * 0.8)
+    cy = rng.uniform(radius * 0.8, side - radius * 0.8)
+    turn = np.deg2rad(10) * rng.uniform(-1, 1)
+    du, dv = (x - cx) / radius, (y - cy) / radius
+    mask = s.shape_mask(label, np.cos(turn) * du + np.sin(turn) * dv,
+                        -np.sin(turn) * du + np.cos(turn) * dv)
+    colour = np.array(colorsys.hsv_to_rgb(rng.uniform(), rng.uniform(0.6, 1.0),
+                                          rng.uniform(0.8, 1.0)))
+    if rng.uniform() < 0.5:
+        colour = colour * 0.25
+    image = np.where(mask[..., None], colour, image)
+    return np.clip(image * 255 + 0.5, 0, 255).astype(np.uint8), mask.astype(np.uint8), label
+
+
+def render(variant: str, index: int, side: int, seed: int):
+    from harl_tf.data import synthetic
+    if variant == "default":
+        return synthetic.render(index, side, seed)
+    if variant == "upright":
+        return synthetic.render(index, side, seed, max_rotation=0.0)
+    return _render_upright(index, side, seed, clutter=variant == "upright_clutter")
+
+
+def write_records(variant: str, directory: str) -> None:
+    import tensorflow as tf
+    from harl_tf.data import schema
+    if os.path.exists(os.path.join(directory, "done")):
+        return
+    os.makedirs(directory, exist_ok=True)
+    for split, count, seed in (("train", FLAGS.num_images, 0),
+                               ("test", FLAGS.num_test_images, 1)):
+        path = os.path.join(directory, f"{split}-00000-of-00001.tfrecord")
+        with tf.io.TFRecordWriter(path + ".tmp") as writer:
+            for i in range(count):
+                image, mask, label = render(variant, i, 64, seed)
+                writer.write(schema.serialize_example(
+                    image_bytes=tf.io.encode_jpeg(image, quality=95).numpy(),
+                    image_format="jpeg", height=64, width=64,
+                    mask_png=schema.encode_mask_png(mask), label=label,
+                    example_id=f"{variant}/{seed}/{i}", mask_method="ground_truth"))
+        os.replace(path + ".tmp", path)
+    with open(os.path.join(directory, "done"), "w") as f:
+        f.write("ok\n")
+
+
+def _run(argv, log_path):
+    print("$ " + " ".join(shlex.quote(a) for a in argv), flush=True)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    with open(log_path, "w") as log:
+        code = subprocess.call(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if code:
+        sys.exit(f"bench_quickstart_variants: failed ({code}), log {log_path}")
+
+
+def run_variant(variant: str) -> dict:
+    work = os.path.join(FLAGS.work_dir, variant)
+    records = os.path.join(FLAGS.work_dir, "records", variant)
+    write_records(variant, records)
+    train, test = (os.path.join(records, f"{s}-*.tfrecord") for s in ("train", "test"))
+    py = sys.executable
+    start = time.time()
+    _run([py, "-m", "harl_tf.pretrain", "--flagfile=flags/quickstart.cfg",
+          f"--train_files={train}", f"--model_dir={work}/model", "--synthetic_records=0",
+          f"--num_train_examples={FLAGS.num_images}", *FLAGS.extra_pretrain_flags.split()],
+         f"{work}.pretrain.log")
+    pretrain_seconds = time.time() - start
+    _run([py, "-m", "harl_tf.export", f"--model_dir={work}/model",
+          f"--export_dir={work}/export", "--output_stride=keep", "--overwrite"],
+         f"{work}.export.log")
+    result = {"pretrain_seconds": round(pretrain_seconds, 1)}
+    for encoder, encoder_flags in (("pretrained", [f"--encoder={work}/export"]),
+                                   ("random_init", ["--encoder=random",
+                                                    f"--encoder_config={work}/export"])):
+        for mode, mode_flags in (("linear", []), ("knn", ["--mode=knn", "--knn_k=20"])):
+            out = f"{work}/{mode}_{encoder}"
+            _run([py, "-m", "harl_tf.finetune", "--flagfile=flags/quickstart_linear.cfg",
+                  *mode_flags, *encoder_flags, f"--train_files={train}",
+                  f"--eval_files={test}", f"--output_dir={out}", "--verbose=0"],
+                 f"{out}.log")
+            with open(os.path.join(out, "results.json")) as f:
+                result[f"{mode}_{encoder}"] = json.load(f)["top1"]
+    for mode in ("linear", "knn"):
+        result[f"{mode}_gain"] = result[f"{mode}_pretrained"] - result[f"{mode}_random_init"]
+    return result
+
+
+def main(argv):
+    del argv
+    unknown = [v for v in FLAGS.variants if v not in VARIANTS]
+    if unknown:
+        raise app.UsageError(f"--variants: unknown {unknown}; choose from {VARIANTS}")
+    machine = common.machine_info()
+    print(common.describe_machine(machine), flush=True)
+    results = {v: run_variant(v) for v in FLAGS.variants}
+    rows = [[v, r["linear_random_init"], r["linear_pretrained"], r["linear_gain"],
+             r["knn_random_init"], r["knn_pretrained"], r["knn_gain"]]
+            for v, r in results.items()]
+    print(common.table(rows, ["variant", "linear rand", "linear pre", "gain",
+                              "kNN rand", "kNN pre", "gain"]))
+    path = common.write_result(FLAGS.results_name, {
+        "machine": machine, "extra_pretrain_flags": FLAGS.extra_pretrain_flags,
+        "num_images": FLAGS.num_images, "num_test_images": FLAGS.num_test_images,
+        "load_average_end": common.load_average(), "variants": results})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    app.run(main)
