@@ -294,7 +294,7 @@ def resize_mask(mask: tf.Tensor, image_size: int, flip: Optional[tf.Tensor] = No
     neighbour (the same half-pixel grid as the image resize, so edges line up); mirrored
     along the width where ``flip`` (bool scalar) is True.
 
-    Two gathers of the mask's own values (rows, then columns, the columns reversed for a
+    Gathers of the mask's own values (rows, then columns, the columns reversed for a
     flip) and one cast of the S × S result: the same pixels as ``tf.image.resize(...,
     "nearest")`` then ``tf.reverse``, at a fraction of the cost, since nothing of the
     crop is converted or interpolated.
@@ -304,8 +304,11 @@ def resize_mask(mask: tf.Tensor, image_size: int, flip: Optional[tf.Tensor] = No
     columns = nearest_indices(shape[1], image_size)
     if flip is not None:
         columns = tf.where(flip, tf.reverse(columns, [0]), columns)
-    mask = tf.gather(tf.gather(mask, rows, axis=0), columns, axis=1)
-    return tf.cast(tf.cast(mask, tf.float32) >= 0.5, tf.float32)
+    # Whole rows are cheap to gather and single pixels are not: gather the rows, then
+    # the columns as rows of the transpose.
+    mask = tf.gather(mask[..., 0], rows)                                   # [S, w]
+    mask = tf.transpose(tf.gather(tf.transpose(mask), columns))            # [S, S]
+    return tf.cast(tf.cast(mask, tf.float32) >= 0.5, tf.float32)[..., tf.newaxis]
 
 
 def flip_left_right(image: tf.Tensor) -> tf.Tensor:
@@ -340,14 +343,35 @@ def symmetric_indices(size: tf.Tensor, radius: int) -> tf.Tensor:
     return tf.where(index >= size, 2 * size - 1 - index, index)
 
 
+# Output rows per block of the blur's matrix product: 16 (with 22 rows of context) was
+# the fastest of 8, 16, 32 and 56 at 224 px.
+_BLUR_BLOCK = 16
+
+
 def _blur_rows(rows: tf.Tensor, kernel: tf.Tensor, radius: int) -> tf.Tensor:
-    """1-D blur along the first axis of [n, d], symmetric padding: one depthwise
-    convolution with the d columns as its channels."""
-    padded = tf.gather(rows, symmetric_indices(tf.shape(rows)[0], radius))
-    taps = tf.tile(tf.reshape(kernel, [-1, 1, 1, 1]), tf.stack([1, 1, tf.shape(rows)[1], 1]))
-    out = tf.nn.depthwise_conv2d(padded[tf.newaxis, :, tf.newaxis, :], taps, [1, 1, 1, 1],
-                                 "VALID")
-    return out[0, :, 0, :]
+    """1-D blur along the first axis of [n, d], symmetric padding.
+
+    Each block of ``_BLUR_BLOCK`` output rows is one small matrix product: a banded
+    [block, block + 2r] matrix of kernel taps (the same for every block) times the
+    block's padded input rows [block + 2r, d]. The products hold the same terms in the
+    same order as a direct convolution, plus exact zeros, and a batched matrix product
+    runs several times faster than TF's depthwise convolution on CPU.
+    """
+    n, d = tf.shape(rows)[0], tf.shape(rows)[1]
+    block = _BLUR_BLOCK
+    blocks = (n + block - 1) // block
+    # Pad symmetrically, then with edge rows up to whole blocks (cut off at the end).
+    index = symmetric_indices(n, radius)
+    index = tf.concat([index, tf.fill([blocks * block - n], n - 1)], axis=0)
+    padded = tf.gather(rows, index)                                # [blocks·b + 2r, d]
+    windows = tf.gather(padded, tf.range(blocks)[:, tf.newaxis] * block
+                        + tf.range(block + 2 * radius)[tf.newaxis, :])  # [blocks, b+2r, d]
+    offset = tf.range(block + 2 * radius)[tf.newaxis, :] - tf.range(block)[:, tf.newaxis]
+    band = tf.where((offset >= 0) & (offset <= 2 * radius),
+                    tf.gather(kernel, tf.clip_by_value(offset, 0, 2 * radius)), 0.0)
+    out = tf.matmul(tf.broadcast_to(band, tf.stack([blocks, block, block + 2 * radius])),
+                    windows)                                       # [blocks, b, d]
+    return tf.reshape(out, tf.stack([blocks * block, d]))[:n]
 
 
 def gaussian_blur(image: tf.Tensor, sigma: tf.Tensor, radius: int) -> tf.Tensor:
@@ -356,10 +380,9 @@ def gaussian_blur(image: tf.Tensor, sigma: tf.Tensor, radius: int) -> tf.Tensor:
     padding would darken the border. Equals ``scipy.ndimage.convolve1d(..., mode=
     'reflect')`` along height then width with :func:`gaussian_kernel`.
 
-    Each pass runs on [rows, W·C] (the image transposed for the width pass), so the
-    depthwise convolution has hundreds of channels rather than three: TF's CPU kernel
-    vectorises over channels, and this layout costs half the time of a [H, W, 3] blur
-    for the same sums in the same order.
+    Each pass runs on [rows, W·C] (the image transposed for the width pass) as blocked
+    matrix products (:func:`_blur_rows`): at 224 px a third of the CPU time of a
+    depthwise convolution on [H, W, 3], which vectorises over three channels only.
     """
     shape = tf.shape(image)
     height, width, channels = shape[0], shape[1], shape[2]

@@ -119,6 +119,10 @@ def _check_sizes(caller: str, batch_size: int, image_size: int) -> None:
 def _options(deterministic: bool, sharded_by_us: bool) -> tf.data.Options:
     options = tf.data.Options()
     options.deterministic = deterministic
+    # One thread per op inside the map functions: the map already runs examples in
+    # parallel, and splitting each small image op over the cores as well cost about
+    # 1 CPU ms of 6 per two-view example in thread hand-offs (bench/bench_input_stages.py).
+    options.threading.max_intra_op_parallelism = 1
     if sharded_by_us:
         options.experimental_distribute.auto_shard_policy = (
             tf.data.experimental.AutoShardPolicy.OFF)
