@@ -320,17 +320,18 @@ def matching_files(patterns: str):
 
 # Flag names ↔ fields -----------------------------------------------------------------------
 
-def _leaves(cls, path=()) -> Iterator[Tuple[str, Tuple[str, ...], dataclasses.Field]]:
+def _leaves(cls, path=()) -> Iterator[Tuple[str, Tuple[str, ...], dataclasses.Field, type]]:
+    """(flag name, attribute path, field, the section class declaring it) of every leaf."""
     for f in dataclasses.fields(cls):
         if "section" in f.metadata:
             yield from _leaves(f.metadata["section"], path + (f.name,))
         elif "help" in f.metadata:
-            yield f.name, path + (f.name,), f
+            yield f.name, path + (f.name,), f, cls
 
 
 def flag_paths(cls) -> Dict[str, Tuple[str, ...]]:
     """{flag name: attribute path}, e.g. {"depth": ("model", "encoder", "depth"), ...}."""
-    return {name: path for name, path, _ in _leaves(cls)}
+    return {name: path for name, path, _, _ in _leaves(cls)}
 
 
 def _get_path(obj, path):
@@ -350,41 +351,29 @@ def _set_path(obj, path, value):
 
 
 def _flag_type(cls, name: str):
+    """int, float, bool or str: the field's type, Optional[...] unwrapped."""
     hint = typing.get_type_hints(cls)[name]
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     return args[0] if typing.get_origin(hint) is typing.Union else hint
 
 
+_DEFINE = {bool: absl_flags.DEFINE_bool, int: absl_flags.DEFINE_integer,
+           float: absl_flags.DEFINE_float, str: absl_flags.DEFINE_string}
+
+
 def define_flags(cls, flag_values=None) -> None:
-    """Define an absl flag for every leaf field of ``cls`` (name, default, help; enums for
-    str fields with choices). The flags belong to the module calling this function."""
+    """Define an absl flag for every leaf field of ``cls`` (name, default, help; an enum for
+    a str field with choices). The flags belong to the module calling this function."""
     flag_values = absl_flags.FLAGS if flag_values is None else flag_values
-    owners = {}
-    for section_cls in _sections(cls):
-        for f in dataclasses.fields(section_cls):
-            owners[f.name] = section_cls
-    for name, _, f in _leaves(cls):
+    for name, _, f, owner in _leaves(cls):
         m = f.metadata
-        kind = _flag_type(owners[name], name)
-        default = m["flag_default"] if m["flag_default"] is not None else f.default
-        kw = dict(flag_values=flag_values)
-        if kind is bool:
-            absl_flags.DEFINE_bool(name, default, m["help"], **kw)
-        elif kind is int:
-            absl_flags.DEFINE_integer(name, default, m["help"], **kw)
-        elif kind is float:
-            absl_flags.DEFINE_float(name, default, m["help"], **kw)
-        elif m["choices"] is not None:
-            absl_flags.DEFINE_enum(name, default, list(m["choices"]), m["help"], **kw)
+        kind = _flag_type(owner, name)
+        default = f.default if m["flag_default"] is None else m["flag_default"]
+        if kind is str and m["choices"] is not None:
+            absl_flags.DEFINE_enum(name, default, list(m["choices"]), m["help"],
+                                   flag_values=flag_values)
         else:
-            absl_flags.DEFINE_string(name, default, m["help"], **kw)
-
-
-def _sections(cls):
-    yield cls
-    for f in dataclasses.fields(cls):
-        if "section" in f.metadata:
-            yield from _sections(f.metadata["section"])
+            _DEFINE[kind](name, default, m["help"], flag_values=flag_values)
 
 
 def from_flags(cls, flag_values=None, **overrides):
@@ -392,7 +381,7 @@ def from_flags(cls, flag_values=None, **overrides):
     replace flag values (e.g. paths resolved by the binary)."""
     flag_values = absl_flags.FLAGS if flag_values is None else flag_values
     values = {}
-    for name, _, f in _leaves(cls):
+    for name, _, f, _ in _leaves(cls):
         value = getattr(flag_values, name)
         convert = f.metadata["from_flag"]
         values[name] = convert(value) if convert else value

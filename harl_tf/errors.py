@@ -5,12 +5,12 @@ Every error the library raises for bad input, a bad flag or a bad file derives f
 ``schema.SchemaError``, ``sources.SourceError``, ``builder.BuildError``,
 ``saved_encoder.ExportError``, ``atomic.DestinationExistsError``.
 
-Binaries (``harl_tf.export``, ``harl_tf.finetune`` and every tool in :mod:`harl_tf.cli`)
-run through :func:`run_binary`: a flag that does not parse (unknown, wrong type, missing
-flagfile, a required flag not given), an ``app.UsageError`` or a :class:`HarlError` ends
-the process with ONE line ``<program>: error: <message>`` on stderr and exit status 2 — no
-traceback, no help text. Any other exception is a bug and keeps its traceback.
-``harl_tf.pretrain`` does the same with its own parser. Nothing here imports TensorFlow.
+Binaries (``harl_tf.pretrain``, ``harl_tf.export``, ``harl_tf.finetune`` and every tool
+in :mod:`harl_tf.cli`) run through :func:`run_binary`: a flag that does not parse
+(unknown, wrong type, missing flagfile, a required flag not given), an ``app.UsageError``
+or a :class:`HarlError` ends the process with ONE line ``<program>: error: <message>`` on
+stderr and exit status 2 — no traceback, no help text. Any other exception is a bug and
+keeps its traceback. Nothing here imports TensorFlow.
 """
 from __future__ import annotations
 

@@ -37,14 +37,9 @@ from harl_tf.hooks import StepHooks, TrainingDiverged, hooks_callback, save_or_d
 
 __all__ = ["ConfigError", "DATA_SEED_FILE", "HarlError", "PretrainConfig", "StepHooks",
            "TrainingDiverged", "build_model", "build_optimizer", "ensure_synthetic_records",
-           "run_pretraining", "validate_config", "weight_fingerprint"]
+           "run_pretraining", "save_or_diverged", "weight_fingerprint"]
 
 log = logging.getLogger("harl_tf.training")
-
-
-def validate_config(c: PretrainConfig, *, check_files: bool = True) -> None:
-    """``c.validate(check_files=...)`` (the name older callers use)."""
-    c.validate(check_files=check_files)
 
 
 def run_pretraining(c: PretrainConfig) -> dict:

@@ -144,7 +144,7 @@ def test_sigkill_mid_training_resumes_exactly_from_the_last_complete_checkpoint(
     first = resume_step + 1
     lr = schedules.warmup_cosine_lr(resume_step, config.learning_rate, config.warmup_steps,
                                     config.total_steps)
-    tau = schedules.ema_decay_at(resume_step, config.total_steps, config.tau_base)
+    tau = schedules.ema_decay_at(resume_step, config.total_steps, config.model.tau_base)
     np.testing.assert_allclose(_logged(rerun.stderr, first, "learning_rate"), float(lr),
                                rtol=1e-3)
     np.testing.assert_allclose(_logged(rerun.stderr, first, "tau"), float(tau), rtol=1e-4)
