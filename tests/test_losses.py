@@ -91,3 +91,18 @@ def test_replica_contributions_sum_to_the_global_average():
               for s in (slice(0, 4), slice(4, 8))]
     summed = halves[0] + halves[1]
     np.testing.assert_allclose(np.array(summed), np.array(whole), rtol=1e-6)
+
+
+@pytest.mark.parametrize("mode", list(losses.LOSS_MODES))
+def test_a_loss_mode_skips_only_regions_its_weights_zero(mode):
+    """A mode runs the heads only for its regions; every region it skips must get weight 0
+    in λ·(α·fg + (1 − α)·bg) + (1 − λ)·glob, whatever the scheduled α and λ."""
+    entry = losses.LOSS_MODES[mode]
+    assert entry.regions and set(entry.regions) <= set(losses.REGIONS)
+    for alpha, lam in ((0.7, 0.7), (0.3, 0.9), (1.0, 0.5)):
+        a, l = losses.mode_weights(mode, alpha, lam)
+        weights = {"fg": l * a, "bg": l * (1 - a), "glob": 1 - l}
+        for region in set(losses.REGIONS) - set(entry.regions):
+            assert weights[region] == 0.0, (mode, region, alpha, lam)
+    assert losses.regions_for_mode(mode) == entry.regions
+    assert f"{mode}: {entry.summary}" in losses.loss_mode_help()
