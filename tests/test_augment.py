@@ -112,13 +112,70 @@ def test_gaussian_blur_keeps_constant_image_constant_at_the_border():
     np.testing.assert_allclose(out, 0.6, atol=1e-6)
 
 
+def _blur_2d_reference(image, sigma, radius):
+    """The blur as one 2-D depthwise convolution with the outer-product kernel (not
+    separable), after tf.pad's symmetric padding."""
+    kernel = augment.gaussian_kernel(sigma, radius)
+    taps = tf.tile((kernel[:, None] * kernel[None, :])[:, :, None, None],
+                   [1, 1, image.shape[-1], 1])
+    padded = tf.pad(image[None], [[0, 0], [radius, radius], [radius, radius], [0, 0]],
+                    mode="SYMMETRIC")
+    return tf.nn.depthwise_conv2d(padded, taps, [1, 1, 1, 1], "VALID")[0].numpy()
+
+
+@pytest.mark.parametrize("shape,radius", [((224, 224, 3), 11), ((30, 41, 3), 3),
+                                          ((8, 8, 3), 1), ((33, 17, 1), 5)])
+def test_blocked_blur_equals_the_2d_convolution(shape, radius):
+    # The blur runs as blocked matrix products on a [rows, W*C] layout; any height, width
+    # (not only multiples of the block) and channel count gives the 2-D blur.
+    image = np.random.default_rng(shape[0]).uniform(size=shape).astype(np.float32)
+    for sigma in (0.1, 0.9, 2.0):
+        out = augment.gaussian_blur(tf.constant(image), sigma, radius).numpy()
+        assert out.shape == shape
+        np.testing.assert_allclose(out, _blur_2d_reference(tf.constant(image), sigma,
+                                                           radius), atol=1e-5)
+
+
+def test_blur_with_unknown_shapes_in_a_graph():
+    blur = tf.function(lambda x, s: augment.gaussian_blur(x, s, 4),
+                       input_signature=[tf.TensorSpec([None, None, 3]), tf.TensorSpec([])])
+    image = np.random.default_rng(3).uniform(size=(21, 50, 3)).astype(np.float32)
+    np.testing.assert_allclose(blur(image, 1.2).numpy(),
+                               _blur_2d_reference(tf.constant(image), 1.2, 4), atol=1e-5)
+
+
+def test_symmetric_indices_repeat_the_edge_as_np_pad_does():
+    for size, radius in ((10, 3), (5, 5), (224, 11)):
+        expected = np.pad(np.arange(size), radius, mode="symmetric")
+        np.testing.assert_array_equal(augment.symmetric_indices(size, radius), expected)
+
+
+def test_mask_resize_by_gather_is_tf_nearest_resize_bit_for_bit():
+    # Downsampling, upsampling and odd ratios, flipped or not: the gathered mask is
+    # exactly tf.image.resize(method="nearest") (then tf.reverse for a flip).
+    rng = np.random.default_rng(11)
+    for _ in range(40):
+        height, width = rng.integers(1, 400, size=2)
+        size = int(rng.choice([7, 16, 32, 97, 224]))
+        mask = (rng.uniform(size=(height, width, 1)) < 0.4).astype(np.uint8)
+        expected = tf.image.resize(tf.cast(mask, tf.float32), [size, size],
+                                   method="nearest").numpy()
+        for flip in (False, True):
+            out = augment.resize_mask(tf.constant(mask), size, tf.constant(flip)).numpy()
+            assert out.dtype == np.float32 and out.shape == (size, size, 1)
+            np.testing.assert_array_equal(out, expected[:, ::-1] if flip else expected)
+
+
 # ------------------------------------------------------------------ colour ops
 
 
 def test_solarize_matches_numpy():
     image = np.random.default_rng(3).uniform(size=(17, 19, 3)).astype(np.float32)
-    out = augment.solarize(tf.constant(image)).numpy()
-    np.testing.assert_array_equal(out, np.where(image < 0.5, image, 1.0 - image))
+    # The threshold itself and its float neighbours too (0.5 is computed as a minimum).
+    image[0, :4, 0] = [0.5, np.nextafter(0.5, 0), np.nextafter(0.5, 1), 1.0]
+    for threshold in (0.5, 0.3):
+        out = augment.solarize(tf.constant(image), threshold).numpy()
+        np.testing.assert_array_equal(out, np.where(image < threshold, image, 1.0 - image))
 
 
 def test_grayscale_matches_numpy_luma():

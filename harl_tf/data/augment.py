@@ -464,8 +464,15 @@ def color_jitter(image: tf.Tensor, seed: tf.Tensor, *, brightness: float,
 # --------------------------------------------------------------------------- views
 
 
-def _maybe(coin: tf.Tensor, fn: Callable[[tf.Tensor], tf.Tensor],
+def _maybe(coin: tf.Tensor, probability: float, fn: Callable[[tf.Tensor], tf.Tensor],
            x: tf.Tensor) -> tf.Tensor:
+    """fn(x) where ``coin`` (drawn with ``probability``) is True, else x. A probability
+    of 0 or 1 decides in Python: the same result without a conditional, whose cost
+    (about 0.1 ms for a blur or a jitter branch not taken) would buy nothing."""
+    if probability <= 0.0:
+        return x
+    if probability >= 1.0:
+        return fn(x)
     return tf.cond(coin, lambda: fn(x), lambda: tf.identity(x))
 
 
@@ -473,24 +480,24 @@ def _maybe(coin: tf.Tensor, fn: Callable[[tf.Tensor], tf.Tensor],
 # coins from view_coins, its config, S) to the next image; the stage benchmark
 # (bench/bench_input_stages.py) times them one by one.
 def _jitter_step(image, seed, coins, config, image_size):
-    return _maybe(coins["jitter"], lambda x: color_jitter(
+    return _maybe(coins["jitter"], config.jitter_prob, lambda x: color_jitter(
         x, op_seed(seed, _JITTER), brightness=config.brightness, contrast=config.contrast,
         saturation=config.saturation, hue=config.hue), image)
 
 
 def _grayscale_step(image, seed, coins, config, image_size):
-    return _maybe(coins["grayscale"], to_grayscale, image)
+    return _maybe(coins["grayscale"], config.grayscale_prob, to_grayscale, image)
 
 
 def _blur_step(image, seed, coins, config, image_size):
     radius = blur_radius(image_size, config.blur_kernel_fraction)
-    return _maybe(coins["blur"], lambda x: gaussian_blur(x, coins["blur_sigma"], radius),
-                  image)
+    return _maybe(coins["blur"], config.blur_prob,
+                  lambda x: gaussian_blur(x, coins["blur_sigma"], radius), image)
 
 
 def _solarize_step(image, seed, coins, config, image_size):
-    return _maybe(coins["solarize"], lambda x: solarize(x, config.solarize_threshold),
-                  image)
+    return _maybe(coins["solarize"], config.solarize_prob,
+                  lambda x: solarize(x, config.solarize_threshold), image)
 
 
 COLOUR_STEPS = (("colour_jitter", _jitter_step), ("grayscale", _grayscale_step),
@@ -505,7 +512,7 @@ def finish_view(cropped: tf.Tensor, cropped_mask: Optional[tf.Tensor], seed: tf.
     record."""
     coins = view_coins(seed, config)
     image = resize_image(cropped, image_size, config.resize_method)
-    image = _maybe(coins["flip"], flip_left_right, image)
+    image = _maybe(coins["flip"], config.flip_prob, flip_left_right, image)
     # The mask is resized and flipped in one gather.
     mask = None if cropped_mask is None else resize_mask(cropped_mask, image_size,
                                                          coins["flip"])
