@@ -24,7 +24,7 @@ Variants (8 shape classes each; only the object's shape carries the class):
 - ``upright_clean``: upright objects in one flat colour (random hue, strong contrast:
   light or dark) on a low-contrast two-colour gradient; rotation within +-10 degrees.
 - ``upright_clutter``: ``upright_clean`` plus a background texture and 1-3 distractor
-  blobs.
+  blobs: :mod:`harl_tf.data.synthetic`'s ``style="upright"``, the quickstart's set.
 
 Writes ``bench/results/<results_name>.json``.
 """
@@ -99,7 +99,9 @@ def render(variant: str, index: int, side: int, seed: int):
         return synthetic.render(index, side, seed)
     if variant == "upright":
         return synthetic.render(index, side, seed, max_rotation=0.0)
-    return _render_upright(index, side, seed, clutter=variant == "upright_clutter")
+    if variant == "upright_clutter":
+        return synthetic.render(index, side, seed, style="upright")
+    return _render_upright(index, side, seed, clutter=False)
 
 
 def write_records(variant: str, directory: str) -> None:

@@ -116,6 +116,20 @@ def test_synthetic_source_matches_the_embedded_set(tmp_path):
     assert source.default_mask_method == "ground_truth"
 
 
+def test_synthetic_source_style_reaches_the_images_and_the_build_options():
+    upright = sources.SyntheticSource(3, image_size=32, seed=3, image_format="png",
+                                      style="upright")
+    raw = upright.load(upright.list_refs("train")[2])
+    image, mask, _ = synthetic.render(2, 32, 3, style="upright")
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(raw.image_bytes))), image)
+    np.testing.assert_array_equal(raw.mask, mask)
+    # A build of one style never resumes as the other; the default keeps older builds' key.
+    assert upright.content_options()["style"] == "upright"
+    assert "style" not in sources.SyntheticSource(3, image_size=32).content_options()
+    with pytest.raises(sources.SourceError, match="--synthetic_style.*'tilted'"):
+        sources.SyntheticSource(3, style="tilted")
+
+
 def test_tfds_source_reads_mock_mnist_without_download(tmp_path):
     tfds = pytest.importorskip("tensorflow_datasets")
     with tfds.testing.mock_data(num_examples=6):

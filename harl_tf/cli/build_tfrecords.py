@@ -66,6 +66,10 @@ flags.DEFINE_integer("jpeg_quality", 95, "Synthetic JPEG quality (1-100).")
 flags.DEFINE_enum("object_colour", "random", ["random", "class"],
                   "Synthetic object colours: random (the default set) or one hue per class "
                   "(an easy variant whose labels a random encoder can read).")
+flags.DEFINE_enum("synthetic_style", "shapes", ["shapes", "upright"],
+                  "Synthetic set look: shapes (any rotation, textured objects, heavy "
+                  "clutter) or upright (upright flat-coloured shapes, light clutter: what a "
+                  "few minutes of pretraining learn; the quickstart's set).")
 # masks
 flags.DEFINE_string("mask_method", None, "Compute masks with this harl_tf.masks method "
                     "(e.g. conventional) instead of reading the source's masks.")
@@ -137,7 +141,8 @@ def make_source_from_flags():
     return sources.SyntheticSource(
         FLAGS.num_images, image_size=_image_size(FLAGS.image_size), seed=FLAGS.seed,
         num_test_images=FLAGS.num_test_images, image_format=FLAGS.image_format,
-        jpeg_quality=FLAGS.jpeg_quality, object_colour=FLAGS.object_colour)
+        jpeg_quality=FLAGS.jpeg_quality, object_colour=FLAGS.object_colour,
+        style=FLAGS.synthetic_style)
 
 
 def _build_with_beam(source, common):

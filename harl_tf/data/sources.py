@@ -329,18 +329,23 @@ class SyntheticSource(Source):
     ground truth. Split ``train`` holds images ``0 .. num_images-1``; ``test`` (when
     ``num_test_images > 0``) the next ``num_test_images`` images of the same seed, so the
     two splits never share an image. ``object_colour``: ``"random"`` (the default set) or
-    ``"class"`` (the easy variant, see :mod:`harl_tf.data.synthetic`)."""
+    ``"class"`` (the easy variant, see :mod:`harl_tf.data.synthetic`); ``style``: the set's
+    look, :data:`harl_tf.data.synthetic.STYLES`."""
     kind = "synthetic"
     default_mask_method = "ground_truth"
 
     def __init__(self, num_images: int, *, image_size=64, seed: int = 0,
                  num_test_images: int = 0, image_format: str = "jpeg",
-                 jpeg_quality: int = 95, object_colour: str = "random"):
+                 jpeg_quality: int = 95, object_colour: str = "random",
+                 style: str = "shapes"):
         from harl_tf.data import synthetic
         if object_colour not in synthetic.OBJECT_COLOURS:
             raise SourceError(f"--object_colour must be one of {synthetic.OBJECT_COLOURS}, "
                               f"got {object_colour!r}")
-        self.object_colour = object_colour
+        if style not in synthetic.STYLES:
+            raise SourceError(f"--synthetic_style must be one of {synthetic.STYLES}, "
+                              f"got {style!r}")
+        self.object_colour, self.style = object_colour, style
         if image_format not in ("jpeg", "png"):
             raise SourceError(f"--image_format must be jpeg or png, got {image_format!r}")
         if not 1 <= int(jpeg_quality) <= 100:
@@ -366,6 +371,8 @@ class SyntheticSource(Source):
                    "image_format": self.image_format, "jpeg_quality": self.jpeg_quality}
         if self.object_colour != "random":  # builds made before the option still resume
             options["object_colour"] = self.object_colour
+        if self.style != "shapes":
+            options["style"] = self.style
         return options
 
     def _indices(self, split: str) -> range:
@@ -388,7 +395,8 @@ class SyntheticSource(Source):
     def load(self, ref: ExampleRef, *, with_mask: bool = True) -> RawExample:
         from harl_tf.data import synthetic
         image, mask, label = synthetic.render(ref.key, (self.height, self.width), self.seed,
-                                              object_colour=self.object_colour)
+                                              object_colour=self.object_colour,
+                                              style=self.style)
         data = encode_image(image, self.image_format, self.jpeg_quality)
         return RawExample(ref.id, label, data, ref.id, mask=mask if with_mask else None,
                           mask_name=f"{ref.id} (ground-truth mask)")

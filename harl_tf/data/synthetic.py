@@ -35,6 +35,14 @@ Size = Union[int, Tuple[int, int]]
 
 OBJECT_COLOURS = ("random", "class")
 
+# "shapes": the cluttered set described above. "upright": the same eight shapes, upright
+# (within +-10 degrees) and in one flat colour (random hue, drawn light or dark) over a
+# low-contrast gradient with a faint texture and 1-3 distractor blobs. In "upright" the
+# only changes within a class are position, scale and colours, which the pretraining
+# augmentations (crops, colour distortion) cover, so a few minutes of pretraining learn
+# it measurably (bench/bench_quickstart_variants.py); the quickstart uses it.
+STYLES = ("shapes", "upright")
+
 
 # One saturated hue per class, evenly spaced on the colour wheel (object_colour="class").
 CLASS_COLOURS = np.array([colorsys.hsv_to_rgb(k / NUM_CLASSES, 0.85, 0.9)
@@ -148,8 +156,57 @@ def _check_object_colour(object_colour: str) -> None:
                          f"got {object_colour!r}")
 
 
+def _check_style(style: str) -> None:
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {STYLES}, got {style!r}")
+
+
+def _hsv(h: float, s: float, v: float) -> np.ndarray:
+    return np.array(colorsys.hsv_to_rgb(h, s, v))
+
+
+def _render_upright(index: int, height: int, width: int, seed: int, object_fill,
+                    object_colour: str):
+    """The ``"upright"`` style (see :data:`STYLES`)."""
+    side = float(min(height, width))
+    label = label_for(index, seed)
+    rng = np.random.default_rng([seed, index, 77])
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32) + 0.5
+    c0 = _hsv(rng.uniform(), rng.uniform(0.2, 0.6), rng.uniform(0.3, 0.8))
+    c1 = np.clip(c0 + rng.uniform(-0.2, 0.2, 3), 0, 1)
+    angle = rng.uniform(0, 2 * np.pi)
+    ramp = np.cos(angle) * x + np.sin(angle) * y
+    ramp = (ramp - ramp.min()) / max(float(ramp.max() - ramp.min()), 1e-6)
+    image = c0 + (c1 - c0) * ramp[..., None]
+    image = image + 0.08 * _texture(rng, y, x, side)[..., None]
+    for _ in range(rng.integers(1, 4)):
+        blob = _distractor(rng, y, x, side)
+        shade = _hsv(rng.uniform(), rng.uniform(0.2, 0.8), rng.uniform(0.3, 0.9))
+        image = np.where(blob[..., None], shade, image)
+    radius = side * rng.uniform(0.22, 0.38)
+    cx = rng.uniform(radius * 0.8, width - radius * 0.8)
+    cy = rng.uniform(radius * 0.8, height - radius * 0.8)
+    turn = np.deg2rad(10) * rng.uniform(-1, 1)
+    du, dv = (x - cx) / radius, (y - cy) / radius
+    mask = shape_mask(label, np.cos(turn) * du + np.sin(turn) * dv,
+                      -np.sin(turn) * du + np.cos(turn) * dv)
+    if not mask.any():
+        mask[int(min(cy, height - 1)), int(min(cx, width - 1))] = True
+    colour = _hsv(rng.uniform(), rng.uniform(0.6, 1.0), rng.uniform(0.8, 1.0))
+    if rng.uniform() < 0.5:  # drawn in every mode, so the stream is shared
+        colour = colour * 0.25
+    if object_colour == "class":
+        colour = CLASS_COLOURS[label]
+    if object_fill is not None:
+        colour = np.asarray(object_fill, np.float64)
+    image = np.where(mask[..., None], colour, image)
+    image = np.clip(image * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return image, mask.astype(np.uint8), label
+
+
 def render(index: int, image_size: Size = 64, seed: int = 0, object_fill=None,
-           object_colour: str = "random", max_rotation: float = 180.0):
+           object_colour: str = "random", max_rotation: float = 180.0,
+           style: str = "shapes"):
     """Draws image ``index`` of the set ``seed``: returns ``(image uint8 [H,W,3], mask uint8
     {0,1} [H,W], label int)``.
 
@@ -160,9 +217,13 @@ def render(index: int, image_size: Size = 64, seed: int = 0, object_fill=None,
     texture; background, shape, pose and mask are the same as with ``"random"``.
     ``max_rotation`` (degrees) limits the object's rotation to ``+-max_rotation``; 180 (the
     default) is any rotation, 0 the canonical upright pose. The random stream is the same
-    either way, so only the object's pose changes."""
+    either way, so only the object's pose changes. ``style`` picks the set's look
+    (:data:`STYLES`); ``max_rotation`` applies to ``"shapes"`` only."""
     _check_object_colour(object_colour)
+    _check_style(style)
     height, width = _height_width(image_size)
+    if style == "upright":
+        return _render_upright(index, height, width, seed, object_fill, object_colour)
     side = float(min(height, width))
     label = label_for(index, seed)
     rng = np.random.default_rng([seed, index, 0x5EED])
@@ -207,13 +268,14 @@ def render(index: int, image_size: Size = 64, seed: int = 0, object_fill=None,
 
 
 def generate(num_images: int, image_size: Size = 64, seed: int = 0,
-             object_colour: str = "random") -> SyntheticSet:
+             object_colour: str = "random", style: str = "shapes") -> SyntheticSet:
     """Generates ``num_images`` images of ``image_size`` (int, or ``(height, width)``).
 
-    The same ``(num_images, image_size, seed, object_colour)`` always gives byte-identical
-    arrays.
+    The same ``(num_images, image_size, seed, object_colour, style)`` always gives
+    byte-identical arrays.
     """
     _check_object_colour(object_colour)
+    _check_style(style)
     if num_images < 0:
         raise ValueError(f"num_images must be >= 0, got {num_images}")
     height, width = _height_width(image_size)
@@ -222,14 +284,16 @@ def generate(num_images: int, image_size: Size = 64, seed: int = 0,
     labels = np.empty((num_images,), np.int64)
     for i in range(num_images):
         images[i], masks[i], labels[i] = render(i, (height, width), seed,
-                                                object_colour=object_colour)
+                                                object_colour=object_colour, style=style)
     return SyntheticSet(images, masks, labels)
 
 
 def iterate(indices: Sequence[int], image_size: Size = 64, seed: int = 0,
-            object_colour: str = "random"):
+            object_colour: str = "random", style: str = "shapes"):
     """Yields ``(index, image, mask, label)`` for the given indices without holding the set
     in memory (the TFRecord builder's source)."""
+    _check_style(style)
     for i in indices:
-        image, mask, label = render(int(i), image_size, seed, object_colour=object_colour)
+        image, mask, label = render(int(i), image_size, seed, object_colour=object_colour,
+                                    style=style)
         yield int(i), image, mask, label
