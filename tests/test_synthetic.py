@@ -47,17 +47,23 @@ def test_labels_are_balanced_and_not_periodic():
     assert not np.array_equal(labels[:16], np.arange(16) % synthetic.NUM_CLASSES)
 
 
+def _assert_mask_is_where_the_object_was_drawn(index, seed, **style):
+    """Painting the object in a flat marker colour changes exactly the masked pixels.
+    Returns the unmarked ``(image, mask, label)``."""
+    image, mask, label = synthetic.render(index, 48, seed, **style)
+    marked, marked_mask, _ = synthetic.render(index, 48, seed, object_fill=(1.0, 0.0, 1.0),
+                                              **style)
+    np.testing.assert_array_equal(marked_mask, mask)
+    on = mask.astype(bool)
+    assert 0 < on.sum() < on.size
+    assert (marked[on] == [255, 0, 255]).all()
+    np.testing.assert_array_equal(marked[~on], image[~on])
+    return image, mask, label
+
+
 def test_mask_equals_the_pixels_where_the_object_was_drawn():
-    """Painting the object in a flat marker colour changes exactly the masked pixels."""
     for index in range(12):
-        image, mask, label = synthetic.render(index, 48, seed=11)
-        marked, marked_mask, _ = synthetic.render(index, 48, seed=11,
-                                                  object_fill=(1.0, 0.0, 1.0))
-        np.testing.assert_array_equal(marked_mask, mask)
-        on = mask.astype(bool)
-        assert 0 < on.sum() < on.size
-        assert (marked[on] == [255, 0, 255]).all()
-        np.testing.assert_array_equal(marked[~on], image[~on])
+        _assert_mask_is_where_the_object_was_drawn(index, 11)
 
 
 def test_classes_differ_in_shape_not_only_colour():
@@ -125,15 +131,9 @@ def test_upright_style_is_deterministic_with_exact_masks_and_flat_upright_object
     np.testing.assert_array_equal(data.labels, [synthetic.label_for(i, 3) for i in range(24)])
     assert not np.array_equal(data.images, synthetic.generate(24, 48, seed=3).images)
     for index in range(24):
-        image, mask, label = synthetic.render(index, 48, 3, style="upright")
-        marked, marked_mask, _ = synthetic.render(index, 48, 3, style="upright",
-                                                  object_fill=(1.0, 0.0, 1.0))
-        np.testing.assert_array_equal(marked_mask, mask)
-        on = mask.astype(bool)
-        assert 0 < on.sum() < on.size
-        assert (marked[on] == [255, 0, 255]).all()
-        np.testing.assert_array_equal(marked[~on], image[~on])
-        assert len(np.unique(image[on], axis=0)) == 1  # one flat colour
+        image, mask, label = _assert_mask_is_where_the_object_was_drawn(
+            index, 3, style="upright")
+        assert len(np.unique(image[mask.astype(bool)], axis=0)) == 1  # one flat colour
         if synthetic.CLASS_NAMES[label] == "square":  # within 10 degrees of upright
             rows, cols = np.nonzero(mask)
             assert mask.sum() / ((np.ptp(rows) + 1) * (np.ptp(cols) + 1)) > 0.72
