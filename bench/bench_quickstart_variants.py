@@ -30,7 +30,6 @@ Writes ``bench/results/<results_name>.json``.
 """
 from __future__ import annotations
 
-import colorsys
 import json
 import os
 import shlex
@@ -40,7 +39,6 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from bench import common  # noqa: E402
@@ -58,41 +56,6 @@ flags.DEFINE_string("extra_pretrain_flags", "",
 flags.DEFINE_string("results_name", "bench_quickstart_variants", "Results file name.")
 
 
-def _render_upright(index: int, side: int, seed: int, clutter: bool):
-    """``upright_clean`` / ``upright_clutter``: one flat-coloured upright shape."""
-    from harl_tf.data import synthetic as s
-    label = s.label_for(index, seed)
-    rng = np.random.default_rng([seed, index, 77])
-    y, x = np.mgrid[0:side, 0:side].astype(np.float32) + 0.5
-    c0 = np.array(colorsys.hsv_to_rgb(rng.uniform(), rng.uniform(0.2, 0.6),
-                                      rng.uniform(0.3, 0.8)))
-    c1 = np.clip(c0 + rng.uniform(-0.2, 0.2, 3), 0, 1)
-    angle = rng.uniform(0, 2 * np.pi)
-    ramp = np.cos(angle) * x + np.sin(angle) * y
-    ramp = (ramp - ramp.min()) / (ramp.max() - ramp.min())
-    image = c0 + (c1 - c0) * ramp[..., None]
-    if clutter:
-        image = image + 0.08 * s._texture(rng, y, x, side)[..., None]
-        for _ in range(rng.integers(1, 4)):
-            blob = s._distractor(rng, y, x, side)
-            shade = colorsys.hsv_to_rgb(rng.uniform(), rng.uniform(0.2, 0.8),
-                                        rng.uniform(0.3, 0.9))
-            image = np.where(blob[..., None], np.array(shade), image)
-    radius = side * rng.uniform(0.22, 0.38)
-    cx = rng.uniform(radius * 0.8, side - radius * 0.8)
-    cy = rng.uniform(radius * 0.8, side - radius * 0.8)
-    turn = np.deg2rad(10) * rng.uniform(-1, 1)
-    du, dv = (x - cx) / radius, (y - cy) / radius
-    mask = s.shape_mask(label, np.cos(turn) * du + np.sin(turn) * dv,
-                        -np.sin(turn) * du + np.cos(turn) * dv)
-    colour = np.array(colorsys.hsv_to_rgb(rng.uniform(), rng.uniform(0.6, 1.0),
-                                          rng.uniform(0.8, 1.0)))
-    if rng.uniform() < 0.5:
-        colour = colour * 0.25
-    image = np.where(mask[..., None], colour, image)
-    return np.clip(image * 255 + 0.5, 0, 255).astype(np.uint8), mask.astype(np.uint8), label
-
-
 def render(variant: str, index: int, side: int, seed: int):
     from harl_tf.data import synthetic
     if variant == "default":
@@ -101,11 +64,12 @@ def render(variant: str, index: int, side: int, seed: int):
         return synthetic.render(index, side, seed, max_rotation=0.0)
     if variant == "upright_clutter":
         return synthetic.render(index, side, seed, style="upright")
-    return _render_upright(index, side, seed, clutter=False)
+    return synthetic._render_upright(index, side, side, seed, None, "random", clutter=False)
 
 
 def write_records(variant: str, directory: str) -> None:
     import tensorflow as tf
+    from harl_tf.atomic import atomic_path, write_bytes_atomic
     from harl_tf.data import schema
     if os.path.exists(os.path.join(directory, "done")):
         return
@@ -113,7 +77,7 @@ def write_records(variant: str, directory: str) -> None:
     for split, count, seed in (("train", FLAGS.num_images, 0),
                                ("test", FLAGS.num_test_images, 1)):
         path = os.path.join(directory, f"{split}-00000-of-00001.tfrecord")
-        with tf.io.TFRecordWriter(path + ".tmp") as writer:
+        with atomic_path(path) as temporary, tf.io.TFRecordWriter(temporary) as writer:
             for i in range(count):
                 image, mask, label = render(variant, i, 64, seed)
                 writer.write(schema.serialize_example(
@@ -121,9 +85,7 @@ def write_records(variant: str, directory: str) -> None:
                     image_format="jpeg", height=64, width=64,
                     mask_png=schema.encode_mask_png(mask), label=label,
                     example_id=f"{variant}/{seed}/{i}", mask_method="ground_truth"))
-        os.replace(path + ".tmp", path)
-    with open(os.path.join(directory, "done"), "w") as f:
-        f.write("ok\n")
+    write_bytes_atomic(os.path.join(directory, "done"), b"ok\n")
 
 
 def _run(argv, log_path):

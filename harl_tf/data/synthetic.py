@@ -166,8 +166,10 @@ def _hsv(h: float, s: float, v: float) -> np.ndarray:
 
 
 def _render_upright(index: int, height: int, width: int, seed: int, object_fill,
-                    object_colour: str):
-    """The ``"upright"`` style (see :data:`STYLES`)."""
+                    object_colour: str, clutter: bool = True):
+    """The ``"upright"`` style (see :data:`STYLES`). ``clutter=False`` leaves out the
+    background texture and blobs (and their random draws): the plain-gradient variant
+    that ``bench/bench_quickstart_variants.py`` compares against."""
     side = float(min(height, width))
     label = label_for(index, seed)
     rng = np.random.default_rng([seed, index, 77])
@@ -178,11 +180,12 @@ def _render_upright(index: int, height: int, width: int, seed: int, object_fill,
     ramp = np.cos(angle) * x + np.sin(angle) * y
     ramp = (ramp - ramp.min()) / max(float(ramp.max() - ramp.min()), 1e-6)
     image = c0 + (c1 - c0) * ramp[..., None]
-    image = image + 0.08 * _texture(rng, y, x, side)[..., None]
-    for _ in range(rng.integers(1, 4)):
-        blob = _distractor(rng, y, x, side)
-        shade = _hsv(rng.uniform(), rng.uniform(0.2, 0.8), rng.uniform(0.3, 0.9))
-        image = np.where(blob[..., None], shade, image)
+    if clutter:
+        image = image + 0.08 * _texture(rng, y, x, side)[..., None]
+        for _ in range(rng.integers(1, 4)):
+            blob = _distractor(rng, y, x, side)
+            shade = _hsv(rng.uniform(), rng.uniform(0.2, 0.8), rng.uniform(0.3, 0.9))
+            image = np.where(blob[..., None], shade, image)
     radius = side * rng.uniform(0.22, 0.38)
     cx = rng.uniform(radius * 0.8, width - radius * 0.8)
     cy = rng.uniform(radius * 0.8, height - radius * 0.8)
