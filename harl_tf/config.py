@@ -1,5 +1,7 @@
 """Every pretraining hyperparameter, written once: the config dataclasses, their checks and
-the absl flags made from them. Nothing here imports TensorFlow.
+the absl flags made from them; and that machinery (:func:`option`, :func:`check_fields`,
+:func:`define_flags`, :func:`from_flags`), which ``harl_tf.eval_config`` uses for the
+``harl_tf.finetune`` flags too. Nothing here imports TensorFlow.
 
     PretrainConfig                 the run: data, budget, distribution, bookkeeping
       .model: HARLConfig           what HARLModel needs (heads, loss, EMA, probe)
@@ -14,7 +16,9 @@ Enum choices come from the registries that use them (``losses.LOSS_MODES``,
 ``losses.WEIGHT_SCHEDULES``, ``distribute.STRATEGIES``).
 
 Adding a hyperparameter: one ``option(...)`` line in the section that uses it; its flag,
-its check and its place in ``config.json`` follow.
+its check and its place in ``config.json`` follow. A flag may spell its field's value
+differently (``flag_default``, ``flag_choices``, ``from_flag``): a negative
+``--min_region_fraction`` for None here, ``--output_stride=keep`` for None in finetune.
 """
 from __future__ import annotations
 
@@ -45,7 +49,8 @@ class ConfigError(HarlError):
 
 def option(default, help: str, *, choices: Optional[Tuple] = None, low: float = None,
            high: float = None, open_low: bool = False, open_high: bool = False,
-           required: str = "", flag_default=None, from_flag=None):
+           required: str = "", flag_default=None, from_flag=None,
+           flag_choices: Optional[Tuple[str, ...]] = None):
     """A config field that is also a flag.
 
     Args:
@@ -55,12 +60,15 @@ def option(default, help: str, *, choices: Optional[Tuple] = None, low: float = 
       low, high, open_low, open_high: the accepted range; open ends are excluded.
       required: non-empty: the field must be set; the text says what it is for.
       flag_default, from_flag: for fields whose flag spells a value differently (e.g. a
-        negative --min_region_fraction for None): the flag's default and its conversion.
+        negative --min_region_fraction for None, a JSON string for a dict): the flag's
+        default, whose type is the flag's type, and the conversion of the flag's value.
+      flag_choices: the flag is an enum of these strings (default ``flag_default``), e.g.
+        ``("keep", "32", "16", "8")`` for an Optional[int] field; ``from_flag`` converts.
     """
     return dataclasses.field(default=default, metadata=dict(
         help=help, choices=choices, low=low, high=high, open_low=open_low,
         open_high=open_high, required=required, flag_default=flag_default,
-        from_flag=from_flag))
+        from_flag=from_flag, flag_choices=flag_choices))
 
 
 def section(cls):
@@ -99,12 +107,12 @@ def _check_field(name: str, value, m) -> None:
         raise ConfigError(f"--{name} must be {text}, got {value}.")
 
 
-def _check_fields(config) -> None:
+def check_fields(config) -> None:
     """The declared rules of every field of ``config``, sections included, in order."""
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         if "section" in f.metadata:
-            _check_fields(value)
+            check_fields(value)
         elif "help" in f.metadata:
             _check_field(f.name, value, f.metadata)
 
@@ -171,7 +179,7 @@ class HARLConfig:
 
     def validate(self) -> None:
         """ConfigError (a ValueError) naming the offending flag."""
-        _check_fields(self)
+        check_fields(self)
         if self.total_steps <= 0:
             raise ConfigError(f"total_steps must be positive, got {self.total_steps}.")
 
@@ -296,7 +304,7 @@ class PretrainConfig:
         """Cheap checks before any heavy work; ConfigError (a ValueError) with a one-line
         message naming the flag. ``check_files``: --train_files must match a file (unless
         --synthetic_records will build them)."""
-        _check_fields(self)
+        check_fields(self)
         if not (self.train_steps > 0 or self.epochs > 0):
             raise ConfigError("--epochs or --train_steps must be positive.")
         if self.deterministic and self.seed is None:
@@ -363,14 +371,20 @@ _DEFINE = {bool: absl_flags.DEFINE_bool, int: absl_flags.DEFINE_integer,
 
 def define_flags(cls, flag_values=None) -> None:
     """Define an absl flag for every leaf field of ``cls`` (name, default, help; an enum for
-    a str field with choices). The flags belong to the module calling this function."""
+    a str field with choices, or for ``flag_choices``). A field with a ``flag_default``
+    gets a flag of that default's type. The flags belong to the module calling this
+    function."""
     flag_values = absl_flags.FLAGS if flag_values is None else flag_values
     for name, _, f, owner in _leaves(cls):
         m = f.metadata
-        kind = _flag_type(owner, name)
-        default = f.default if m["flag_default"] is None else m["flag_default"]
-        if kind is str and m["choices"] is not None:
-            absl_flags.DEFINE_enum(name, default, list(m["choices"]), m["help"],
+        if m["flag_default"] is None:
+            default, kind, choices = f.default, _flag_type(owner, name), m["choices"]
+        else:
+            default, kind, choices = m["flag_default"], type(m["flag_default"]), None
+        if m["flag_choices"] is not None:
+            kind, choices = str, m["flag_choices"]
+        if kind is str and choices is not None:
+            absl_flags.DEFINE_enum(name, default, list(choices), m["help"],
                                    flag_values=flag_values)
         else:
             _DEFINE[kind](name, default, m["help"], flag_values=flag_values)
@@ -378,10 +392,13 @@ def define_flags(cls, flag_values=None) -> None:
 
 def from_flags(cls, flag_values=None, **overrides):
     """``cls`` built from parsed flags (each flag's ``from_flag`` applied); ``overrides``
-    replace flag values (e.g. paths resolved by the binary)."""
+    replace flag values (e.g. paths resolved by the binary; an overridden flag is not
+    converted)."""
     flag_values = absl_flags.FLAGS if flag_values is None else flag_values
     values = {}
     for name, _, f, _ in _leaves(cls):
+        if name in overrides:
+            continue
         value = getattr(flag_values, name)
         convert = f.metadata["from_flag"]
         values[name] = convert(value) if convert else value

@@ -22,9 +22,8 @@ import keras
 import tensorflow as tf
 
 from harl_tf import saved_encoder
+from harl_tf.eval_config import RANDOM  # --encoder=random
 from harl_tf.models import resnet
-
-RANDOM = "random"
 
 
 @dataclasses.dataclass

@@ -1,6 +1,7 @@
 """One downstream evaluation run: encoder + labelled splits -> top-1 / top-5 (SPEC §8).
 
-:func:`evaluate` is what ``python -m harl_tf.finetune`` calls. Modes:
+:func:`evaluate` is what ``python -m harl_tf.finetune`` calls, with an
+:class:`EvaluationConfig` (declared, with its checks, in ``harl_tf.eval_config``). Modes:
 
 - ``linear``: linear probe on the frozen encoder. Default: precomputed pooled features of
   centre crops, no augmentation (fast on CPU; BYOL's transfer protocol). With
@@ -30,101 +31,31 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional
 
 import tensorflow as tf
 
-from harl_tf import atomic, saved_encoder
+from harl_tf import atomic, distribute, saved_encoder
+from harl_tf.config import ConfigError
 from harl_tf.data import background_shift, pipeline
 from harl_tf.downstream import encoder_source, knn, linear, probe_selection, subsets
+# The config and its choices are declared TensorFlow-free in eval_config (the finetune
+# flags are made from them); evaluation.EvaluationConfig, .MODES, ... name them here too.
+from harl_tf.eval_config import EVAL_BACKGROUNDS, MODES, RANDOM, EvaluationConfig  # noqa: F401
 from harl_tf.progress import keras_verbose
 
-MODES = ("linear", "finetune", "knn")
-EVAL_BACKGROUNDS = ("original", "mixed_rand", "both")
 SHIFTED_EVAL_DIR = "eval_mixed_rand"
 RESULTS_FILE = "results.json"
 TRAIN_IDS_FILE = "train_ids.txt"
 
 
-@dataclasses.dataclass
-class EvaluationConfig:
-    """Arguments of :func:`evaluate` (one field per ``harl_tf.finetune`` flag)."""
-    mode: str
-    encoder: str
-    train_files: str
-    eval_files: str
-    output_dir: str
-    encoder_config: Optional[Dict[str, Any]] = None
-    step: Optional[int] = None
-    output_stride: Optional[int] = None
-    label_fraction: float = 1.0
-    subset_seed: int = 0
-    num_classes: int = 0
-    image_size: int = 224
-    crop_fraction: float = 0.875
-    min_crop_area: float = 0.08
-    batch_size: int = 256
-    eval_batch_size: int = 256
-    epochs: int = 90
-    learning_rate: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    linear_augmentation: bool = False
-    standardize_features: bool = True
-    knn_k: int = 20
-    knn_temperature: float = 0.07
-    seed: int = 0
-    verbose: int = 1
-    weight_decay_grid: Tuple[float, ...] = ()  # () = the fixed weight_decay
-    validation_fraction: float = probe_selection.DEFAULT_VALIDATION_FRACTION
-    eval_background: str = "original"
-    background_seed: int = 0
-
-    def check(self) -> None:
-        """Cheap checks, before any heavy work; errors name the flag."""
-        if self.mode not in MODES:
-            raise ValueError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}.")
-        if not 0.0 < self.label_fraction <= 1.0:
-            raise ValueError(f"--label_fraction must be in (0, 1], got {self.label_fraction}.")
-        for name in ("image_size", "batch_size", "eval_batch_size", "epochs", "knn_k"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}.")
-        if not 0.0 < self.crop_fraction <= 1.0:
-            raise ValueError(f"--crop_fraction must be in (0, 1], got {self.crop_fraction}.")
-        if not 0.0 < self.min_crop_area <= 1.0:
-            raise ValueError(f"--min_crop_area must be in (0, 1], got {self.min_crop_area}.")
-        if self.learning_rate <= 0:
-            raise ValueError(f"--learning_rate must be > 0, got {self.learning_rate}.")
-        if self.knn_temperature <= 0:
-            raise ValueError(f"--knn_temperature must be > 0, got {self.knn_temperature}.")
-        if self.weight_decay_grid and (self.mode != "linear" or self.linear_augmentation):
-            raise ValueError("--weight_decay_grid applies to --mode=linear on precomputed "
-                             "features only (not --linear_augmentation); pass "
-                             "--weight_decay_grid= and a fixed --weight_decay.")
-        if any(not v >= 0 for v in self.weight_decay_grid):
-            raise ValueError(f"--weight_decay_grid values must be >= 0, got "
-                             f"{list(self.weight_decay_grid)}.")
-        if self.weight_decay_grid and self.learning_rate * max(self.weight_decay_grid) >= 1:
-            raise ValueError(f"--learning_rate × the largest --weight_decay_grid value must "
-                             f"be < 1 (each step scales the weights by 1 − lr·wd), got "
-                             f"{self.learning_rate} × {max(self.weight_decay_grid)}; drop "
-                             f"the decays >= 1 / learning_rate from the grid.")
-        if self.weight_decay_grid and not 0.0 < self.validation_fraction < 1.0:
-            raise ValueError(f"--validation_fraction must be in (0, 1), got "
-                             f"{self.validation_fraction}.")
-        if self.eval_background not in EVAL_BACKGROUNDS:
-            raise ValueError(f"--eval_background must be one of {', '.join(EVAL_BACKGROUNDS)}"
-                             f", got {self.eval_background!r}.")
-        if self.num_classes < 0:
-            raise ValueError(f"--num_classes must be >= 0 (0 = infer), got {self.num_classes}.")
-        for flag in ("train_files", "eval_files"):
-            pipeline.list_files(getattr(self, flag), caller=f"--{flag}")
-        if self.encoder == encoder_source.RANDOM:
-            if not self.encoder_config:
-                raise ValueError("--encoder=random needs --encoder_config.")
-        elif not tf.io.gfile.isdir(self.encoder):
-            raise ValueError(f"--encoder={self.encoder!r} is neither 'random' nor an "
-                             "existing export directory or pretraining model_dir.")
+def check(config: EvaluationConfig) -> None:
+    """Cheap checks, before any heavy work: ``config.validate()`` with the record files
+    looked up, then the encoder directory exists. Errors name the flag."""
+    config.validate(list_files=pipeline.list_files)
+    if config.encoder != RANDOM and not tf.io.gfile.isdir(config.encoder):
+        raise ConfigError(f"--encoder={config.encoder!r} is neither 'random' nor an "
+                          "existing export directory or pretraining model_dir.")
 
 
 def evaluate(config: EvaluationConfig,
@@ -132,14 +63,14 @@ def evaluate(config: EvaluationConfig,
     """Runs one evaluation (see the module docstring); returns and writes the results.
     A truncated or corrupt record file raises :class:`pipeline.CorruptRecordError` naming
     the file and the record."""
-    config.check()
+    check(config)
     with pipeline.naming_corrupt_files(f"{config.train_files},{config.eval_files}"):
         return _evaluate(config, strategy)
 
 
 def _evaluate(config: EvaluationConfig,
               strategy: Optional[tf.distribute.Strategy]) -> Dict[str, Any]:
-    strategy = strategy or tf.distribute.get_strategy()
+    strategy = strategy or distribute.make_strategy(config.strategy)
     started = time.time()
     os.makedirs(config.output_dir, exist_ok=True)
 

@@ -32,27 +32,10 @@ import numpy as np
 import tensorflow as tf
 
 from harl_tf.downstream import linear
-
-DEFAULT_GRID = (0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
-DEFAULT_VALIDATION_FRACTION = 0.2
-
-
-def parse_grid(text: str, *, flag: str = "weight_decay_grid") -> Tuple[float, ...]:
-    """``"0,1e-5,1e-4"`` -> ``(0.0, 1e-05, 0.0001)`` (sorted, duplicates removed); ``""``
-    -> ``()`` (no grid). Negative or non-numeric values are a ValueError naming the flag."""
-    values = []
-    for item in (part.strip() for part in text.split(",")):
-        if not item:
-            continue
-        try:
-            value = float(item)
-        except ValueError:
-            raise ValueError(f"--{flag}: {item!r} is not a number; expected a comma-separated "
-                             "list such as 0,1e-5,1e-4,1e-3,1e-2.") from None
-        if not value >= 0.0 or math.isinf(value):
-            raise ValueError(f"--{flag}: weight decays must be finite and >= 0, got {item}.")
-        values.append(value)
-    return tuple(sorted(set(values)))
+# The flag's grid and validation share, and its parser, live with the other finetune
+# flags in the TensorFlow-free eval_config.
+from harl_tf.eval_config import (DEFAULT_GRID, DEFAULT_VALIDATION_FRACTION,  # noqa: F401
+                                 parse_grid)
 
 
 def validation_split(labels: np.ndarray, fraction: float, *, seed: int = 0
