@@ -71,7 +71,8 @@ def test_full_correlation_gives_each_class_one_background_and_keeps_objects():
     assert sorted(info["group_sizes"]) == [40, 40, 40, 40]
     group_of_class = {c: g for g, c in info["class_of_group"].items()}
     assert all(info["groups"][d] == group_of_class[l] for d, l in zip(donors, labels))
-    lightness = [np.mean(COLOURS[colours[info["groups"] == group_of_class[c]][0]]) for c in range(4)]
+    lightness = [np.mean(COLOURS[colours[info["groups"] == group_of_class[c]][0]])
+                 for c in range(4)]
     assert lightness == sorted(lightness)
     # Objects unchanged, backgrounds really moved.
     for original, new, mask in zip(images, out, masks):
