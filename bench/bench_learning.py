@@ -53,6 +53,7 @@ Writes ``bench/results/bench_learning[_<dataset>].json`` and PNGs next to it.
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import gzip
 import json
@@ -344,35 +345,27 @@ RECIPE_FLAGS = {"train_steps": "steps", "batch_size": "batch_size", "image_size"
                 "lambda_base": "lambda_base"}
 
 
-def read_flagfile(path: str) -> dict:
-    """{flag: value string} of a flagfile's ``--name=value`` lines (nested --flagfile
-    lines are read first, relative to the repository root, as harl_tf.pretrain would from
-    there); later lines win."""
-    values = {}
-    with open(path if os.path.isabs(path) else os.path.join(ROOT, path)) as f:
-        for line in f:
-            line = line.strip()
-            if not line.startswith("--") or "=" not in line:
-                continue
-            name, value = line[2:].split("=", 1)
-            if name == "flagfile":
-                values.update(read_flagfile(value))
-            else:
-                values[name] = value
-    return values
+def recipe_config():
+    """The PretrainConfig the runs get from --recipe_flagfile followed by
+    --extra_pretrain_flags: parsed by harl_tf.pretrain's own flag definitions
+    (``config.parse_argv``), nested flagfiles resolved from the repository root as the
+    runs resolve them."""
+    from harl_tf import config
+    with contextlib.chdir(ROOT):
+        return config.parse_argv(config.PretrainConfig,
+                                 [f"--flagfile={FLAGS.recipe_flagfile}",
+                                  *FLAGS.extra_pretrain_flags.split()])
 
 
 def apply_recipe_flagfile() -> None:
-    """Sets the budget flags from --recipe_flagfile (and --extra_pretrain_flags, which
-    override it), so evaluation and the report use the run's encoder, view size and steps."""
-    values = read_flagfile(FLAGS.recipe_flagfile)
-    for token in FLAGS.extra_pretrain_flags.split():  # they follow the flagfile: they win
-        if token.startswith("--") and "=" in token:
-            name, value = token[2:].split("=", 1)
-            values[name] = value
+    """Sets the budget flags from the recipe's config, so evaluation and the report use
+    the run's encoder, view size and steps."""
+    values = recipe_config().flag_values()
+    if values["train_steps"] <= 0:
+        raise app.UsageError(f"--recipe_flagfile={FLAGS.recipe_flagfile} must set "
+                             "--train_steps (the runs are compared at a step budget).")
     for pretrain_name, bench_name in RECIPE_FLAGS.items():
-        if pretrain_name in values:
-            FLAGS[bench_name].parse(values[pretrain_name])
+        FLAGS[bench_name].value = values[pretrain_name]
 
 
 def pretrain_flags(method: str) -> list:

@@ -390,6 +390,19 @@ def define_flags(cls, flag_values=None) -> None:
             _DEFINE[kind](name, default, m["help"], flag_values=flag_values)
 
 
+def parse_argv(cls, argv, **overrides):
+    """``cls`` built from a command line of its flags (``--flagfile=`` nests as in the
+    binary), parsed on a private FlagValues: what ``harl_tf.pretrain`` would run with,
+    without defining anything on the process's flags. Unknown flags are an error."""
+    flag_values = absl_flags.FlagValues()
+    define_flags(cls, flag_values)
+    try:
+        flag_values(["parse_argv", *argv])
+    except absl_flags.Error as err:
+        raise ConfigError(str(err)) from None
+    return from_flags(cls, flag_values, **overrides)
+
+
 def from_flags(cls, flag_values=None, **overrides):
     """``cls`` built from parsed flags (each flag's ``from_flag`` applied); ``overrides``
     replace flag values (e.g. paths resolved by the binary; an overridden flag is not
