@@ -17,16 +17,13 @@ import glob
 import json
 import os
 import shutil
-import sys
 import time
 
 import cv2
 import numpy as np
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from harl_tf.data import background_shift, correlated_backgrounds  # noqa: E402
+from harl_tf.data import background_shift, correlated_backgrounds
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("src", "../shared/data/fmnist-scenes", "The fmnist-scenes folder.")
@@ -64,6 +61,9 @@ def _group_accuracy(descriptors, labels, mean, std, centres, class_of_group):
 
 def main(argv):
     del argv
+    if not os.path.isfile(os.path.join(FLAGS.src, "classes.txt")):
+        raise SystemExit(f"make_correlated_scenes: --src={FLAGS.src} is not an fmnist-scenes "
+                         "folder (no classes.txt).")
     start = time.time()
     classes, paths, images, masks, labels = _read("train")
     print(f"train: {len(images)} images, {len(classes)} classes; grouping backgrounds...",
