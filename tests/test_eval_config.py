@@ -12,7 +12,7 @@ from typing import Any, Dict, Optional
 import pytest
 from absl import flags
 
-from harl_tf import config, distribute, eval_config, finetune
+from harl_tf import config, distribute, eval_config
 from harl_tf.eval_config import EvaluationConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,24 +26,42 @@ def _fresh_flags(*argv):
     return values
 
 
+# harl_tf.finetune defines its flags on the process's FLAGS when imported, which would
+# clash with other binaries' flags (--output_dir) imported by other tests in the same
+# worker: it is imported in a child process.
+FINETUNE_FLAGS = """
+import json
+from absl import flags
+from harl_tf import finetune
+F = flags.FLAGS
+names = sorted(f.name for f in F.get_flags_for_module(finetune))
+print(json.dumps({"required": list(finetune.REQUIRED), "flags": {
+    n: {"default": F[n].default, "help": F[n].help,
+        "enum": getattr(F[n].parser, "enum_values", None)} for n in names}}))
+"""
+
+
 def test_every_field_is_a_finetune_flag_with_its_declared_default_and_help():
+    out = subprocess.run([sys.executable, "-c", FINETUNE_FLAGS], env=ENV, cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    info = json.loads(out.strip().splitlines()[-1])
+    defined = info["flags"]
     fields = {f.name: f for f in dataclasses.fields(EvaluationConfig)}
-    defined = {flag.name for flag in flags.FLAGS.get_flags_for_module(finetune)}
-    assert defined == set(fields) and len(fields) == 31
-    knn_k = flags.FLAGS["knn_k"]
-    assert knn_k.default == fields["knn_k"].default == 20
-    assert knn_k.help == fields["knn_k"].metadata["help"] == "k of the k-NN classifier."
-    assert flags.FLAGS["label_fraction"].default == 1.0
-    assert flags.FLAGS["weight_decay_grid"].default == "0,1e-4,1e-3,1e-2,1e-1,1"
-    assert eval_config.parse_grid(flags.FLAGS["weight_decay_grid"].default) == (
+    assert set(defined) == set(fields) and len(fields) == 31
+    assert defined["knn_k"]["default"] == fields["knn_k"].default == 20
+    assert defined["knn_k"]["help"] == fields["knn_k"].metadata["help"] == \
+        "k of the k-NN classifier."
+    assert defined["label_fraction"]["default"] == 1.0
+    assert defined["weight_decay_grid"]["default"] == "0,1e-4,1e-3,1e-2,1e-1,1"
+    assert eval_config.parse_grid(defined["weight_decay_grid"]["default"]) == (
         0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0) == eval_config.DEFAULT_GRID
-    assert flags.FLAGS["mode"].parser.enum_values == ["linear", "finetune", "knn"]
-    assert flags.FLAGS["eval_background"].parser.enum_values == list(eval_config.EVAL_BACKGROUNDS)
-    assert flags.FLAGS["strategy"].parser.enum_values == list(distribute.STRATEGIES)
-    assert flags.FLAGS["output_stride"].parser.enum_values == ["keep", "32", "16", "8"]
+    assert defined["mode"]["enum"] == ["linear", "finetune", "knn"]
+    assert defined["eval_background"]["enum"] == list(eval_config.EVAL_BACKGROUNDS)
+    assert defined["strategy"]["enum"] == list(distribute.STRATEGIES)
+    assert defined["output_stride"]["enum"] == ["keep", "32", "16", "8"]
     # The required flags keep absl's None default (mark_flags_as_required needs it).
-    assert finetune.REQUIRED == ("encoder", "train_files", "eval_files", "output_dir")
-    assert all(flags.FLAGS[name].default is None for name in finetune.REQUIRED)
+    assert info["required"] == ["encoder", "train_files", "eval_files", "output_dir"]
+    assert all(defined[name]["default"] is None for name in info["required"])
 
 
 def test_output_stride_keep_is_none_and_a_number_is_that_stride():
