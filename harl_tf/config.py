@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import glob
 import math
-import os
 import typing
 from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
 

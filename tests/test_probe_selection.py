@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from _export_helpers import write_records
+from harl_tf import eval_config
 from harl_tf.downstream import evaluation, linear, probe_selection
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,12 +74,12 @@ def test_validation_split_is_stratified_disjoint_and_seeded():
 
 
 def test_parse_grid_sorts_and_names_the_flag():
-    assert probe_selection.parse_grid("1e-2, 0,1e-4,1e-2") == (0.0, 1e-4, 1e-2)
-    assert probe_selection.parse_grid("") == ()
+    assert eval_config.parse_grid("1e-2, 0,1e-4,1e-2") == (0.0, 1e-4, 1e-2)
+    assert eval_config.parse_grid("") == ()
     with pytest.raises(ValueError, match="--weight_decay_grid: 'x'"):
-        probe_selection.parse_grid("0,x")
+        eval_config.parse_grid("0,x")
     with pytest.raises(ValueError, match=">= 0"):
-        probe_selection.parse_grid("-1e-3")
+        eval_config.parse_grid("-1e-3")
 
 
 @pytest.mark.parametrize("make, num_classes", [(noisy_labels, 4), (nuisance, 2)])
@@ -167,9 +168,9 @@ def test_cli_uses_the_grid_unless_a_weight_decay_is_given():
                             capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     grids = json.loads(result.stdout.strip().splitlines()[-1])
-    assert grids[0] == list(probe_selection.DEFAULT_GRID)
+    assert grids[0] == list(eval_config.DEFAULT_GRID)
     assert grids[1] == []
-    assert grids[2] == list(probe_selection.DEFAULT_GRID)
+    assert grids[2] == list(eval_config.DEFAULT_GRID)
     assert grids[3] == [0.0, 0.5]
     assert "not both" in grids[4]
     assert grids[5] == grids[6] == grids[7] == []

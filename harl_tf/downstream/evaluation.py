@@ -39,9 +39,9 @@ from harl_tf import atomic, distribute, saved_encoder
 from harl_tf.config import ConfigError
 from harl_tf.data import background_shift, pipeline
 from harl_tf.downstream import encoder_source, knn, linear, probe_selection, subsets
-# The config and its choices are declared TensorFlow-free in eval_config (the finetune
-# flags are made from them); evaluation.EvaluationConfig, .MODES, ... name them here too.
-from harl_tf.eval_config import EVAL_BACKGROUNDS, MODES, RANDOM, EvaluationConfig  # noqa: F401
+# The config is declared TensorFlow-free in eval_config (the finetune flags are made from
+# it); evaluate() takes it, so evaluation.EvaluationConfig names it here too.
+from harl_tf.eval_config import RANDOM, EvaluationConfig
 from harl_tf.progress import keras_verbose
 
 SHIFTED_EVAL_DIR = "eval_mixed_rand"

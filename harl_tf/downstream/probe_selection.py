@@ -32,10 +32,6 @@ import numpy as np
 import tensorflow as tf
 
 from harl_tf.downstream import linear
-# The flag's grid and validation share, and its parser, live with the other finetune
-# flags in the TensorFlow-free eval_config.
-from harl_tf.eval_config import (DEFAULT_GRID, DEFAULT_VALIDATION_FRACTION,  # noqa: F401
-                                 parse_grid)
 
 
 def validation_split(labels: np.ndarray, fraction: float, *, seed: int = 0
