@@ -32,7 +32,7 @@ import json
 
 from absl import app, flags
 
-from harl_tf import config, distribute, errors
+from harl_tf import config, errors
 from harl_tf.eval_config import EvaluationConfig, parse_grid
 
 FLAGS = flags.FLAGS
@@ -54,9 +54,8 @@ def main(argv):
         evaluation.check(c)  # the declared rules, then the files and the encoder exist
     except (ValueError, FileNotFoundError) as e:
         raise config.ConfigError(str(e)) from None
-    strategy = distribute.make_strategy(c.strategy)
     try:
-        results = evaluation.evaluate(c, strategy)
+        results = evaluation.evaluate(c)  # on the --strategy the config names
     except subsets.MissingLabelsError as e:   # the records' problem, not a bug
         raise config.ConfigError(str(e)) from None
     print(json.dumps({k: results[k] for k in ("mode", "top1", "top5", "num_train",
