@@ -75,8 +75,7 @@ def main(argv):
     def descriptors_of(imgs, msks):
         return correlated_backgrounds.background_descriptors(
             [background_shift.fill_background(i, m) for i, m in zip(imgs, msks)])
-    original = correlated_backgrounds.background_descriptors(
-        [background_shift.fill_background(i, m) for i, m in zip(images, masks)])
+    original = info["descriptors"]
     mean, std = original.mean(0), np.where(original.std(0) > 0, original.std(0), 1.0)
     z = (original - mean) / std
     centres = np.array([z[info["groups"] == g].mean(0) for g in range(len(classes))])

@@ -88,8 +88,9 @@ def class_correlated(images: Sequence[np.ndarray], masks: Sequence[np.ndarray],
       ids: record ids for error messages.
     Returns:
       ``(images, donors, info)``: the N new images; ``donors[i]`` the example whose filled
-      background example i now has (``-1``: kept as it was); ``info`` with ``groups``
-      (``int64 [N]``, each original background's group), ``class_of_group`` and
+      background example i now has (``-1``: kept as it was); ``info`` with
+      ``descriptors`` (:func:`background_descriptors` of each original filled
+      background), ``groups`` (``int64 [N]``, their groups), ``class_of_group`` and
       ``group_sizes``.
     Raises:
       EmptyMaskError: an empty mask, named.
@@ -120,6 +121,6 @@ def class_correlated(images: Sequence[np.ndarray], masks: Sequence[np.ndarray],
             out.append(background_shift.composite(images[i], masks[i], backgrounds[donors[i]]))
         else:
             out.append(np.asarray(images[i], np.uint8).copy())
-    info = {"groups": groups, "class_of_group": class_of_group,
+    info = {"descriptors": descriptors, "groups": groups, "class_of_group": class_of_group,
             "group_sizes": [int(len(members[g])) for g in range(len(classes))]}
     return out, donors, info
