@@ -23,6 +23,7 @@ import cv2
 import numpy as np
 from absl import app, flags
 
+from harl_tf import atomic
 from harl_tf.data import background_shift, correlated_backgrounds
 
 FLAGS = flags.FLAGS
@@ -89,19 +90,6 @@ def main(argv):
                                 std, centres, info["class_of_group"]),
     }
 
-    tmp = FLAGS.out.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    for (name, path, mask_path), image in zip(paths, new):
-        rel = os.path.relpath(path, os.path.join(FLAGS.src, "train", "images"))
-        target = os.path.join(tmp, "train", "images", rel)
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        cv2.imwrite(target, cv2.cvtColor(image, cv2.COLOR_RGB2BGR),
-                    [cv2.IMWRITE_JPEG_QUALITY, 90])
-        mask_target = os.path.join(tmp, "train", "masks", os.path.splitext(rel)[0] + ".png")
-        os.makedirs(os.path.dirname(mask_target), exist_ok=True)
-        shutil.copyfile(mask_path, mask_target)
-    os.symlink(os.path.abspath(os.path.join(FLAGS.src, "test")), os.path.join(tmp, "test"))
-    shutil.copyfile(os.path.join(FLAGS.src, "classes.txt"), os.path.join(tmp, "classes.txt"))
     manifest = {
         "source": os.path.abspath(FLAGS.src), "correlation": FLAGS.correlation,
         "seed": FLAGS.seed, "num_train": len(new),
@@ -110,12 +98,24 @@ def main(argv):
         "class_of_group": {classes[c]: g for g, c in info["class_of_group"].items()},
         "class_from_background_group_top1": {k: round(v, 3) for k, v in shortcut.items()},
         "test": "the source's test split, linked (backgrounds independent of the class)",
-        "seconds": round(time.time() - start, 1),
     }
-    with open(os.path.join(tmp, "manifest.json"), "w") as f:
-        json.dump(manifest, f, indent=2)
-    shutil.rmtree(FLAGS.out, ignore_errors=True)
-    os.replace(tmp, FLAGS.out)
+    with atomic.atomic_directory(FLAGS.out, overwrite=True) as tmp:
+        for (name, path, mask_path), image in zip(paths, new):
+            rel = os.path.relpath(path, os.path.join(FLAGS.src, "train", "images"))
+            target = os.path.join(tmp, "train", "images", rel)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            cv2.imwrite(target, cv2.cvtColor(image, cv2.COLOR_RGB2BGR),
+                        [cv2.IMWRITE_JPEG_QUALITY, 90])
+            mask_target = os.path.join(tmp, "train", "masks",
+                                       os.path.splitext(rel)[0] + ".png")
+            os.makedirs(os.path.dirname(mask_target), exist_ok=True)
+            shutil.copyfile(mask_path, mask_target)
+        os.symlink(os.path.abspath(os.path.join(FLAGS.src, "test")), os.path.join(tmp, "test"))
+        shutil.copyfile(os.path.join(FLAGS.src, "classes.txt"),
+                        os.path.join(tmp, "classes.txt"))
+        manifest["seconds"] = round(time.time() - start, 1)
+        with open(os.path.join(tmp, "manifest.json"), "w") as f:
+            json.dump(manifest, f, indent=2)
     print(json.dumps(manifest, indent=2))
 
 
