@@ -15,7 +15,10 @@ With ``--beam`` the script runs one other comparison instead: the Beam pipeline
 local builder (2 workers) on the 4,000 cutouts (both splits) and on half of them (every
 other image of each class: N = 2,000, 2N = 4,000), shards of ~1 MB in both (so a shard
 holds as many images at N as at 2N), runs interleaved local / Beam and repeated
-``--repeats`` times; writes ``bench/results/bench_builder_beam.json``.
+``--repeats`` times; writes ``bench/results/bench_builder_beam.json``. With
+``--mask_method conventional`` both builders compute the conventional heuristic masks
+instead of reading the given ones (HARL's own data preparation, where the per-image work
+is the mask), written to ``bench_builder_beam_conventional.json``.
 
 Reports wall images/s (listing + pool start-up + writing included, TF import excluded), CPU
 milliseconds per image over the parent and its workers (robust to other load on a shared
@@ -25,7 +28,7 @@ write) and, sampled every 50 ms with psutil, of the largest worker and of parent
 ``bench/results/bench_builder.json``.
 
     python bench/bench_builder.py [--n 300] [--cutouts_split test] [--synthetic_n 16]
-    python bench/bench_builder.py --beam [--repeats 3]
+    python bench/bench_builder.py --beam [--repeats 3] [--mask_method conventional]
 """
 from __future__ import annotations
 
@@ -80,7 +83,7 @@ def _child(args) -> None:
     before = resource.getrusage(resource.RUSAGE_SELF)
     started = time.time()
     shards = dict(num_shards=args.shards or None, target_shard_mb=args.target_shard_mb,
-                  min_shards=1 if not args.shards else 8)
+                  min_shards=1 if not args.shards else 8, mask_method=args.mask_method or None)
     if args.runner == "beam":
         manifest = beam_build.build_dataset_beam(
             source, args.out, splits=splits, pipeline_options=beam_build.DIRECT_TWO_WORKERS,
@@ -144,12 +147,12 @@ def _half_of_cutouts(root: str) -> None:
 
 
 def _run(case, root, split, count, workers, shards, work, runner="local",
-         target_shard_mb=128.0) -> dict:
+         target_shard_mb=128.0, mask_method="") -> dict:
     out = tempfile.mkdtemp(dir=work)
     command = [sys.executable, os.path.abspath(__file__), "--_child", "--case", case,
                "--root", root or "", "--split", split, "--count", str(count), "--workers",
                str(workers), "--shards", str(shards), "--out", out, "--runner", runner,
-               "--target_shard_mb", str(target_shard_mb)]
+               "--target_shard_mb", str(target_shard_mb), "--mask_method", mask_method]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     shutil.rmtree(out, ignore_errors=True)
     if result.returncode != 0:
@@ -198,6 +201,9 @@ def main() -> None:
     parser.add_argument("--beam", action="store_true",
                         help="compare the Beam pipeline with the local builder on cutouts")
     parser.add_argument("--repeats", type=int, default=3, help="--beam: rounds of runs")
+    parser.add_argument("--mask_method", default="", choices=["", "conventional"],
+                        help="--beam: compute masks with this method ('': read the given "
+                             "masks)")
     args = parser.parse_args()
     if args._child:
         return _child(args)
@@ -239,7 +245,7 @@ def _beam_comparison(args) -> None:
             for label, root in (("N", half), ("2N", CUTOUTS)):
                 for runner in ("local", "beam"):
                     figures = _run("cutouts", root, "", 0, 2, 0, work, runner=runner,
-                                   target_shard_mb=1.0)
+                                   target_shard_mb=1.0, mask_method=args.mask_method)
                     figures["size"] = label
                     runs.append(figures)
     machine["load_average_at_end"] = os.getloadavg()
@@ -247,7 +253,8 @@ def _beam_comparison(args) -> None:
     for r in runs:
         r.pop("shard_sha256")
     print(json.dumps(summary, indent=1), flush=True)
-    _save("bench_builder_beam", {"benchmark": "bench_builder --beam",
+    name = "bench_builder_beam" + (f"_{args.mask_method}" if args.mask_method else "")
+    _save(name, {"benchmark": "bench_builder --beam", "mask_method": args.mask_method or "given",
                                  "command": " ".join(["python"] + sys.argv),
                                  "machine": machine, "summary": summary, "runs": runs})
 
