@@ -223,6 +223,12 @@ class PretrainConfig:
         1.0, "Colour distortion strength: BYOL's jitter (brightness 0.4, contrast 0.4, "
         "saturation 0.2, hue 0.1) times this (clipped to 1, hue to 0.5).", low=0)
     grayscale_prob: float = option(0.2, "Grayscale probability of both views.", low=0, high=1)
+    blur_prob_scale: float = option(
+        1.0, "Gaussian blur probabilities of the two views (BYOL: 1.0 and 0.1) times this; "
+        "0 turns the blur off (solo-learn's CIFAR recipes blur nothing at 32 px).",
+        low=0, high=1)
+    min_crop_area: float = option(0.08, "Smallest area fraction of the random crop "
+                                  "(BYOL: 0.08).", low=0, high=1, open_low=True)
     # Budget
     batch_size: int = option(4096, "Global batch size (all replicas).", low=0, open_low=True)
     epochs: int = option(1000, "Training epochs.", low=0)
@@ -285,9 +291,12 @@ class PretrainConfig:
         return dataclasses.replace(self.model, total_steps=self.total_steps)
 
     def view_configs(self):
-        """(view 1, view 2) augment.ViewConfig: SPEC §2 with the colour distortion scaled."""
+        """(view 1, view 2) augment.ViewConfig: SPEC §2 with the colour distortion, the blur
+        probabilities and the smallest crop area as configured."""
         from harl_tf.data import augment
-        return augment.scaled_view_configs(self.color_jitter_strength, self.grayscale_prob)
+        return augment.scaled_view_configs(self.color_jitter_strength, self.grayscale_prob,
+                                           blur_prob_scale=self.blur_prob_scale,
+                                           min_crop_area=self.min_crop_area)
 
     def flag_values(self) -> Dict[str, Any]:
         """{flag name: value} of every field (the run's flags, as config.json holds them)."""

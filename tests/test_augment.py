@@ -387,6 +387,34 @@ def test_default_views_follow_spec():
         assert v.blur_sigma == (0.1, 2.0)
 
 
+def test_blur_scale_and_min_crop_area_reach_the_views():
+    """blur_prob_scale multiplies both views' blur probabilities (1.0, 0.1 → 0.5, 0.05; 0
+    turns blur off) and min_crop_area sets the crop's lower area bound; nothing else
+    moves. PretrainConfig's flags reach the views, and a crop window drawn with a 0.5
+    floor never covers less than half the image (up to whole-pixel rounding)."""
+    from harl_tf.config import PretrainConfig
+    spec = augment.default_view_configs()
+    half = augment.scaled_view_configs(blur_prob_scale=0.5, min_crop_area=0.5)
+    assert [v.blur_prob for v in half] == pytest.approx([0.5, 0.05])
+    for view, base in zip(half, spec):
+        assert view.crop_area == (0.5, 1.0)
+        assert dataclasses.replace(view, blur_prob=base.blur_prob,
+                                   crop_area=base.crop_area) == base
+    off = PretrainConfig(train_files="x", model_dir="y", blur_prob_scale=0.0,
+                         min_crop_area=0.3).view_configs()
+    assert [v.blur_prob for v in off] == [0.0, 0.0]
+    assert [v.crop_area for v in off] == [(0.3, 1.0), (0.3, 1.0)]
+    assert PretrainConfig(train_files="x", model_dir="y").view_configs() == spec
+    areas = [float(tf.reduce_prod(tf.cast(augment.sample_crop_window(
+        tf.constant([40, 60, 3]), tf.constant([i, 7], tf.int64), half[0])[2:], tf.float32)))
+        / (40 * 60) for i in range(200)]
+    assert min(areas) >= 0.5 - 2 * (40 + 60) / (40 * 60) and max(areas) <= 1.0
+    for bad in (dict(blur_prob_scale=1.5), dict(blur_prob_scale=-0.1),
+                dict(min_crop_area=0.0), dict(min_crop_area=1.2)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            augment.scaled_view_configs(**bad)
+
+
 def test_colour_jitter_strength_scales_byols_distortion():
     """Strength 1 with grayscale 0.2 is SPEC §2 exactly; strength s multiplies BYOL's
     brightness, contrast, saturation and hue (clipped to 1 and 0.5) and leaves geometry,

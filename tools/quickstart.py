@@ -42,6 +42,9 @@ flags.DEFINE_enum("synthetic_style", "upright", ["upright", "shapes"],
                   "Look of the synthetic set (harl_tf.data.synthetic.STYLES): upright "
                   "flat-coloured shapes, which minutes of pretraining learn, or the harder "
                   "cluttered shapes.")
+flags.DEFINE_integer("data_seed", 0, "Seed of the synthetic set. Another seed draws an "
+                     "independent sample of the same distribution: recipes are compared on "
+                     "one (bench/sweep_quickstart.py) without reading the default set.")
 flags.DEFINE_string("pretrain_flagfile", os.path.join(ROOT, "flags", "quickstart.cfg"),
                     "Pretraining flagfile.")
 flags.DEFINE_string("linear_flagfile", os.path.join(ROOT, "flags", "quickstart_linear.cfg"),
@@ -89,7 +92,7 @@ def main(argv):
     test_files = os.path.join(records, "test-*.tfrecord")
     synthetic = [f"--source=synthetic", f"--num_images={FLAGS.num_images}",
                  f"--num_test_images={FLAGS.num_test_images}",
-                 f"--image_size={FLAGS.image_size}", "--seed=0",
+                 f"--image_size={FLAGS.image_size}", f"--seed={FLAGS.data_seed}",
                  f"--synthetic_style={FLAGS.synthetic_style}",
                  f"--num_workers={FLAGS.num_workers}"]
     timings = {}

@@ -114,22 +114,32 @@ def default_view_configs() -> Tuple[ViewConfig, ViewConfig]:
 
 
 def scaled_view_configs(color_jitter_strength: float = 1.0,
-                        grayscale_prob: float = 0.2) -> Tuple[ViewConfig, ViewConfig]:
+                        grayscale_prob: float = 0.2, *, blur_prob_scale: float = 1.0,
+                        min_crop_area: float = 0.08) -> Tuple[ViewConfig, ViewConfig]:
     """SPEC §2's views with the colour distortion scaled, as SimCLR's strength s does.
 
     Brightness, contrast, saturation and hue are BYOL's (0.4, 0.4, 0.2, 0.1) times
     ``color_jitter_strength`` (clipped to 1, and hue to 0.5); ``grayscale_prob`` replaces
-    0.2. Strength 1 with 0.2 returns :func:`default_view_configs` exactly. A small-image
-    recipe may need more: where every view of an image keeps its random tint, colour alone
-    tells two views of one image from other images, and the encoder need not learn shape.
+    0.2; the blur probabilities (1.0 and 0.1) are multiplied by ``blur_prob_scale``; the
+    crop's area range becomes (``min_crop_area``, 1). The defaults return
+    :func:`default_view_configs` exactly. A small-image recipe may need other values:
+    where every view of an image keeps its random tint, colour alone tells two views of
+    one image from other images, and the encoder need not learn shape; at 32 px a blur
+    of up to sigma 2 erases much of an object.
     """
     if color_jitter_strength < 0:
         raise ValueError(f"color_jitter_strength must be >= 0, got {color_jitter_strength}")
+    if not 0.0 <= blur_prob_scale <= 1.0:
+        raise ValueError(f"blur_prob_scale must be in [0, 1], got {blur_prob_scale}")
+    if not 0.0 < min_crop_area <= 1.0:
+        raise ValueError(f"min_crop_area must be in (0, 1], got {min_crop_area}")
     s = float(color_jitter_strength)
     return tuple(dataclasses.replace(
         view, brightness=min(1.0, view.brightness * s), contrast=min(1.0, view.contrast * s),
         saturation=min(1.0, view.saturation * s), hue=min(0.5, view.hue * s),
-        grayscale_prob=grayscale_prob) for view in default_view_configs())
+        grayscale_prob=grayscale_prob, blur_prob=view.blur_prob * float(blur_prob_scale),
+        crop_area=(float(min_crop_area), view.crop_area[1]))
+        for view in default_view_configs())
 
 
 class AugmentedView(NamedTuple):
