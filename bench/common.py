@@ -119,6 +119,17 @@ def write_result(name: str, payload: dict) -> str:
     return path
 
 
+def chosen_configs(requested: Sequence[str], known: Sequence[str]) -> List[str]:
+    """The configurations a sweep runs: ``requested`` (a ``--configs`` list), or all of
+    ``known`` when it is empty. Raises absl's UsageError naming any unknown one."""
+    names = list(requested) or list(known)
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        from absl import app
+        raise app.UsageError(f"--configs: unknown {unknown}; choose from {list(known)}")
+    return names
+
+
 def median(values: Iterable[float]) -> float:
     values = [float(v) for v in values]
     return statistics.median(values) if values else float("nan")

@@ -104,10 +104,7 @@ def read_row(name: str):
 
 def main(argv) -> None:
     del argv
-    names = FLAGS.configs or list(CONFIGS)
-    unknown = [n for n in names if n not in CONFIGS]
-    if unknown:
-        raise app.UsageError(f"--configs: unknown {unknown}; choose from {list(CONFIGS)}")
+    names = common.chosen_configs(FLAGS.configs, list(CONFIGS))
     os.makedirs(FLAGS.work_dir, exist_ok=True)
     # Build the shared records once, before configurations run side by side.
     subprocess.run([sys.executable, os.path.join(common.ROOT, "bench", "bench_learning.py"),

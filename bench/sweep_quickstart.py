@@ -80,10 +80,7 @@ def run_config(name: str, extra: list, shared_records: str) -> dict:
 
 def main(argv) -> None:
     del argv
-    names = FLAGS.configs or list(CONFIGS)
-    unknown = [n for n in names if n not in CONFIGS]
-    if unknown:
-        raise app.UsageError(f"--configs: unknown {unknown}; choose from {list(CONFIGS)}")
+    names = common.chosen_configs(FLAGS.configs, list(CONFIGS))
     os.makedirs(FLAGS.work_dir, exist_ok=True)
     shared = os.path.join(FLAGS.work_dir, names[0])
     machine = common.machine_info()
@@ -95,18 +92,14 @@ def main(argv) -> None:
         with open(path, encoding="utf-8") as handle:
             previous = json.load(handle).get("configs", {})
     previous.update(rows)
-    from harl_tf.atomic import write_json_atomic
-    write_json_atomic(path, {
-        "benchmark": "sweep_quickstart", "command": " ".join(["python"] + sys.argv),
+    common.write_result(FLAGS.results_name, {
         "data_seed": FLAGS.data_seed, "machine": machine,
-        "load_average_at_end": os.getloadavg(), "seconds": round(time.time() - started, 1),
-        "configs": previous})
+        "seconds": round(time.time() - started, 1), "configs": previous})
     print("| config | linear pretrained / random | gain | k-NN pretrained / random | gain |")
     for name, r in previous.items():
         print(f"| {name} | {r['linear_pretrained']:.3f} / {r['linear_random_init']:.3f} | "
               f"{100 * r['linear_gain']:+.1f} | {r['knn_pretrained']:.3f} / "
               f"{r['knn_random_init']:.3f} | {100 * r['knn_gain']:+.1f} |")
-    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
