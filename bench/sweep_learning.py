@@ -66,6 +66,10 @@ CONFIGS = {
     "byol_solo_noblur": (["byol"], {"extra_pretrain_flags": "--blur_prob_scale=0"}),
     "hybrid_solo_noblur": (["hybrid_conventional"],
                            {"extra_pretrain_flags": "--blur_prob_scale=0"}),
+    "byol_solo_noblur_crop025": (["byol"], {
+        "extra_pretrain_flags": "--blur_prob_scale=0 --min_crop_area=0.25"}),
+    "hybrid_solo_noblur_crop025": (["hybrid_conventional"], {
+        "extra_pretrain_flags": "--blur_prob_scale=0 --min_crop_area=0.25"}),
     "byol_solo_lr2_tau096": (["byol"], {"base_learning_rate": 2.0, "tau_base": 0.96}),
     "hybrid_solo_lr2_tau096": (["hybrid_conventional"], {"base_learning_rate": 2.0,
                                                           "tau_base": 0.96}),
