@@ -98,7 +98,7 @@ def test_binary_rejects_bad_flags_with_one_line_and_status_2(tmp_path):
 
 @pytest.mark.parametrize("name, expect", [
     ("quickstart", dict(depth=18, width_multiplier=0.5, image_size=32, loss_mode="hybrid",
-                        trust_coefficient=0.02)),
+                        trust_coefficient=0.02, blur_prob_scale=0.0, min_crop_area=0.25)),
     # The fmnist-scenes recipe: the method flagfiles nest the base one and differ only in
     # the loss mode and paths.
     ("fmnist_scenes_harl", dict(loss_mode="hybrid", image_size=32, width_multiplier=0.5,
