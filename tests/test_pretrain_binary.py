@@ -61,14 +61,17 @@ def test_every_config_field_is_a_flag_that_parses_back_to_it():
     values = flags.FlagValues()
     config.define_flags(config.PretrainConfig, values)
     names = set(config.flag_paths(config.PretrainConfig))
-    assert names == set(values) and len(names) == 46 and {"depth", "momentum"} <= names
+    assert names == set(values) and len(names) == 48
+    assert {"depth", "momentum", "blur_prob_scale", "min_crop_area"} <= names
     values(["pretrain"])
     assert config.from_flags(config.PretrainConfig, values) == config.PretrainConfig()
     values(["pretrain", "--depth=18", "--loss_mode=byol", "--momentum=0.8", "--seed=3",
-            "--min_region_fraction=0.25", "--jit_compile"])
+            "--min_region_fraction=0.25", "--jit_compile", "--blur_prob_scale=0",
+            "--min_crop_area=0.3"])
     parsed = config.from_flags(config.PretrainConfig, values)
     assert parsed == config.PretrainConfig(depth=18, loss_mode="byol", momentum=0.8, seed=3,
-                                           min_region_fraction=0.25, jit_compile=True)
+                                           min_region_fraction=0.25, jit_compile=True,
+                                           blur_prob_scale=0.0, min_crop_area=0.3)
     assert (parsed.model.encoder.depth, parsed.optimizer.momentum) == (18, 0.8)
     assert parsed.harl_config().total_steps == parsed.total_steps
     values["min_region_fraction"].value = -1.0        # negative: one feature cell (None)
