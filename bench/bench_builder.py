@@ -255,8 +255,8 @@ def _beam_comparison(args) -> None:
     print(json.dumps(summary, indent=1), flush=True)
     name = "bench_builder_beam" + (f"_{args.mask_method}" if args.mask_method else "")
     _save(name, {"benchmark": "bench_builder --beam", "mask_method": args.mask_method or "given",
-                                 "command": " ".join(["python"] + sys.argv),
-                                 "machine": machine, "summary": summary, "runs": runs})
+                 "command": " ".join(["python"] + sys.argv),
+                 "machine": machine, "summary": summary, "runs": runs})
 
 
 def _beam_summary(runs: list) -> dict:

@@ -95,11 +95,12 @@ def main(argv) -> None:
     common.write_result(FLAGS.results_name, {
         "data_seed": FLAGS.data_seed, "machine": machine,
         "seconds": round(time.time() - started, 1), "configs": previous})
-    print("| config | linear pretrained / random | gain | k-NN pretrained / random | gain |")
-    for name, r in previous.items():
-        print(f"| {name} | {r['linear_pretrained']:.3f} / {r['linear_random_init']:.3f} | "
-              f"{100 * r['linear_gain']:+.1f} | {r['knn_pretrained']:.3f} / "
-              f"{r['knn_random_init']:.3f} | {100 * r['knn_gain']:+.1f} |")
+    print(common.table(
+        [[name, f"{r['linear_pretrained']:.3f} / {r['linear_random_init']:.3f}",
+          f"{100 * r['linear_gain']:+.1f}",
+          f"{r['knn_pretrained']:.3f} / {r['knn_random_init']:.3f}",
+          f"{100 * r['knn_gain']:+.1f}"] for name, r in previous.items()],
+        ["config", "linear pretrained / random", "gain", "k-NN pretrained / random", "gain"]))
 
 
 if __name__ == "__main__":
