@@ -76,6 +76,9 @@ CONFIGS = {
     "hybrid_solo_64os8": (["hybrid_conventional"], {"image_size": 64, "output_stride": 8}),
     "byol_solo_64os16": (["byol"], {"image_size": 64, "output_stride": 16}),
     "hybrid_solo_64os16": (["hybrid_conventional"], {"image_size": 64, "output_stride": 16}),
+    # alpha and lambda held at 0.7 (the cosine rise ends with the foreground term alone).
+    "hybrid_solo_constant": (["hybrid_conventional"], {
+        "extra_pretrain_flags": "--alpha_schedule=constant --lambda_schedule=constant"}),
     "byol_solo_lr2_tau096": (["byol"], {"base_learning_rate": 2.0, "tau_base": 0.96}),
     "hybrid_solo_lr2_tau096": (["hybrid_conventional"], {"base_learning_rate": 2.0,
                                                           "tau_base": 0.96}),
