@@ -72,6 +72,8 @@ CONFIGS = {
         "extra_pretrain_flags": "--blur_prob_scale=0 --min_crop_area=0.25"}),
     # Feature-map size (issue #15, point 4): 64 px views, an 8x8 map (output stride 8) and a
     # 4x4 one (output stride 16, the resolution control), BYOL's views as in byol_solo.
+    "random_64os8": (["random"], {"image_size": 64, "output_stride": 8}),
+    "random_64os16": (["random"], {"image_size": 64, "output_stride": 16}),
     "byol_solo_64os8": (["byol"], {"image_size": 64, "output_stride": 8}),
     "hybrid_solo_64os8": (["hybrid_conventional"], {"image_size": 64, "output_stride": 8}),
     "byol_solo_64os16": (["byol"], {"image_size": 64, "output_stride": 16}),
