@@ -81,6 +81,14 @@ CONFIGS = {
     # alpha and lambda held at 0.7 (the cosine rise ends with the foreground term alone).
     "hybrid_solo_constant": (["hybrid_conventional"], {
         "extra_pretrain_flags": "--alpha_schedule=constant --lambda_schedule=constant"}),
+    # The views at the test tables' budget: BYOL's views against the quickstart's (no blur,
+    # crop floor 0.25), 1,000 steps (16 epochs of the 8,000 images).
+    "byol_solo_1000": (["byol"], {"steps": 1000}),
+    "hybrid_solo_1000": (["hybrid_conventional"], {"steps": 1000}),
+    "byol_solo_noblur_crop025_1000": (["byol"], {
+        "steps": 1000, "extra_pretrain_flags": "--blur_prob_scale=0 --min_crop_area=0.25"}),
+    "hybrid_solo_noblur_crop025_1000": (["hybrid_conventional"], {
+        "steps": 1000, "extra_pretrain_flags": "--blur_prob_scale=0 --min_crop_area=0.25"}),
     "byol_solo_lr2_tau096": (["byol"], {"base_learning_rate": 2.0, "tau_base": 0.96}),
     "hybrid_solo_lr2_tau096": (["hybrid_conventional"], {"base_learning_rate": 2.0,
                                                           "tau_base": 0.96}),
