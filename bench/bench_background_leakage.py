@@ -1,0 +1,171 @@
+r"""How much of the background reaches HARL's foreground-pooled features (issue #15, point 4).
+
+HARL pools the encoder's feature map over the foreground mask, expecting a foreground
+embedding that describes the object. That only holds when each feature cell describes
+mostly its own pixels. This script measures it on fmnist-scenes, whose masks are exact:
+each test object is pasted onto the background of a test image of another class (the
+``mixed_rand`` images of :mod:`harl_tf.data.background_shift`, so only the background
+changes), and for every encoder it reports, over the test images:
+
+- **cell purity**: the mean, over foreground weight, of the soft mask on the feature grid,
+  Σ m² / Σ m (1 when every foreground cell is wholly object; the object's area share when
+  the grid is a single cell). A property of the grid, not of the weights;
+- **centred cosine** between the embedding of the original image and of its
+  background-swapped twin, for the global, foreground and background poolings (features
+  centred on their mean over the original images): 1 = the background change did not
+  reach the embedding, 0 = as different as two unrelated images;
+- the same for the **foreground pooling of unrelated pairs** (image i against image i+1:
+  different objects, different backgrounds) as the floor.
+
+A foreground embedding that isolates the object keeps a cosine near 1 under the swap
+while the global one drops; equal cosines mean the foreground pooling sees the
+background as much as global pooling does, and HARL's foreground term then asks little
+that BYOL's global term does not.
+
+Encoders: ``--encoder NAME SOURCE SIZE`` (repeatable): SOURCE a pretraining model_dir
+(its online encoder at its pretraining output stride), an export directory, or
+``random:MODEL_DIR`` (a random init with that model_dir's encoder config, seed 0); SIZE the
+side the 64 px images are resized to (bicubic; the view size the encoder was trained at).
+
+    python bench/bench_background_leakage.py --data_dir ../shared/data/fmnist-scenes \
+        --encoder byol_32px /tmp/hb/nb1000_s0/runs/byol 32 ...
+
+Writes ``bench/results/bench_background_leakage.json`` (or ``--results_name``).
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from bench import common  # noqa: E402
+from harl_tf.data import background_shift  # noqa: E402
+from harl_tf.downstream import encoder_source  # noqa: E402
+from harl_tf.models import pooling  # noqa: E402
+
+
+def read_split(data_dir: str, split: str, limit: int):
+    """(images uint8 [N, H, W, 3] RGB, masks uint8 [N, H, W] in {0, 1}, labels int64 [N]),
+    the first ``limit`` files in sorted path order (0 = all)."""
+    with open(os.path.join(data_dir, "classes.txt")) as f:
+        classes = [line.strip() for line in f if line.strip()]
+    paths = sorted(glob.glob(os.path.join(data_dir, split, "images", "*", "*.jpg")))
+    if not paths:
+        raise FileNotFoundError(f"--data_dir={data_dir}: no {split}/images/<class>/*.jpg")
+    if limit:
+        # Every class, not the first few: a fixed permutation of the sorted paths.
+        paths = [paths[i] for i in np.random.default_rng(0).permutation(len(paths))[:limit]]
+    images, masks, labels = [], [], []
+    for path in paths:
+        image = cv2.imread(path, cv2.IMREAD_COLOR)
+        mask_path = path.replace(f"{os.sep}images{os.sep}", f"{os.sep}masks{os.sep}")[:-4] + ".png"
+        mask = cv2.imread(mask_path, cv2.IMREAD_GRAYSCALE)
+        if image is None or mask is None:
+            raise ValueError(f"cannot read {path} or its mask {mask_path}")
+        images.append(cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
+        masks.append((mask > 127).astype(np.uint8))
+        labels.append(classes.index(os.path.basename(os.path.dirname(path))))
+    return np.stack(images), np.stack(masks), np.asarray(labels, np.int64)
+
+
+def load(source: str):
+    if source.startswith("random:"):
+        with open(os.path.join(source[len("random:"):], "model_config.json")) as f:
+            config = json.load(f)
+        config = config.get("encoder", config.get("encoder_config", config))
+        return encoder_source.random_encoder(config, seed=0)
+    return encoder_source.load_encoder(source)
+
+
+def pooled_embeddings(encoder, images: np.ndarray, masks: np.ndarray, size: int,
+                      batch: int = 100):
+    """{"global", "foreground", "background": float32 [N, C]} and the cell purity [N]."""
+    out = {"global": [], "foreground": [], "background": []}
+    purity = []
+    for start in range(0, len(images), batch):
+        x = tf.image.resize(tf.cast(images[start:start + batch], tf.float32) / 255.0,
+                            [size, size], method="bicubic")
+        features = encoder(tf.clip_by_value(x, 0.0, 1.0), training=False)
+        soft = pooling.downsample_mask(masks[start:start + batch, :, :, None],
+                                       features.shape[1:3])
+        out["global"].append(pooling.global_pool(features).numpy())
+        out["foreground"].append(pooling.foreground_pool(features, soft).numpy())
+        out["background"].append(pooling.background_pool(features, soft).numpy())
+        purity.append((tf.reduce_sum(soft * soft, [1, 2, 3])
+                       / (tf.reduce_sum(soft, [1, 2, 3]) + 1e-6)).numpy())
+    grid = tuple(int(d) for d in features.shape[1:3])
+    return {k: np.concatenate(v) for k, v in out.items()}, np.concatenate(purity), grid
+
+
+def centred_cosines(a: np.ndarray, b: np.ndarray, centre: np.ndarray) -> np.ndarray:
+    a, b = a - centre, b - centre
+    return np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data_dir", default=os.path.join(common.ROOT, "..", "shared", "data",
+                                                           "fmnist-scenes"))
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--examples", type=int, default=0, help="0 = the whole split")
+    parser.add_argument("--seed", type=int, default=0, help="mixed_rand donor choice")
+    parser.add_argument("--encoder", nargs=3, action="append", required=True,
+                        metavar=("NAME", "SOURCE", "SIZE"))
+    parser.add_argument("--results_name", default="bench_background_leakage")
+    args = parser.parse_args(argv)
+
+    start = time.time()
+    images, masks, labels = read_split(args.data_dir, args.split, args.examples)
+    shifted, _ = background_shift.mixed_rand(images, masks, labels, args.seed)
+    shifted = np.stack(shifted)
+    print(f"{len(images)} {args.split} images and their mixed_rand twins "
+          f"({time.time() - start:.0f} s)", flush=True)
+
+    rows = []
+    for name, source, size in args.encoder:
+        loaded = load(source)
+        original, purity, grid = pooled_embeddings(loaded.encoder, images, masks, int(size))
+        swapped, _, _ = pooled_embeddings(loaded.encoder, shifted, masks, int(size))
+        row = {"encoder": name, "source": source, "view_size": int(size),
+               "feature_grid": list(grid), "cell_purity": round(float(purity.mean()), 3),
+               "object_area": round(float(masks.mean()), 3)}
+        for pool in ("global", "foreground", "background"):
+            centre = original[pool].mean(0)
+            row[f"{pool}_swap_cosine"] = round(float(
+                centred_cosines(original[pool], swapped[pool], centre).mean()), 3)
+        centre = original["foreground"].mean(0)
+        row["foreground_unrelated_cosine"] = round(float(centred_cosines(
+            original["foreground"], np.roll(original["foreground"], 1, 0), centre).mean()), 3)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    table = common.table(
+        [[r["encoder"], "×".join(map(str, r["feature_grid"])), r["cell_purity"],
+          r["global_swap_cosine"], r["foreground_swap_cosine"], r["background_swap_cosine"],
+          r["foreground_unrelated_cosine"]] for r in rows],
+        ["encoder", "grid", "cell purity", "global: swap cos", "foreground: swap cos",
+         "background: swap cos", "foreground: unrelated cos"])
+    print(table)
+    result = {"benchmark": "background leakage into foreground-pooled features "
+                           "(mixed_rand background swap, exact masks)",
+              "command": "python " + " ".join([os.path.relpath(__file__, common.ROOT)]
+                                              + (sys.argv[1:] if argv is None else argv)),
+              "split": args.split, "examples": int(len(images)), "seed": args.seed,
+              "rows": rows, "table_markdown": table, "machine": common.machine_info(),
+              "seconds": round(time.time() - start, 1)}
+    common.write_result(args.results_name, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
