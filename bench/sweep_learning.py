@@ -89,6 +89,14 @@ CONFIGS = {
         "steps": 1000, "extra_pretrain_flags": "--blur_prob_scale=0 --min_crop_area=0.25"}),
     "hybrid_solo_noblur_crop025_1000": (["hybrid_conventional"], {
         "steps": 1000, "extra_pretrain_flags": "--blur_prob_scale=0 --min_crop_area=0.25"}),
+    # The 8x8 map (64 px views, output stride 8) with the quickstart's views at 1,000 steps:
+    # where the foreground pool describes the object (bench/bench_background_leakage.py).
+    "byol_solo_64os8_noblur_crop025_1000": (["byol"], {
+        "image_size": 64, "output_stride": 8, "steps": 1000,
+        "extra_pretrain_flags": "--blur_prob_scale=0 --min_crop_area=0.25"}),
+    "hybrid_solo_64os8_noblur_crop025_1000": (["hybrid_conventional"], {
+        "image_size": 64, "output_stride": 8, "steps": 1000,
+        "extra_pretrain_flags": "--blur_prob_scale=0 --min_crop_area=0.25"}),
     "byol_solo_lr2_tau096": (["byol"], {"base_learning_rate": 2.0, "tau_base": 0.96}),
     "hybrid_solo_lr2_tau096": (["hybrid_conventional"], {"base_learning_rate": 2.0,
                                                           "tau_base": 0.96}),
