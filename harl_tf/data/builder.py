@@ -70,6 +70,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optio
 import numpy as np
 
 from harl_tf import atomic
+from harl_tf.data.mask_png import encode as encode_mask_png
 from harl_tf.data.sources import (ExampleRef, RawExample, Source,
                                   estimate_num_shards, shard_bounds)
 from harl_tf.errors import HarlError
@@ -327,7 +328,7 @@ class _Processor:
             mask = self._given_mask(raw, height, width, counts)
         record = encode_example(
             image_bytes=image_bytes, image_format=image_format, height=height, width=width,
-            mask_png=_encode_png(mask * np.uint8(255)), label=raw.label,
+            mask_png=encode_mask_png(mask), label=raw.label,
             example_id=raw.id, mask_method=self.mask_name, mask_params=self.mask_params,
             schema_version=self.schema_version)
         return ("ok", raw.id, raw.label, record, counts)

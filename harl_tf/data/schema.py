@@ -31,6 +31,7 @@ from typing import Any, Dict, Iterator, Mapping
 import numpy as np
 import tensorflow as tf
 
+from harl_tf.data import mask_png
 from harl_tf.errors import HarlError
 
 SCHEMA_VERSION = 1
@@ -146,15 +147,13 @@ def decode_mask(parsed: Mapping[str, tf.Tensor]) -> tf.Tensor:
 
 
 def encode_mask_png(mask: np.ndarray) -> bytes:
-    """``{0,1}`` or ``{0,255}`` mask ``[H, W]`` or ``[H, W, 1]`` → single-channel PNG
-    bytes (0/255)."""
-    mask = np.asarray(mask)
-    if mask.ndim == 3 and mask.shape[-1] == 1:
-        mask = mask[..., 0]
-    if mask.ndim != 2:
-        raise SchemaError(f"a mask must be [H, W] or [H, W, 1], got shape {mask.shape}")
-    binary = np.where(mask > (127 if mask.max(initial=0) > 1 else 0), 255, 0).astype(np.uint8)
-    return tf.io.encode_png(binary[..., None]).numpy()
+    """``{0,1}`` or ``{0,255}`` mask ``[H, W]`` or ``[H, W, 1]`` → single-channel PNG bytes
+    (0/255), written for fast decoding (:func:`harl_tf.data.mask_png.encode`). Raises
+    SchemaError for any other shape."""
+    try:
+        return mask_png.encode(mask)
+    except ValueError as err:
+        raise SchemaError(str(err)) from None
 
 
 def _to_python(name: str, value: tf.Tensor) -> Any:
