@@ -105,10 +105,12 @@ def test_binary_rejects_bad_flags_with_one_line_and_status_2(tmp_path):
     # The fmnist-scenes recipe: the method flagfiles nest the base one and differ only in
     # the loss mode and paths.
     ("fmnist_scenes_harl", dict(loss_mode="hybrid", image_size=32, width_multiplier=0.5,
-                                output_stride=8, batch_size=128, train_steps=500,
+                                output_stride=8, batch_size=128, train_steps=1000,
                                 trust_coefficient=0.02, weight_decay=1e-5,
+                                blur_prob_scale=0.0, min_crop_area=0.25,
                                 model_dir="/tmp/fmnist_scenes/harl")),
-    ("fmnist_scenes_byol", dict(loss_mode="byol", image_size=32, train_steps=500,
+    ("fmnist_scenes_byol", dict(loss_mode="byol", image_size=32, train_steps=1000,
+                                blur_prob_scale=0.0, min_crop_area=0.25,
                                 trust_coefficient=0.02, model_dir="/tmp/fmnist_scenes/byol")),
     ("cutouts", {}),
     ("imagenet_harl_r50_1000ep", dict(depth=50, epochs=1000, batch_size=4096,
