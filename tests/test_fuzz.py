@@ -126,8 +126,11 @@ def test_mutated_records_parse_or_raise_schema_error():
     started = time.time()
     outcomes = parse_fuzz(PARSER_CASES, seed=0)
     assert sum(outcomes.values()) == PARSER_CASES
-    # Both outcomes occur, so the mutations reach the parser's checks.
-    assert outcomes["error"] > 50 and outcomes["parsed"] > 50, outcomes
+    # Both outcomes occur, so the mutations reach the parser's checks. Most mutations land
+    # in the compressed image or mask and fail to decode; 47-64 of 800 parse for seeds
+    # 0-3 (the masks' fast-decoding PNG is larger than the previous writer's, so a bit more
+    # of each record is compressed payload: 51-63 before).
+    assert outcomes["error"] > 500 and outcomes["parsed"] > 25, outcomes
     assert time.time() - started < 60
 
 
