@@ -35,7 +35,6 @@ Writes ``bench/results/bench_background_leakage.json`` (or ``--results_name``).
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import sys
@@ -49,40 +48,37 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from bench import common  # noqa: E402
-from harl_tf.data import background_shift  # noqa: E402
+from harl_tf import checkpoints  # noqa: E402
+from harl_tf.data import augment, background_shift, sources  # noqa: E402
 from harl_tf.downstream import encoder_source  # noqa: E402
 from harl_tf.models import pooling  # noqa: E402
 
 
 def read_split(data_dir: str, split: str, limit: int):
-    """(images uint8 [N, H, W, 3] RGB, masks uint8 [N, H, W] in {0, 1}, labels int64 [N]),
-    the first ``limit`` files in sorted path order (0 = all)."""
-    with open(os.path.join(data_dir, "classes.txt")) as f:
-        classes = [line.strip() for line in f if line.strip()]
-    paths = sorted(glob.glob(os.path.join(data_dir, split, "images", "*", "*.jpg")))
-    if not paths:
-        raise FileNotFoundError(f"--data_dir={data_dir}: no {split}/images/<class>/*.jpg")
+    """(images uint8 [N, H, W, 3] RGB, masks uint8 [N, H, W] in {0, 1}, labels int64 [N])
+    of ``split``, read through the builder's folder source (its file order, mask paths and
+    classes.txt labels); with ``limit``, that many images in a fixed random order (seed 0),
+    so every class is there."""
+    source = sources.FolderSource(data_dir)
+    refs = source.list_refs(split)
     if limit:
-        # Every class, not the first few: a fixed permutation of the sorted paths.
-        paths = [paths[i] for i in np.random.default_rng(0).permutation(len(paths))[:limit]]
+        refs = [refs[i] for i in np.random.default_rng(0).permutation(len(refs))[:limit]]
     images, masks, labels = [], [], []
-    for path in paths:
-        image = cv2.imread(path, cv2.IMREAD_COLOR)
-        mask_path = path.replace(f"{os.sep}images{os.sep}", f"{os.sep}masks{os.sep}")[:-4] + ".png"
-        mask = cv2.imread(mask_path, cv2.IMREAD_GRAYSCALE)
+    for ref in refs:
+        raw = source.load(ref)
+        image = cv2.imdecode(np.frombuffer(raw.image_bytes, np.uint8), cv2.IMREAD_COLOR)
+        mask = cv2.imdecode(np.frombuffer(raw.mask_bytes, np.uint8), cv2.IMREAD_GRAYSCALE)
         if image is None or mask is None:
-            raise ValueError(f"cannot read {path} or its mask {mask_path}")
+            raise ValueError(f"cannot decode {raw.image_name} or its mask {raw.mask_name}")
         images.append(cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
         masks.append((mask > 127).astype(np.uint8))
-        labels.append(classes.index(os.path.basename(os.path.dirname(path))))
+        labels.append(ref.label)
     return np.stack(images), np.stack(masks), np.asarray(labels, np.int64)
 
 
 def load(source: str):
     if source.startswith("random:"):
-        with open(os.path.join(source[len("random:"):], "model_config.json")) as f:
-            config = json.load(f)
-        config = config.get("encoder", config.get("encoder_config", config))
+        config = checkpoints.read_model_config(source[len("random:"):])["encoder"]
         return encoder_source.random_encoder(config, seed=0)
     return encoder_source.load_encoder(source)
 
@@ -93,16 +89,15 @@ def pooled_embeddings(encoder, images: np.ndarray, masks: np.ndarray, size: int,
     out = {"global": [], "foreground": [], "background": []}
     purity = []
     for start in range(0, len(images), batch):
-        x = tf.image.resize(tf.cast(images[start:start + batch], tf.float32) / 255.0,
-                            [size, size], method="bicubic")
-        features = encoder(tf.clip_by_value(x, 0.0, 1.0), training=False)
+        x = augment.resize_image(tf.constant(images[start:start + batch]), size, "bicubic")
+        features = encoder(x, training=False)
         soft = pooling.downsample_mask(masks[start:start + batch, :, :, None],
                                        features.shape[1:3])
         out["global"].append(pooling.global_pool(features).numpy())
         out["foreground"].append(pooling.foreground_pool(features, soft).numpy())
         out["background"].append(pooling.background_pool(features, soft).numpy())
-        purity.append((tf.reduce_sum(soft * soft, [1, 2, 3])
-                       / (tf.reduce_sum(soft, [1, 2, 3]) + 1e-6)).numpy())
+        # Σ m² / Σ m: the soft mask pooled with itself as the weights.
+        purity.append(pooling.region_pool(soft, soft).numpy()[:, 0])
     grid = tuple(int(d) for d in features.shape[1:3])
     return {k: np.concatenate(v) for k, v in out.items()}, np.concatenate(purity), grid
 
