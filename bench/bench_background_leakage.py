@@ -43,37 +43,23 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from bench import common  # noqa: E402
 from harl_tf import checkpoints  # noqa: E402
-from harl_tf.data import augment, background_shift, sources  # noqa: E402
+from harl_tf.data import augment, background_shift  # noqa: E402
 from harl_tf.downstream import encoder_source  # noqa: E402
 from harl_tf.models import pooling  # noqa: E402
 
 
 def read_split(data_dir: str, split: str, limit: int):
     """(images uint8 [N, H, W, 3] RGB, masks uint8 [N, H, W] in {0, 1}, labels int64 [N])
-    of ``split``, read through the builder's folder source (its file order, mask paths and
-    classes.txt labels); with ``limit``, that many images in a fixed random order (seed 0),
-    so every class is there."""
-    source = sources.FolderSource(data_dir)
-    refs = source.list_refs(split)
-    if limit:
-        refs = [refs[i] for i in np.random.default_rng(0).permutation(len(refs))[:limit]]
-    images, masks, labels = [], [], []
-    for ref in refs:
-        raw = source.load(ref)
-        image = cv2.imdecode(np.frombuffer(raw.image_bytes, np.uint8), cv2.IMREAD_COLOR)
-        mask = cv2.imdecode(np.frombuffer(raw.mask_bytes, np.uint8), cv2.IMREAD_GRAYSCALE)
-        if image is None or mask is None:
-            raise ValueError(f"cannot decode {raw.image_name} or its mask {raw.mask_name}")
-        images.append(cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
-        masks.append((mask > 127).astype(np.uint8))
-        labels.append(ref.label)
-    return np.stack(images), np.stack(masks), np.asarray(labels, np.int64)
+    of ``split`` (``common.read_labelled_split``: the builder's folder source); with
+    ``limit``, that many images in a fixed random order (seed 0), so every class is there."""
+    images, masks, labels, _ = common.read_labelled_split(data_dir, split, limit=limit)
+    return (np.stack(images), np.stack([(m > 127).astype(np.uint8) for m in masks]),
+            labels)
 
 
 def load(source: str):

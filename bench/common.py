@@ -148,3 +148,40 @@ def _cell(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return "" if value is None else str(value)
+
+
+def read_labelled_split(data_dir: str, split: str, *, limit: int = 0,
+                        by_class: bool = False):
+    """One split of an image folder with mirrored masks and class sub-folders (the layout
+    of ../shared/data/fmnist-scenes), read through the TFRecord builder's folder source, so
+    file order, mask paths and classes.txt labels are the builder's.
+
+    Returns ``(images, masks, labels, paths)``: uint8 RGB ``[H, W, 3]`` arrays, the mask
+    files as decoded (uint8 ``[H, W]``, 0/255), int64 ``[N]`` class indices and
+    ``(image_path, mask_path)`` pairs. Order: the builder's (sorted by path), or with
+    ``by_class`` by class in classes.txt order, then path; with ``limit``, that many
+    examples in a fixed random order (seed 0) of the former.
+    Raises ValueError naming the file that cannot be decoded.
+    """
+    import cv2
+    import numpy as np
+    from harl_tf.data import sources
+
+    source = sources.FolderSource(data_dir)
+    refs = source.list_refs(split)
+    if by_class:
+        refs = sorted(refs, key=lambda r: (r.label, r.id))
+    if limit:
+        refs = [refs[i] for i in np.random.default_rng(0).permutation(len(refs))[:limit]]
+    images, masks, labels, paths = [], [], [], []
+    for ref in refs:
+        raw = source.load(ref)
+        image = cv2.imdecode(np.frombuffer(raw.image_bytes, np.uint8), cv2.IMREAD_COLOR)
+        mask = cv2.imdecode(np.frombuffer(raw.mask_bytes, np.uint8), cv2.IMREAD_GRAYSCALE)
+        if image is None or mask is None:
+            raise ValueError(f"cannot decode {raw.image_name} or its mask {raw.mask_name}")
+        images.append(cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
+        masks.append(mask)
+        labels.append(ref.label)
+        paths.append((raw.image_name, raw.mask_name))
+    return images, masks, np.asarray(labels, np.int64), paths

@@ -13,18 +13,21 @@ split is how much the encoder leaned on backgrounds. Same folder layout as fmnis
 (exact masks, classes.txt), plus ``manifest.json``: parameters, group sizes, and how well
 the background group alone predicts the class on each split (the shortcut's strength).
 """
-import glob
 import json
 import os
 import shutil
+import sys
 import time
 
 import cv2
 import numpy as np
 from absl import app, flags
 
-from harl_tf import atomic
-from harl_tf.data import background_shift, correlated_backgrounds
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench import common  # noqa: E402
+from harl_tf import atomic  # noqa: E402
+from harl_tf.data import background_shift, correlated_backgrounds, sources  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("src", "../shared/data/fmnist-scenes", "The fmnist-scenes folder.")
@@ -36,21 +39,12 @@ flags.DEFINE_integer("seed", 0, "Seed of the grouping and the draws.")
 
 
 def _read(split):
-    classes = open(os.path.join(FLAGS.src, "classes.txt")).read().split()
-    paths, images, masks, labels = [], [], [], []
-    for label, name in enumerate(classes):
-        for path in sorted(glob.glob(os.path.join(FLAGS.src, split, "images", name, "*.jpg"))):
-            mask_path = path.replace(f"{os.sep}images{os.sep}", f"{os.sep}masks{os.sep}")
-            mask_path = os.path.splitext(mask_path)[0] + ".png"
-            image = cv2.imread(path, cv2.IMREAD_COLOR)
-            mask = cv2.imread(mask_path, cv2.IMREAD_GRAYSCALE)
-            if image is None or mask is None:
-                raise SystemExit(f"make_correlated_scenes: cannot read {path} or {mask_path}")
-            paths.append((name, path, mask_path))
-            images.append(cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
-            masks.append(mask)
-            labels.append(label)
-    return classes, paths, images, masks, np.array(labels)
+    """The split's images, masks (0/255), labels and (image, mask) paths, by class in
+    classes.txt order, then path (``common.read_labelled_split``)."""
+    source = sources.FolderSource(FLAGS.src)
+    images, masks, labels, paths = common.read_labelled_split(FLAGS.src, split,
+                                                              by_class=True)
+    return source.class_names(), paths, images, masks, labels
 
 
 def _group_accuracy(descriptors, labels, mean, std, centres, class_of_group):
@@ -100,7 +94,7 @@ def main(argv):
         "test": "the source's test split, linked (backgrounds independent of the class)",
     }
     with atomic.atomic_directory(FLAGS.out, overwrite=True) as tmp:
-        for (name, path, mask_path), image in zip(paths, new):
+        for (path, mask_path), image in zip(paths, new):
             rel = os.path.relpath(path, os.path.join(FLAGS.src, "train", "images"))
             target = os.path.join(tmp, "train", "images", rel)
             os.makedirs(os.path.dirname(target), exist_ok=True)
