@@ -159,8 +159,8 @@ def read_labelled_split(data_dir: str, split: str, *, limit: int = 0,
     Returns ``(images, masks, labels, paths)``: uint8 RGB ``[H, W, 3]`` arrays, the mask
     files as decoded (uint8 ``[H, W]``, 0/255), int64 ``[N]`` class indices and
     ``(image_path, mask_path)`` pairs. Order: the builder's (sorted by path), or with
-    ``by_class`` by class in classes.txt order, then path; with ``limit``, that many
-    examples in a fixed random order (seed 0) of the former.
+    ``by_class`` by class in classes.txt order, then path; ``limit`` keeps that many
+    examples, drawn in a fixed random order (seed 0) from that order.
     Raises ValueError naming the file that cannot be decoded.
     """
     import cv2
