@@ -49,6 +49,7 @@ from bench import common  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("depth", 50, "ResNet depth of the HARL/BYOL encoder.")
+flags.DEFINE_float("width_multiplier", 1.0, "Channel width multiplier of the encoder.")
 flags.DEFINE_integer("image_size", 112, "View side, px.")
 flags.DEFINE_integer("batch_size", 16, "Global batch (image pairs for HARL/BYOL).")
 flags.DEFINE_integer("output_stride", 32, "Encoder output stride.")
@@ -67,7 +68,7 @@ def _pretrain_config(loss_mode: str, precision: str = ""):
     return PretrainConfig(
         train_files="unused", model_dir="unused", num_train_examples=1281167,
         image_size=FLAGS.image_size, depth=FLAGS.depth, output_stride=FLAGS.output_stride,
-        projector_hidden_dim=FLAGS.head_hidden_dim, projection_dim=FLAGS.projection_dim,
+        width_multiplier=FLAGS.width_multiplier, projector_hidden_dim=FLAGS.head_hidden_dim, projection_dim=FLAGS.projection_dim,
         predictor_hidden_dim=FLAGS.head_hidden_dim, loss_mode=loss_mode,
         batch_size=FLAGS.batch_size, epochs=100, mixed_precision=precision, num_classes=0)
 
@@ -267,6 +268,7 @@ def main(argv) -> None:
                        ["ratio", "median of paired round ratios", "ratio of medians"]))
     result = {
         "setup": {"encoder": f"ResNet-{FLAGS.depth}", "image_size": FLAGS.image_size,
+                  "width_multiplier": FLAGS.width_multiplier,
                   "batch_size": FLAGS.batch_size, "output_stride": FLAGS.output_stride,
                   "head_hidden_dim": FLAGS.head_hidden_dim,
                   "projection_dim": FLAGS.projection_dim,
