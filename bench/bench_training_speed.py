@@ -68,7 +68,8 @@ def _pretrain_config(loss_mode: str, precision: str = ""):
     return PretrainConfig(
         train_files="unused", model_dir="unused", num_train_examples=1281167,
         image_size=FLAGS.image_size, depth=FLAGS.depth, output_stride=FLAGS.output_stride,
-        width_multiplier=FLAGS.width_multiplier, projector_hidden_dim=FLAGS.head_hidden_dim, projection_dim=FLAGS.projection_dim,
+        width_multiplier=FLAGS.width_multiplier,
+        projector_hidden_dim=FLAGS.head_hidden_dim, projection_dim=FLAGS.projection_dim,
         predictor_hidden_dim=FLAGS.head_hidden_dim, loss_mode=loss_mode,
         batch_size=FLAGS.batch_size, epochs=100, mixed_precision=precision, num_classes=0)
 
