@@ -178,7 +178,8 @@ def main(argv) -> None:
                       f"({time.strftime('%H:%M:%S')})", flush=True)
     rows = [r for r in (read_row(n) for n in CONFIGS) if r]
     table = common.table([[r["config"], r["knn_top1"], r["linear_top1"],
-                           r.get("knn_background_gap", "–"), r.get("linear_background_gap", "–"),
+                           r.get("knn_background_gap", "–"),
+                           r.get("linear_background_gap", "–"),
                            r.get("pretrain_minutes")] for r in rows],
                          ["config", "val k-NN top-1", "val linear top-1", "k-NN mixed_rand gap",
                           "linear mixed_rand gap", "pretrain min"])
@@ -186,7 +187,8 @@ def main(argv) -> None:
     common.write_result(FLAGS.results_name, {
         "dataset": "fmnist_scenes", "split": "validation: 2,000 of the train images held out "
         "(fixed permutation, seed 0); pretraining and probe fitting on the other 8,000",
-        "base": BASE, "eval_background": FLAGS.eval_background, "rows": rows, "table_markdown": table,
+        "base": BASE, "eval_background": FLAGS.eval_background, "rows": rows,
+        "table_markdown": table,
         "parallel": FLAGS.parallel, "machine": common.machine_info()})
 
 
