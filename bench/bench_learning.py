@@ -696,9 +696,7 @@ def main(argv) -> None:
                  "linear_weight_decay": lin.get("weight_decay"),
                  "linear_weight_decay_selection": lin.get("weight_decay_selection")}
         for mode, res in (("linear", lin), ("knn", knn)):
-            if res.get("background"):
-                entry[f"{mode}_mixed_rand_top1"] = res["background"]["mixed_rand"]["top1"]
-                entry[f"{mode}_background_gap"] = res["background"]["gap_top1"]
+            entry.update(common.background_fields(mode, res))
         summary_path = os.path.join(_paths()["runs"], method, "summary.json")
         if os.path.exists(summary_path):
             with open(summary_path) as f:

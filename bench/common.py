@@ -107,6 +107,16 @@ def describe_machine(machine: dict) -> str:
 
 
 
+def background_fields(mode: str, result: dict) -> dict:
+    """``{mode}_mixed_rand_top1`` and ``{mode}_background_gap`` from a ``harl_tf.finetune``
+    results.json scored with ``--eval_background=both``; empty when it was not."""
+    background = result.get("background")
+    if not background:
+        return {}
+    return {f"{mode}_mixed_rand_top1": background["mixed_rand"]["top1"],
+            f"{mode}_background_gap": background["gap_top1"]}
+
+
 def write_result(name: str, payload: dict) -> str:
     """``bench/results/<name>.json`` (atomic); adds the end load average and the command."""
     payload.setdefault("benchmark", name)
