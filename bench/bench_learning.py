@@ -1,19 +1,25 @@
 r"""Small-scale reproduction: does HARL's mask pooling beat BYOL at the same budget?
 
     # the learning benchmark: fmnist-scenes, the shipped CPU-scale recipe, one seed
-    python bench/bench_learning.py --dataset=fmnist_scenes \
+    python -m bench.bench_learning --dataset=fmnist_scenes \
         --recipe_flagfile=flags/fmnist_scenes_base.cfg --linear_probe=grid \
         --eval_background=both --records_dir=/tmp/harl_bench_records \
         --work_dir=/tmp/harl_bench_fms_s0 --seed=0 --results_name=bench_learning_fmnist_scenes_s0
-    python bench/bench_learning.py --work_dir=/tmp/harl_bench_learning     # cutouts, ~1 h
-    python bench/bench_learning.py --dataset=fashion_mnist --steps=200 \
-        --work_dir=/tmp/harl_bench_fmnist
+    python -m bench.bench_learning --work_dir=/tmp/harl_bench_learning     # cutouts, ~1 h
+    python -m bench.bench_learning --dataset=fashion_mnist \
+        --extra_pretrain_flags=--train_steps=300 --work_dir=/tmp/harl_bench_fmnist
+
+The recipe (encoder, heads, views, optimiser, schedules, steps) is a ``harl_tf.pretrain``
+flagfile, ``--recipe_flagfile`` (default ``flags/bench_cutouts_base.cfg``, the small budget
+of the cutouts and Fashion-MNIST runs), with ``--extra_pretrain_flags`` after it: the same
+flags, read by ``harl_tf.pretrain``'s own definitions, so nothing is declared twice.
+Evaluation uses the recipe's encoder, image size and batch.
 
 fmnist-scenes (../shared/data/fmnist-scenes): Fashion-MNIST items on photographs with exact
 masks. Its conventional masks are computed once with ``tools.generate_masks`` and both mask
 sources are built from symbolic-link trees. ``--eval_split=validation`` holds out 2,000
 train images (fixed permutation) and scores on them: the split every recipe choice is
-made on (``bench/sweep_learning.py``); ``--eval_split=test`` pretrains on all 10,000
+made on (``bench.sweep_learning``); ``--eval_split=test`` pretrains on all 10,000
 train images and scores on the 2,000 test images. ``supervised`` trains the same encoder
 with labels for the same number of images (the ceiling at this budget).
 
@@ -49,7 +55,8 @@ from 11 photographs, so an encoder that keys on the background shows η²(backgr
 Stages are resumable: a stage whose output exists (records' manifest.json, a completed
 run's summary.json with the same config, results.json) is not run again, so the script
 can be re-invoked with more ``--methods`` and aggregates everything in ``--work_dir``.
-Writes ``bench/results/bench_learning[_<dataset>].json`` and PNGs next to it.
+Writes ``bench/results/bench_learning[_<dataset>].json``, and PNGs next to it (regenerated
+by every report, not committed).
 """
 from __future__ import annotations
 
@@ -58,17 +65,12 @@ import glob
 import gzip
 import json
 import os
-import subprocess
 import sys
-import time
 
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
+from absl import app, flags
 
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
-
-from bench import common  # noqa: E402
+from bench import common
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("dataset", "cutouts", ["cutouts", "fashion_mnist", "fmnist_scenes"],
@@ -87,28 +89,15 @@ flags.DEFINE_list("methods", ["random", "byol", "mask_conventional", "hybrid_con
                               "hybrid_ground_truth"], "Methods (see the module docstring).")
 flags.DEFINE_list("stages", ["build", "pretrain", "evaluate", "report"],
                   "Stages to run (each skips work already done).")
-# The budget (identical for every method).
-flags.DEFINE_integer("steps", 200, "Pretraining steps.")
-flags.DEFINE_integer("batch_size", 64, "Pretraining batch size.")
-flags.DEFINE_integer("image_size", 64, "Pretraining and evaluation image side, px.")
-flags.DEFINE_integer("depth", 18, "ResNet depth.")
-flags.DEFINE_float("width_multiplier", 1.0, "ResNet width multiplier.")
-flags.DEFINE_bool("small_stem", False, "3x3 stride-1 stem without max-pool.")
-flags.DEFINE_integer("output_stride", 16, "Encoder output stride (64 px / 16 = 4x4 map).")
-flags.DEFINE_integer("head_hidden_dim", 1024, "Projector and predictor hidden width.")
-flags.DEFINE_integer("projection_dim", 256, "Projection size.")
-flags.DEFINE_float("base_learning_rate", 0.5, "LARS lr per 256 images.")
-flags.DEFINE_float("warmup_epochs", 1.0, "Warm-up epochs.")
-flags.DEFINE_float("trust_coefficient", 1e-3, "LARS trust coefficient.")
-flags.DEFINE_float("weight_decay", 1e-6, "LARS weight decay.")
-flags.DEFINE_string("recipe_flagfile", "", "A pretraining flagfile (e.g. "
-                    "flags/fmnist_scenes_base.cfg) holding the recipe: every run passes it "
-                    "to harl_tf.pretrain, and the budget flags above are read from it.")
-flags.DEFINE_string("extra_pretrain_flags", "", "Space-separated extra harl_tf.pretrain "
-                    "flags, appended to every method's run (e.g. --min_region_fraction=0.1).")
-flags.DEFINE_float("tau_base", 0.99, "EMA decay at step 0.")
-flags.DEFINE_float("alpha_base", 0.7, "HARL alpha at step 0 (cosine rise to 1).")
-flags.DEFINE_float("lambda_base", 0.7, "HARL lambda at step 0 (cosine rise to 1).")
+# The budget (identical for every method): a harl_tf.pretrain flagfile and extra flags.
+flags.DEFINE_string("recipe_flagfile", "flags/bench_cutouts_base.cfg",
+                    "The pretraining recipe, a harl_tf.pretrain flagfile (relative to the "
+                    "repository root, or absolute; e.g. flags/fmnist_scenes_base.cfg): every "
+                    "run passes it to harl_tf.pretrain, and evaluation reads the encoder, "
+                    "image size, batch and steps from it. It must set --train_steps.")
+flags.DEFINE_string("extra_pretrain_flags", "", "Space-separated harl_tf.pretrain flags "
+                    "after the recipe, for every method's run (e.g. "
+                    "'--train_steps=1000 --output_stride=8').")
 flags.DEFINE_integer("seed", 0, "Seed of the views and data order (--deterministic).")
 # Evaluation (a fixed recipe: never tuned on the test split).
 flags.DEFINE_integer("linear_epochs", 50, "Linear probe epochs (precomputed features).")
@@ -147,20 +136,6 @@ METHODS = {
 }
 # Trained with labels instead of pretrained: the ceiling at the same encoder and budget.
 SUPERVISED = ("supervised",)
-
-
-def _run(command, log_path, *, cwd=ROOT) -> float:
-    """Runs ``command`` (list) with output to ``log_path``; returns seconds; raises on error."""
-    os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    print(f"$ {' '.join(command)}", flush=True)
-    started = time.time()
-    with open(log_path, "w") as log:
-        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=cwd).returncode
-    if code != 0:
-        with open(log_path) as log:
-            tail = log.read()[-3000:]
-        raise SystemExit(f"failed ({code}): {' '.join(command)}\n--- {log_path}\n{tail}")
-    return time.time() - started
 
 
 def _paths():
@@ -221,9 +196,10 @@ def _fmnist_scenes_folders() -> dict:
     conv = os.path.join(root, "conventional_masks")
     for split in ("train", "test"):
         if not os.path.exists(os.path.join(conv, split, "summary.json")):
-            _run([PY, "-m", "tools.generate_masks", f"--images_dir={src}/{split}/images",
-                  f"--masks_dir={conv}/{split}", "--method=conventional", "--num_workers=2",
-                  "--noprogress"], os.path.join(_paths()["logs"], f"masks_{split}.log"))
+            common.run([PY, "-m", "tools.generate_masks",
+                        f"--images_dir={src}/{split}/images", f"--masks_dir={conv}/{split}",
+                        "--method=conventional", "--num_workers=2", "--noprogress"],
+                       os.path.join(_paths()["logs"], f"masks_{split}.log"))
     images = sorted(glob.glob(os.path.join(src, "train", "images", "*", "*.jpg")))
     order = np.random.default_rng(0).permutation(len(images))
     held_out = set(order[:FLAGS.validation_size].tolist())
@@ -300,7 +276,7 @@ def build_records() -> dict:
             out = _records(masks)
             if os.path.exists(os.path.join(out, "manifest.json")):
                 continue
-            seconds[masks] = _run(
+            seconds[masks] = common.run(
                 [PY, "-m", "tools.build_tfrecords", "--source=folder",
                  f"--images_dir={folders[masks]}", f"--splits=train,{_eval_name()}",
                  f"--output_dir={out}", f"--mask_method_name={masks}", "--num_workers=2",
@@ -313,10 +289,11 @@ def build_records() -> dict:
         out = _records(masks)
         if os.path.exists(os.path.join(out, "manifest.json")):
             continue
-        seconds[masks] = _run([PY, "-m", "tools.build_tfrecords", "--source=folder",
-                               f"--images_dir={images_dir}", f"--splits={splits}",
-                               f"--output_dir={out}", "--num_workers=2", "--noprogress"]
-                              + extra, os.path.join(_paths()["logs"], f"build_{masks}.log"))
+        seconds[masks] = common.run([PY, "-m", "tools.build_tfrecords", "--source=folder",
+                                     f"--images_dir={images_dir}", f"--splits={splits}",
+                                     f"--output_dir={out}", "--num_workers=2", "--noprogress"]
+                                    + extra,
+                                    os.path.join(_paths()["logs"], f"build_{masks}.log"))
     return seconds
 
 
@@ -324,78 +301,51 @@ def mask_quality() -> dict:
     """Mean IoU of the conventional masks against the ground-truth ones, train split."""
     out = os.path.join(FLAGS.work_dir, "mask_quality_train.json")
     if not os.path.exists(out):
-        _run([PY, "-m", "tools.mask_quality",
-              f"--pred_records={_records('conventional')}/train-*.tfrecord",
-              f"--gt_records={_records('ground_truth')}/train-*.tfrecord",
-              f"--output_json={out}"], os.path.join(_paths()["logs"], "mask_quality.log"))
+        common.run([PY, "-m", "tools.mask_quality",
+                    f"--pred_records={_records('conventional')}/train-*.tfrecord",
+                    f"--gt_records={_records('ground_truth')}/train-*.tfrecord",
+                    f"--output_json={out}"], os.path.join(_paths()["logs"], "mask_quality.log"))
     with open(out) as f:
         return json.load(f)
 
 
 # Pretraining ------------------------------------------------------------------------------
 
-# harl_tf.pretrain flag → this script's budget flag, for --recipe_flagfile.
-RECIPE_FLAGS = {"train_steps": "steps", "batch_size": "batch_size", "image_size": "image_size",
-                "depth": "depth", "width_multiplier": "width_multiplier",
-                "small_stem": "small_stem", "output_stride": "output_stride",
-                "projector_hidden_dim": "head_hidden_dim", "projection_dim": "projection_dim",
-                "base_learning_rate": "base_learning_rate", "warmup_epochs": "warmup_epochs",
-                "trust_coefficient": "trust_coefficient", "weight_decay": "weight_decay",
-                "tau_base": "tau_base", "alpha_base": "alpha_base",
-                "lambda_base": "lambda_base"}
+_RECIPE = {}
 
 
-def recipe_config():
-    """The PretrainConfig the runs get from --recipe_flagfile followed by
-    --extra_pretrain_flags: parsed by harl_tf.pretrain's own flag definitions
-    (``config.parse_argv``), nested flagfiles resolved from the repository root as the
-    runs resolve them."""
-    from harl_tf import config
-    with contextlib.chdir(ROOT):
-        return config.parse_argv(config.PretrainConfig,
-                                 [f"--flagfile={FLAGS.recipe_flagfile}",
-                                  *FLAGS.extra_pretrain_flags.split()])
-
-
-def apply_recipe_flagfile() -> None:
-    """Sets the budget flags from the recipe's config, so evaluation and the report use
-    the run's encoder, view size and steps."""
-    values = recipe_config().flag_values()
-    if values["train_steps"] <= 0:
-        raise app.UsageError(f"--recipe_flagfile={FLAGS.recipe_flagfile} must set "
-                             "--train_steps (the runs are compared at a step budget).")
-    for pretrain_name, bench_name in RECIPE_FLAGS.items():
-        FLAGS[bench_name].value = values[pretrain_name]
+def recipe() -> dict:
+    """``{harl_tf.pretrain flag: value}`` of the runs: --recipe_flagfile followed by
+    --extra_pretrain_flags, parsed by harl_tf.pretrain's own flag definitions
+    (``config.parse_argv``), nested flagfiles resolved from the repository root as the runs
+    resolve them. Parsed once; UsageError for a bad recipe or one without --train_steps."""
+    key = (FLAGS.recipe_flagfile, FLAGS.extra_pretrain_flags)
+    if key not in _RECIPE:
+        from harl_tf import config
+        try:
+            with contextlib.chdir(ROOT):
+                values = config.parse_argv(config.PretrainConfig, [
+                    f"--flagfile={FLAGS.recipe_flagfile}",
+                    *FLAGS.extra_pretrain_flags.split()]).flag_values()
+        except config.ConfigError as err:
+            raise app.UsageError(f"--recipe_flagfile / --extra_pretrain_flags: {err}")
+        if values["train_steps"] <= 0:
+            raise app.UsageError(f"--recipe_flagfile={FLAGS.recipe_flagfile} must set "
+                                 "--train_steps (the runs are compared at a step budget).")
+        _RECIPE[key] = values
+    return _RECIPE[key]
 
 
 def pretrain_flags(method: str) -> list:
     """The full flag list of one method's run: identical except --loss_mode and records.
 
-    The budget (encoder, heads, optimiser, schedules) comes from --recipe_flagfile when
-    given, else from this script's budget flags; the run's own paths, data and bookkeeping
-    follow it, then --extra_pretrain_flags (the last word)."""
+    The budget (encoder, heads, views, optimiser, schedules, steps) is --recipe_flagfile;
+    the run's own paths, data and bookkeeping follow it, then --extra_pretrain_flags (the
+    last word)."""
     loss_mode, masks = METHODS[method]
     num_train = _num_train()
     num_classes = 8 if FLAGS.dataset == "cutouts" else 10
-    if FLAGS.recipe_flagfile:
-        budget = [f"--flagfile={os.path.join(ROOT, FLAGS.recipe_flagfile)}"]
-    else:
-        budget = [
-            f"--image_size={FLAGS.image_size}",
-            f"--depth={FLAGS.depth}", f"--width_multiplier={FLAGS.width_multiplier}",
-            f"--small_stem={str(FLAGS.small_stem).lower()}",
-            f"--output_stride={FLAGS.output_stride}",
-            f"--projector_hidden_dim={FLAGS.head_hidden_dim}",
-            f"--projection_dim={FLAGS.projection_dim}",
-            f"--predictor_hidden_dim={FLAGS.head_hidden_dim}",
-            f"--alpha_base={FLAGS.alpha_base}", "--alpha_schedule=cosine",
-            f"--lambda_base={FLAGS.lambda_base}", "--lambda_schedule=cosine",
-            f"--batch_size={FLAGS.batch_size}", f"--train_steps={FLAGS.steps}",
-            f"--base_learning_rate={FLAGS.base_learning_rate}",
-            f"--warmup_epochs={FLAGS.warmup_epochs}", f"--weight_decay={FLAGS.weight_decay}",
-            f"--trust_coefficient={FLAGS.trust_coefficient}",
-            f"--tau_base={FLAGS.tau_base}", "--probe_learning_rate=0.001",
-        ]
+    budget = [f"--flagfile={os.path.join(ROOT, FLAGS.recipe_flagfile)}"]
     return budget + [
         f"--train_files={_records(masks)}/train-*.tfrecord",
         f"--model_dir={os.path.join(_paths()['runs'], method)}",
@@ -403,7 +353,7 @@ def pretrain_flags(method: str) -> list:
         # Online probe on the train labels: stop-gradient, for the training curves only.
         f"--num_classes={num_classes}",
         f"--shuffle_buffer={num_train}", f"--seed={FLAGS.seed}", "--deterministic",
-        "--strategy=default", f"--checkpoint_every_steps={max(FLAGS.steps // 2, 1)}",
+        "--strategy=default", f"--checkpoint_every_steps={max(recipe()['train_steps'] // 2, 1)}",
         "--keep_checkpoints=1", "--log_every_steps=10", "--image_summaries=0",
     ] + FLAGS.extra_pretrain_flags.split()
 
@@ -415,14 +365,14 @@ def pretrain(method: str) -> dict:
     if os.path.exists(summary_path):
         with open(summary_path) as f:
             summary = json.load(f)
-        if summary.get("completed") and summary.get("total_steps") == FLAGS.steps:
+        if summary.get("completed") and summary.get("total_steps") == recipe()["train_steps"]:
             print(f"{method}: pretraining done before, reusing {model_dir}", flush=True)
             return summary
         raise SystemExit(f"{model_dir} holds another run ({summary.get('final_step')}/"
                          f"{summary.get('total_steps')} steps); remove it or change "
                          f"--work_dir.")
-    _run([PY, "-m", "harl_tf.pretrain"] + pretrain_flags(method),
-         os.path.join(_paths()["logs"], f"pretrain_{method}.log"))
+    common.run([PY, "-m", "harl_tf.pretrain"] + pretrain_flags(method),
+               os.path.join(_paths()["logs"], f"pretrain_{method}.log"))
     with open(summary_path) as f:
         return json.load(f)
 
@@ -430,8 +380,8 @@ def pretrain(method: str) -> dict:
 # Evaluation -------------------------------------------------------------------------------
 
 def _encoder_config() -> dict:
-    return {"depth": FLAGS.depth, "width_multiplier": FLAGS.width_multiplier,
-            "output_stride": FLAGS.output_stride, "small_stem": FLAGS.small_stem}
+    return {name: recipe()[name]
+            for name in ("depth", "width_multiplier", "output_stride", "small_stem")}
 
 
 def _encoder_args(method: str) -> list:
@@ -439,15 +389,16 @@ def _encoder_args(method: str) -> list:
         return ["--encoder=random", f"--encoder_config={json.dumps(_encoder_config())}"]
     export_dir = os.path.join(_paths()["exports"], method)
     if not os.path.exists(os.path.join(export_dir, "harl_export.json")):
-        _run([PY, "-m", "harl_tf.export", f"--model_dir={os.path.join(_paths()['runs'], method)}",
-              f"--export_dir={export_dir}", "--output_stride=keep", "--overwrite"],
-             os.path.join(_paths()["logs"], f"export_{method}.log"))
+        common.run([PY, "-m", "harl_tf.export",
+                    f"--model_dir={os.path.join(_paths()['runs'], method)}",
+                    f"--export_dir={export_dir}", "--output_stride=keep", "--overwrite"],
+                   os.path.join(_paths()["logs"], f"export_{method}.log"))
     return [f"--encoder={export_dir}"]
 
 
 def supervised_epochs() -> int:
     """Epochs that give the supervised ceiling the pretraining budget (steps x batch)."""
-    return max(1, round(FLAGS.steps * FLAGS.batch_size / _num_train()))
+    return max(1, round(recipe()["train_steps"] * recipe()["batch_size"] / _num_train()))
 
 
 def evaluate(method: str) -> dict:
@@ -464,14 +415,15 @@ def evaluate(method: str) -> dict:
         output_dir = os.path.join(_paths()["evals"], f"{method}_finetune")
         results_path = os.path.join(output_dir, "results.json")
         if not os.path.exists(results_path):
-            _run([PY, "-m", "harl_tf.finetune", "--mode=finetune", "--encoder=random",
-                  f"--encoder_config={json.dumps(_encoder_config())}"] + files
-                 + [f"--output_dir={output_dir}", f"--image_size={FLAGS.image_size}",
-                    "--crop_fraction=1.0", "--min_crop_area=0.2",
-                    f"--epochs={supervised_epochs()}", f"--batch_size={FLAGS.batch_size}",
-                    "--learning_rate=0.1", "--weight_decay=5e-4", "--eval_batch_size=128",
-                    f"--seed={FLAGS.seed}", "--verbose=0"],
-                 os.path.join(_paths()["logs"], f"finetune_{method}.log"))
+            common.run([PY, "-m", "harl_tf.finetune", "--mode=finetune", "--encoder=random",
+                        f"--encoder_config={json.dumps(_encoder_config())}"] + files
+                       + [f"--output_dir={output_dir}",
+                          f"--image_size={recipe()['image_size']}", "--crop_fraction=1.0",
+                          "--min_crop_area=0.2", f"--epochs={supervised_epochs()}",
+                          f"--batch_size={recipe()['batch_size']}", "--learning_rate=0.1",
+                          "--weight_decay=5e-4", "--eval_batch_size=128",
+                          f"--seed={FLAGS.seed}", "--verbose=0"],
+                       os.path.join(_paths()["logs"], f"finetune_{method}.log"))
         with open(results_path) as f:
             out["finetune"] = json.load(f)
         return out
@@ -485,11 +437,12 @@ def evaluate(method: str) -> dict:
         output_dir = os.path.join(_paths()["evals"], f"{method}_{mode}")
         results_path = os.path.join(output_dir, "results.json")
         if not os.path.exists(results_path):
-            _run([PY, "-m", "harl_tf.finetune", f"--mode={mode}"] + _encoder_args(method)
-                 + files + [f"--output_dir={output_dir}", f"--image_size={FLAGS.image_size}",
-                    "--crop_fraction=1.0", "--eval_batch_size=128", f"--seed={FLAGS.seed}",
-                    "--verbose=0"] + extra,
-                 os.path.join(_paths()["logs"], f"finetune_{method}_{mode}.log"))
+            common.run([PY, "-m", "harl_tf.finetune", f"--mode={mode}"]
+                       + _encoder_args(method) + files
+                       + [f"--output_dir={output_dir}",
+                          f"--image_size={recipe()['image_size']}", "--crop_fraction=1.0",
+                          "--eval_batch_size=128", f"--seed={FLAGS.seed}", "--verbose=0"]
+                       + extra, os.path.join(_paths()["logs"], f"finetune_{method}_{mode}.log"))
         with open(results_path) as f:
             out[mode] = json.load(f)
     return out
@@ -500,11 +453,11 @@ def embeddings(method: str) -> dict:
     path = os.path.join(_paths()["evals"], f"{method}_embeddings.npz")
     if not os.path.exists(path):
         encoder = _encoder_args(method)[0].split("=", 1)[1]
-        _run([PY, os.path.abspath(__file__), f"--_embed_encoder={encoder}",
-              f"--_embed_files={_records('ground_truth')}/{_eval_name()}-*.tfrecord",
-              f"--_embed_out={path}", f"--image_size={FLAGS.image_size}"]
-             + ([f"--depth={FLAGS.depth}"] if encoder == "random" else []),
-             os.path.join(_paths()["logs"], f"embed_{method}.log"))
+        common.run([PY, "-m", "bench.bench_learning", f"--_embed_encoder={encoder}",
+                    f"--_embed_files={_records('ground_truth')}/{_eval_name()}-*.tfrecord",
+                    f"--_embed_out={path}", f"--recipe_flagfile={FLAGS.recipe_flagfile}",
+                    f"--extra_pretrain_flags={FLAGS.extra_pretrain_flags}"],
+                   os.path.join(_paths()["logs"], f"embed_{method}.log"))
     data = np.load(path)
     return {"features": data["features"], "labels": data["labels"]}
 
@@ -514,7 +467,7 @@ def _embed_child() -> None:
     from harl_tf.downstream import encoder_source, linear
     source = encoder_source.load_encoder(FLAGS._embed_encoder, encoder_config=_encoder_config(),
                                          seed=FLAGS.seed)
-    dataset = pipeline.eval_dataset(FLAGS._embed_files, 128, FLAGS.image_size,
+    dataset = pipeline.eval_dataset(FLAGS._embed_files, 128, recipe()["image_size"],
                                     crop_fraction=1.0)
     features = linear.extract_features(source.encoder, dataset, desc="test embeddings")
     np.savez(FLAGS._embed_out + ".tmp.npz", features=features.features, labels=features.labels)
@@ -648,8 +601,7 @@ def main(argv) -> None:
     del argv
     if FLAGS._embed_out:
         return _embed_child()
-    if FLAGS.recipe_flagfile:
-        apply_recipe_flagfile()
+    budget = recipe()  # a bad recipe stops here, before any work
     unknown = [m for m in FLAGS.methods if m not in METHODS]
     if unknown:
         raise app.UsageError(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
@@ -747,17 +699,17 @@ def main(argv) -> None:
     print(table)
     result = {
         "dataset": FLAGS.dataset, "data_dir": _data_dir(), "work_dir": FLAGS.work_dir,
-        "budget": {"steps": FLAGS.steps, "batch_size": FLAGS.batch_size,
-                   "image_size": FLAGS.image_size, "encoder": _encoder_config(),
-                   "feature_map": FLAGS.image_size // FLAGS.output_stride,
-                   "head_hidden_dim": FLAGS.head_hidden_dim,
-                   "projection_dim": FLAGS.projection_dim,
-                   "base_learning_rate": FLAGS.base_learning_rate,
-                   "warmup_epochs": FLAGS.warmup_epochs, "tau_base": FLAGS.tau_base,
-                   "trust_coefficient": FLAGS.trust_coefficient,
-                   "weight_decay": FLAGS.weight_decay,
+        "budget": {"steps": budget["train_steps"], "batch_size": budget["batch_size"],
+                   "image_size": budget["image_size"], "encoder": _encoder_config(),
+                   "feature_map": budget["image_size"] // budget["output_stride"],
+                   "head_hidden_dim": budget["projector_hidden_dim"],
+                   "projection_dim": budget["projection_dim"],
+                   "base_learning_rate": budget["base_learning_rate"],
+                   "warmup_epochs": budget["warmup_epochs"], "tau_base": budget["tau_base"],
+                   "trust_coefficient": budget["trust_coefficient"],
+                   "weight_decay": budget["weight_decay"],
                    "extra_pretrain_flags": FLAGS.extra_pretrain_flags,
-                   "alpha_base": FLAGS.alpha_base, "lambda_base": FLAGS.lambda_base,
+                   "alpha_base": budget["alpha_base"], "lambda_base": budget["lambda_base"],
                    "recipe_flagfile": FLAGS.recipe_flagfile,
                    "seed": FLAGS.seed},
         "evaluation": {"linear": {"epochs": FLAGS.linear_epochs, "probe": FLAGS.linear_probe,

@@ -1,20 +1,29 @@
-"""Helpers shared by the benchmark scripts: the machine's description, atomic JSON, tables.
+"""Helpers shared by the benchmarks: the machine's description, results files, tables, the
+subprocess runner, peak memory of a process tree, synthetic records.
 
-    from bench import common            # or, run as a script: sys.path gets the repo root
+    from bench import common
     result = {"machine": common.machine_info(), ...}
     common.write_result("bench_x", result)     # bench/results/bench_x.json, atomically
+    seconds = common.run([sys.executable, "-m", "harl_tf.pretrain", ...], "pretrain.log")
 
-Nothing here imports TensorFlow unless asked (``machine_info(tensorflow=True)`` reads the
-installed versions from package metadata, not by importing), so a parent process that only
-starts children stays small.
+The benchmarks run from the repository root as modules (``python -m bench.<name>``), so
+``bench`` and ``harl_tf`` import without any path set-up. Nothing here imports TensorFlow
+at module level (``machine_info`` reads the installed versions from package metadata), so
+a parent process that only starts children stays small.
 """
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
 import os
 import platform
+import shlex
 import statistics
+import subprocess
 import sys
-from typing import Dict, Iterable, List, Sequence
+import threading
+import time
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 
 from harl_tf.atomic import write_json_atomic  # the scripts call common.write_json_atomic
 
@@ -105,8 +114,6 @@ def describe_machine(machine: dict) -> str:
             f"keras {v.get('keras')}, numpy {v.get('numpy')}")
 
 
-
-
 def background_fields(mode: str, result: dict) -> dict:
     """``{mode}_mixed_rand_top1`` and ``{mode}_background_gap`` from a ``harl_tf.finetune``
     results.json scored with ``--eval_background=both``; empty when it was not."""
@@ -138,6 +145,109 @@ def chosen_configs(requested: Sequence[str], known: Sequence[str]) -> List[str]:
         from absl import app
         raise app.UsageError(f"--configs: unknown {unknown}; choose from {list(known)}")
     return names
+
+
+def run(command: Sequence[str], log_path: str, *,
+        env: Optional[Mapping[str, str]] = None) -> float:
+    """Runs ``command`` (an argv list) from the repository root, its stdout and stderr in
+    ``log_path``, after echoing it. Returns the wall seconds; a non-zero exit raises
+    SystemExit naming the command, with the log's last 3,000 characters."""
+    os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
+    print(f"$ {shlex.join(command)}", flush=True)
+    started = time.time()
+    with open(log_path, "w") as log:
+        code = subprocess.run(list(command), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                              env=None if env is None else dict(env)).returncode
+    if code != 0:
+        with open(log_path) as log:
+            tail = log.read()[-3000:]
+        raise SystemExit(f"failed ({code}): {shlex.join(command)}\n--- {log_path}\n{tail}")
+    return time.time() - started
+
+
+class PeakRss:
+    """Peak resident memory of a process and its descendants, sampled every ``interval``
+    seconds on a thread (psutil) while the ``with`` block runs.
+
+    ``tree``: the largest sum of RSS over the descendants, plus the process itself unless
+    ``include_self=False`` (shared pages count in each process, so an upper bound when
+    workers fork); ``largest_child``: the largest RSS of one descendant. Both in bytes.
+    A process that exits between listing and reading is skipped for that sample.
+    """
+
+    def __init__(self, pid: Optional[int] = None, *, include_self: bool = True,
+                 interval: float = 0.05):
+        self.pid, self.include_self, self.interval = pid or os.getpid(), include_self, interval
+        self.tree = self.largest_child = 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> "PeakRss":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        import psutil
+        try:
+            root = psutil.Process(self.pid)
+        except psutil.Error:
+            return
+        while not self._done.is_set():
+            try:
+                children = root.children(recursive=True)
+                own = root.memory_info().rss if self.include_self else 0
+            except psutil.Error:
+                children, own = [], 0
+            sizes = []
+            for child in children:
+                try:
+                    sizes.append(child.memory_info().rss)
+                except psutil.Error:
+                    pass
+            self.tree = max(self.tree, own + sum(sizes))
+            self.largest_child = max(self.largest_child, max(sizes, default=0))
+            self._done.wait(self.interval)
+
+
+def write_example_records(path: str, examples: Iterable, *, jpeg_quality: int) -> str:
+    """One TFRecord file (written atomically) of ``(example_id, image, mask, label)``
+    tuples: image uint8 RGB ``[H, W, 3]`` stored as a JPEG of ``jpeg_quality``, mask
+    ``[H, W]`` in {0, 1} stored as a PNG (mask method ``ground_truth``). Returns ``path``."""
+    import tensorflow as tf
+    from harl_tf.atomic import atomic_path
+    from harl_tf.data import schema
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_path(path) as temporary, tf.io.TFRecordWriter(temporary) as writer:
+        for example_id, image, mask, label in examples:
+            height, width = image.shape[:2]
+            writer.write(schema.serialize_example(
+                image_bytes=tf.io.encode_jpeg(image, quality=jpeg_quality).numpy(),
+                image_format="jpeg", height=height, width=width,
+                mask_png=schema.encode_mask_png(mask), label=label, example_id=example_id,
+                mask_method="ground_truth"))
+    return path
+
+
+class _TestsFinder(importlib.abc.MetaPathFinder):
+    """Resolves a top-level name to ``tests/<name>.py`` when nothing else provides it."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        file = os.path.join(ROOT, "tests", fullname + ".py")
+        if path is None and "." not in fullname and os.path.isfile(file):
+            return importlib.util.spec_from_file_location(fullname, file)
+        return None
+
+
+def import_test_helpers() -> None:
+    """Lets ``import test_reliability_training`` (and the test modules it imports in turn)
+    load ``tests/*.py`` as pytest loads them: by file name, tests/ not being a package.
+    For the soak (``bench.fault_injection``), which reuses the tests' helpers and loops."""
+    if not any(isinstance(finder, _TestsFinder) for finder in sys.meta_path):
+        sys.meta_path.append(_TestsFinder())
 
 
 def median(values: Iterable[float]) -> float:

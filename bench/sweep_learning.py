@@ -1,16 +1,16 @@
 r"""The CPU-scale recipe sweep on fmnist-scenes, scored on a validation split carved from train.
 
-    python bench/sweep_learning.py --records_dir=/tmp/hb/records --work_dir=/tmp/hb/sweep
-    python bench/sweep_learning.py ... --configs=byol_solo,hybrid_solo --parallel=2
+    python -m bench.sweep_learning --records_dir=/tmp/hb/records --work_dir=/tmp/hb/sweep
+    python -m bench.sweep_learning ... --configs=byol_solo,hybrid_solo --parallel=2
 
-Every configuration is one ``bench/bench_learning.py --dataset=fmnist_scenes
+Every configuration is one ``python -m bench.bench_learning --dataset=fmnist_scenes
 --eval_split=validation`` invocation with its own work dir (records are shared through
 ``--records_dir``): pretraining sees the 8,000 train images left after holding out 2,000
 (a fixed permutation), and the k-NN and linear probes are fit on those 8,000 and scored on
-the 2,000 held-out ones. The test split is never read. Configurations differ from BASE by
-the flags in CONFIGS; the table (written to ``bench/results/sweep_fmnist_scenes.json``)
-is what the recipe in ``flags/fmnist_scenes_*.cfg`` was chosen from. Each configuration
-is resumable (bench_learning skips finished stages), so the sweep can be re-run with more
+the 2,000 held-out ones. The test split is never read. Every configuration runs the recipe
+``flags/bench_fmnist_scenes_sweep.cfg`` plus its own pretraining flags (CONFIGS); the table
+(written to ``bench/results/sweep_fmnist_scenes.json``) is what the recipe in
+``flags/fmnist_scenes_*.cfg`` was chosen from. Each configuration is resumable (bench_learning skips finished stages), so the sweep can be re-run with more
 ``--configs``.
 """
 from __future__ import annotations
@@ -21,12 +21,9 @@ import subprocess
 import sys
 import time
 
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app, flags
 
-from absl import app, flags  # noqa: E402
-
-from bench import common  # noqa: E402
+from bench import common
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("records_dir", "/tmp/harl_bench_records", "Shared records.")
@@ -38,99 +35,83 @@ flags.DEFINE_enum("eval_background", "original", ["original", "both"],
                   "both: also score every configuration on mixed_rand backgrounds (the held-out "
                   "images' objects on another class's background) and report the gap.")
 
-# The budget every configuration shares, unless it overrides a flag.
-BASE = {
-    "steps": 400, "batch_size": 128, "image_size": 32, "depth": 18, "width_multiplier": 0.5,
-    "output_stride": 8, "head_hidden_dim": 1024, "projection_dim": 256,
-    "base_learning_rate": 1.0, "trust_coefficient": 0.02, "weight_decay": 1e-5,
-    "warmup_epochs": 1.0, "tau_base": 0.99, "alpha_base": 0.7, "lambda_base": 0.7,
-}
+# The budget every configuration shares; each adds its own harl_tf.pretrain flags.
+RECIPE_FLAGFILE = "flags/bench_fmnist_scenes_sweep.cfg"
+NO_BLUR_CROP025 = "--blur_prob_scale=0 --min_crop_area=0.25"
 
-# name → (methods of bench_learning, flag overrides).
+# name → (methods of bench_learning, harl_tf.pretrain flags after the recipe).
 CONFIGS = {
-    "random": (["random"], {}),
-    "byol_imagenet_lars": (["byol"], {"base_learning_rate": 0.5, "trust_coefficient": 1e-3,
-                                      "weight_decay": 1e-6}),
-    "byol_solo": (["byol"], {}),
-    "byol_solo_lr2": (["byol"], {"base_learning_rate": 2.0}),
-    "byol_solo_tau096": (["byol"], {"tau_base": 0.96}),
-    "hybrid_solo": (["hybrid_conventional"], {}),
-    "hybrid_solo_alpha1": (["hybrid_conventional"], {"alpha_base": 1.0}),
-    "mask_solo": (["mask_conventional"], {}),
-    "hybrid_solo_tau096": (["hybrid_conventional"], {"tau_base": 0.96}),
-    "byol_solo_cj4": (["byol"], {"extra_pretrain_flags": "--color_jitter_strength=4"}),
-    "hybrid_solo_cj4": (["hybrid_conventional"],
-                        {"extra_pretrain_flags": "--color_jitter_strength=4"}),
-    "byol_solo_cj2": (["byol"], {"extra_pretrain_flags": "--color_jitter_strength=2"}),
-    "hybrid_solo_cj2": (["hybrid_conventional"],
-                        {"extra_pretrain_flags": "--color_jitter_strength=2"}),
-    "hybrid_solo_validbn": (["hybrid_conventional"],
-                            {"extra_pretrain_flags": "--valid_region_batchnorm"}),
-    "byol_solo_noblur": (["byol"], {"extra_pretrain_flags": "--blur_prob_scale=0"}),
-    "hybrid_solo_noblur": (["hybrid_conventional"],
-                           {"extra_pretrain_flags": "--blur_prob_scale=0"}),
-    "byol_solo_noblur_crop025": (["byol"], {
-        "extra_pretrain_flags": "--blur_prob_scale=0 --min_crop_area=0.25"}),
-    "hybrid_solo_noblur_crop025": (["hybrid_conventional"], {
-        "extra_pretrain_flags": "--blur_prob_scale=0 --min_crop_area=0.25"}),
+    "random": (["random"], ""),
+    "byol_imagenet_lars": (["byol"], "--base_learning_rate=0.5 --trust_coefficient=0.001 "
+                                     "--weight_decay=1e-06"),
+    "byol_solo": (["byol"], ""),
+    "byol_solo_lr2": (["byol"], "--base_learning_rate=2.0"),
+    "byol_solo_tau096": (["byol"], "--tau_base=0.96"),
+    "hybrid_solo": (["hybrid_conventional"], ""),
+    "hybrid_solo_alpha1": (["hybrid_conventional"], "--alpha_base=1.0"),
+    "mask_solo": (["mask_conventional"], ""),
+    "hybrid_solo_tau096": (["hybrid_conventional"], "--tau_base=0.96"),
+    "byol_solo_cj4": (["byol"], "--color_jitter_strength=4"),
+    "hybrid_solo_cj4": (["hybrid_conventional"], "--color_jitter_strength=4"),
+    "byol_solo_cj2": (["byol"], "--color_jitter_strength=2"),
+    "hybrid_solo_cj2": (["hybrid_conventional"], "--color_jitter_strength=2"),
+    "hybrid_solo_validbn": (["hybrid_conventional"], "--valid_region_batchnorm"),
+    "byol_solo_noblur": (["byol"], "--blur_prob_scale=0"),
+    "hybrid_solo_noblur": (["hybrid_conventional"], "--blur_prob_scale=0"),
+    "byol_solo_noblur_crop025": (["byol"], NO_BLUR_CROP025),
+    "hybrid_solo_noblur_crop025": (["hybrid_conventional"], NO_BLUR_CROP025),
     # Feature-map size (issue #15, point 4): 64 px views, an 8x8 map (output stride 8) and a
     # 4x4 one (output stride 16, the resolution control), BYOL's views as in byol_solo.
-    "random_64os8": (["random"], {"image_size": 64, "output_stride": 8}),
-    "random_64os16": (["random"], {"image_size": 64, "output_stride": 16}),
-    "byol_solo_64os8": (["byol"], {"image_size": 64, "output_stride": 8}),
-    "hybrid_solo_64os8": (["hybrid_conventional"], {"image_size": 64, "output_stride": 8}),
-    "byol_solo_64os16": (["byol"], {"image_size": 64, "output_stride": 16}),
-    "hybrid_solo_64os16": (["hybrid_conventional"], {"image_size": 64, "output_stride": 16}),
+    "random_64os8": (["random"], "--image_size=64 --output_stride=8"),
+    "random_64os16": (["random"], "--image_size=64 --output_stride=16"),
+    "byol_solo_64os8": (["byol"], "--image_size=64 --output_stride=8"),
+    "hybrid_solo_64os8": (["hybrid_conventional"], "--image_size=64 --output_stride=8"),
+    "byol_solo_64os16": (["byol"], "--image_size=64 --output_stride=16"),
+    "hybrid_solo_64os16": (["hybrid_conventional"], "--image_size=64 --output_stride=16"),
     # alpha and lambda held at 0.7 (the cosine rise ends with the foreground term alone).
-    "hybrid_solo_constant": (["hybrid_conventional"], {
-        "extra_pretrain_flags": "--alpha_schedule=constant --lambda_schedule=constant"}),
+    "hybrid_solo_constant": (["hybrid_conventional"],
+                             "--alpha_schedule=constant --lambda_schedule=constant"),
     # The views at the test tables' budget: BYOL's views against the quickstart's (no blur,
     # crop floor 0.25), 1,000 steps (16 epochs of the 8,000 images).
-    "byol_solo_1000": (["byol"], {"steps": 1000}),
-    "hybrid_solo_1000": (["hybrid_conventional"], {"steps": 1000}),
-    "byol_solo_noblur_crop025_1000": (["byol"], {
-        "steps": 1000, "extra_pretrain_flags": "--blur_prob_scale=0 --min_crop_area=0.25"}),
-    "hybrid_solo_noblur_crop025_1000": (["hybrid_conventional"], {
-        "steps": 1000, "extra_pretrain_flags": "--blur_prob_scale=0 --min_crop_area=0.25"}),
+    "byol_solo_1000": (["byol"], "--train_steps=1000"),
+    "hybrid_solo_1000": (["hybrid_conventional"], "--train_steps=1000"),
+    "byol_solo_noblur_crop025_1000": (["byol"], f"--train_steps=1000 {NO_BLUR_CROP025}"),
+    "hybrid_solo_noblur_crop025_1000": (["hybrid_conventional"],
+                                        f"--train_steps=1000 {NO_BLUR_CROP025}"),
     # The 8x8 map (64 px views, output stride 8) with the quickstart's views at 1,000 steps:
-    # where the foreground pool describes the object (bench/bench_background_leakage.py).
-    "byol_solo_64os8_noblur_crop025_1000": (["byol"], {
-        "image_size": 64, "output_stride": 8, "steps": 1000,
-        "extra_pretrain_flags": "--blur_prob_scale=0 --min_crop_area=0.25"}),
-    "hybrid_solo_64os8_noblur_crop025_1000": (["hybrid_conventional"], {
-        "image_size": 64, "output_stride": 8, "steps": 1000,
-        "extra_pretrain_flags": "--blur_prob_scale=0 --min_crop_area=0.25"}),
-    "byol_solo_lr2_tau096": (["byol"], {"base_learning_rate": 2.0, "tau_base": 0.96}),
-    "hybrid_solo_lr2_tau096": (["hybrid_conventional"], {"base_learning_rate": 2.0,
-                                                          "tau_base": 0.96}),
+    # where the foreground pool describes the object (bench.experiments.bench_background_leakage).
+    "byol_solo_64os8_noblur_crop025_1000": (["byol"], "--image_size=64 --output_stride=8 "
+                                            f"--train_steps=1000 {NO_BLUR_CROP025}"),
+    "hybrid_solo_64os8_noblur_crop025_1000": (["hybrid_conventional"],
+                                              "--image_size=64 --output_stride=8 "
+                                              f"--train_steps=1000 {NO_BLUR_CROP025}"),
+    "byol_solo_lr2_tau096": (["byol"], "--base_learning_rate=2.0 --tau_base=0.96"),
+    "hybrid_solo_lr2_tau096": (["hybrid_conventional"],
+                               "--base_learning_rate=2.0 --tau_base=0.96"),
 }
 
 # The two 8x8 configurations in bfloat16 mixed precision (0.65x the float32 step time of
 # this encoder at 64 px, bench_training_speed_fmnist_8x8.json): does the cheaper step learn
 # the same? Each is its float32 twin plus the one flag.
 for _name in ("byol_solo_64os8_noblur_crop025_1000", "hybrid_solo_64os8_noblur_crop025_1000"):
-    _methods, _overrides = CONFIGS[_name]
-    CONFIGS[_name + "_bf16"] = (_methods, {
-        **_overrides, "extra_pretrain_flags":
-        _overrides["extra_pretrain_flags"] + " --mixed_precision=mixed_bfloat16"})
+    _methods, _flags = CONFIGS[_name]
+    CONFIGS[_name + "_bf16"] = (_methods, _flags + " --mixed_precision=mixed_bfloat16")
 
 
 def command(name: str) -> list:
-    methods, overrides = CONFIGS[name]
-    values = {**BASE, **overrides}
-    return ([sys.executable, os.path.join(common.ROOT, "bench", "bench_learning.py"),
-             "--dataset=fmnist_scenes", "--eval_split=validation",
-             f"--records_dir={FLAGS.records_dir}",
-             f"--work_dir={os.path.join(FLAGS.work_dir, name)}",
-             f"--methods={','.join(methods)}", "--stages=build,pretrain,evaluate",
-             f"--results_name=sweep_{name}", f"--eval_background={FLAGS.eval_background}"]
-            + [f"--{k}={v}" for k, v in values.items()])
+    methods, extra = CONFIGS[name]
+    return [sys.executable, "-m", "bench.bench_learning", "--dataset=fmnist_scenes",
+            "--eval_split=validation", f"--records_dir={FLAGS.records_dir}",
+            f"--work_dir={os.path.join(FLAGS.work_dir, name)}",
+            f"--methods={','.join(methods)}", "--stages=build,pretrain,evaluate",
+            f"--results_name=sweep_{name}", f"--eval_background={FLAGS.eval_background}",
+            f"--recipe_flagfile={RECIPE_FLAGFILE}", f"--extra_pretrain_flags={extra}"]
 
 
 def read_row(name: str):
-    methods, overrides = CONFIGS[name]
+    methods, extra = CONFIGS[name]
     evals = os.path.join(FLAGS.work_dir, name, "evals")
-    row = {"config": name, "method": methods[0], "overrides": overrides}
+    row = {"config": name, "method": methods[0], "extra_pretrain_flags": extra}
     for mode in ("knn", "linear"):
         path = os.path.join(evals, f"{methods[0]}_{mode}", "results.json")
         if not os.path.exists(path):
@@ -152,11 +133,10 @@ def main(argv) -> None:
     names = common.chosen_configs(FLAGS.configs, list(CONFIGS))
     os.makedirs(FLAGS.work_dir, exist_ok=True)
     # Build the shared records once, before configurations run side by side.
-    subprocess.run([sys.executable, os.path.join(common.ROOT, "bench", "bench_learning.py"),
-                    "--dataset=fmnist_scenes", "--eval_split=validation",
-                    f"--records_dir={FLAGS.records_dir}",
-                    f"--work_dir={os.path.join(FLAGS.work_dir, '_build')}", "--stages=build"],
-                   check=True)
+    common.run([sys.executable, "-m", "bench.bench_learning", "--dataset=fmnist_scenes",
+                "--eval_split=validation", f"--records_dir={FLAGS.records_dir}",
+                f"--work_dir={os.path.join(FLAGS.work_dir, '_build')}", "--stages=build"],
+               os.path.join(FLAGS.work_dir, "_build.log"))
     pending, running = [n for n in names if read_row(n) is None], []
     while pending or running:
         while pending and len(running) < FLAGS.parallel:
@@ -164,7 +144,8 @@ def main(argv) -> None:
             log = open(os.path.join(FLAGS.work_dir, f"{name}.log"), "w")
             print(f"start {name} ({time.strftime('%H:%M:%S')})", flush=True)
             running.append((name, subprocess.Popen(command(name), stdout=log,
-                                                   stderr=subprocess.STDOUT), log))
+                                                   stderr=subprocess.STDOUT, cwd=common.ROOT),
+                            log))
         time.sleep(5)
         for item in list(running):
             name, process, log = item
@@ -184,7 +165,7 @@ def main(argv) -> None:
     common.write_result(FLAGS.results_name, {
         "dataset": "fmnist_scenes", "split": "validation: 2,000 of the train images held out "
         "(fixed permutation, seed 0); pretraining and probe fitting on the other 8,000",
-        "base": BASE, "eval_background": FLAGS.eval_background, "rows": rows,
+        "recipe_flagfile": RECIPE_FLAGFILE, "eval_background": FLAGS.eval_background, "rows": rows,
         "table_markdown": table,
         "parallel": FLAGS.parallel, "machine": common.machine_info()})
 
