@@ -20,105 +20,66 @@ median and best examples/s over the rounds, and process CPU ms per example (whic
 from other processes leaves alone); the ratio harl_tf / simclr_tf2 of the medians and
 the median of the per-round ratios. Writes ``bench/results/bench_input_pipeline.json``.
 
-    python bench/bench_input_pipeline.py [--simclr_dir /work/peers/simclr]
+    python -m bench.bench_input_pipeline [--simclr_dir /work/peers/simclr]
         [--variants harl_tf,simclr_tf2] [--rounds 4] [--records_dir DIR]
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import importlib.util
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 from bench import common  # noqa: E402
-from harl_tf.data import augment, pipeline, schema, synthetic  # noqa: E402
+from harl_tf.data import augment, pipeline, schema  # noqa: E402
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                       "bench_input_pipeline.json")
 HARL_VARIANTS = ("harl_tf", "harl_tf_fused_crop", "harl_tf_bilinear")
 PEER = "simclr_tf2"
 
-
-def write_records(directory: str, examples: int, shards: int,
-                  height: int = 375, width: int = 500) -> str:
-    """Synthetic JPEG (quality 90) + PNG mask records in ``shards`` files; returns the
-    glob."""
-    per_shard = -(-examples // shards)
-    for shard in range(shards):
-        indices = range(shard * per_shard, min(examples, (shard + 1) * per_shard))
-        path = os.path.join(directory, f"bench-{shard:05d}-of-{shards:05d}.tfrecord")
-        with tf.io.TFRecordWriter(path) as writer:
-            for i, image, mask, label in synthetic.iterate(indices, (height, width)):
-                writer.write(schema.serialize_example(
-                    image_bytes=tf.io.encode_jpeg(image, quality=90).numpy(),
-                    image_format="jpeg", height=height, width=width,
-                    mask_png=schema.encode_mask_png(mask), label=label,
-                    example_id=f"synthetic/{i}", mask_method="ground_truth"))
-    return os.path.join(directory, "bench-*.tfrecord")
-
-
-def ensure_records(directory: str, examples: int, shards: int) -> str:
-    """The records' glob in ``directory``, written first unless ``shards`` files are
-    there already."""
-    pattern = os.path.join(directory, "bench-*.tfrecord")
-    if len(tf.io.gfile.glob(pattern)) != shards:
-        os.makedirs(directory, exist_ok=True)
-        start = time.perf_counter()
-        write_records(directory, examples, shards)
-        print(f"wrote {examples} examples in {shards} shards "
-              f"({time.perf_counter() - start:.1f} s)", flush=True)
-    return pattern
-
-
-def jpeg_bytes(pattern: str) -> list:
-    """The image bytes of every record of ``pattern``, in file order."""
-    return [schema.parse_example(r)["image"].numpy() for r in
-            tf.data.TFRecordDataset(sorted(tf.io.gfile.glob(pattern)))]
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("examples", 512, "Synthetic examples written (and shuffle buffer).")
+flags.DEFINE_integer("shards", 4, "Record files.")
+flags.DEFINE_integer("batch_size", 64, "Two-view examples per batch.")
+flags.DEFINE_integer("image_size", 224, "View side, px.")
+flags.DEFINE_integer("batches", 8, "Batches per timed round.")
+flags.DEFINE_integer("warmup", 3, "Untimed batches first.")
+flags.DEFINE_integer("rounds", 4, "Timed rounds per variant.")
+flags.DEFINE_string("simclr_dir", None, "Root of a google-research/simclr checkout: adds "
+                    "SimCLR-tf2's data_util as the baseline.")
+flags.DEFINE_list("variants", [], f"Subset of {HARL_VARIANTS + (PEER,)} (default: all; "
+                  f"{PEER} needs --simclr_dir).")
+flags.DEFINE_bool("skip_decode_step", False,
+                  "Skip the decode-and-crop-only measurement (fused vs full).")
+flags.DEFINE_string("output", os.path.join(common.RESULTS_DIR, "bench_input_pipeline.json"),
+                    "Results file.")
+flags.DEFINE_string("records_dir", None, "Keep the records here and reuse them on the next "
+                    "run (default: a temporary directory).")
 
 
 # ----------------------------------------------------------------------------- variants
 
 
-def harl_dataset(pattern: str, args, *, fused_crop: bool = pipeline.DEFAULT_FUSED_CROP,
+def harl_dataset(pattern: str, *, fused_crop: bool = pipeline.DEFAULT_FUSED_CROP,
                  resize_method: str = "bicubic") -> tf.data.Dataset:
     configs = tuple(dataclasses.replace(c, resize_method=resize_method)
                     for c in augment.default_view_configs())
     return pipeline.pretrain_dataset(
-        pattern, args.batch_size, args.image_size, seed=0, shuffle_buffer=args.examples,
+        pattern, FLAGS.batch_size, FLAGS.image_size, seed=0, shuffle_buffer=FLAGS.examples,
         view_configs=configs, fused_crop=fused_crop)
 
 
-def load_simclr_data_util(simclr_dir: str):
-    """google-research/simclr ``tf2/data_util.py`` from the checkout ``simclr_dir``,
-    imported as a module of its own. It reads no absl flag (``data.py`` does; it is not
-    needed here), so none is set."""
-    path = os.path.join(simclr_dir, "tf2", "data_util.py")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"--simclr_dir {simclr_dir!r}: no tf2/data_util.py there; pass the root of a "
-            f"google-research/simclr checkout")
-    spec = importlib.util.spec_from_file_location("simclr_tf2_data_util", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def simclr_dataset(images: list, data_util, args) -> tf.data.Dataset:
+def simclr_dataset(images: list, data_util) -> tf.data.Dataset:
     """SimCLR-tf2's two-view augmentation of ``images`` (JPEG bytes, from memory), with
     BYOL's blur probabilities; batches {"view1", "view2": float32 [B, S, S, 3]}."""
-    size = args.image_size
+    size = FLAGS.image_size
 
     def two_views(image_bytes):
         image = tf.io.decode_jpeg(image_bytes, channels=3)
@@ -135,28 +96,28 @@ def simclr_dataset(images: list, data_util, args) -> tf.data.Dataset:
     dataset = tf.data.Dataset.from_tensor_slices(images).repeat()
     dataset = dataset.map(two_views, num_parallel_calls=tf.data.AUTOTUNE,
                           deterministic=False)
-    dataset = dataset.batch(args.batch_size, drop_remainder=True)
+    dataset = dataset.batch(FLAGS.batch_size, drop_remainder=True)
     return dataset.prefetch(tf.data.AUTOTUNE)
 
 
 # ----------------------------------------------------------------------------- timing
 
 
-def time_dataset(make_dataset, args):
+def time_dataset(make_dataset):
     """(examples/s, CPU ms per example) in steady state: a fresh iterator (so that no
     other variant fills its buffers in the background), ``warmup`` batches read, then
     ``batches`` batches timed, read back to back with the warm-up so the prefetch buffers
     hold no head start."""
     iterator = iter(make_dataset())
-    for _ in range(args.warmup):
+    for _ in range(FLAGS.warmup):
         next(iterator)
     start = time.perf_counter()
     start_cpu = _process_cpu_seconds()
-    for _ in range(args.batches):
+    for _ in range(FLAGS.batches):
         batch = next(iterator)
     batch["view1"].numpy()  # the last batch is really there
     cpu = _process_cpu_seconds() - start_cpu
-    examples = args.batches * args.batch_size
+    examples = FLAGS.batches * FLAGS.batch_size
     rate = examples / (time.perf_counter() - start)
     del iterator  # stops its background threads before the next variant runs
     return rate, 1000.0 * cpu / examples
@@ -194,54 +155,33 @@ def _process_cpu_seconds() -> float:
     return time.process_time()
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--examples", type=int, default=512)
-    parser.add_argument("--shards", type=int, default=4)
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--image_size", type=int, default=224)
-    parser.add_argument("--batches", type=int, default=8, help="batches per timed round")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed batches first")
-    parser.add_argument("--rounds", type=int, default=4, help="timed rounds per variant")
-    parser.add_argument("--simclr_dir", default=None,
-                        help="root of a google-research/simclr checkout: adds SimCLR-tf2's "
-                             "data_util as the baseline")
-    parser.add_argument("--variants", default=None,
-                        help=f"comma-separated subset of {HARL_VARIANTS + (PEER,)} "
-                             f"(default: all; {PEER} needs --simclr_dir)")
-    parser.add_argument("--skip_decode_step", action="store_true",
-                        help="skip the decode-and-crop-only measurement (fused vs full)")
-    parser.add_argument("--output", default=RESULTS)
-    parser.add_argument("--records_dir", default=None,
-                        help="keep the records here and reuse them on the next run "
-                             "(default: a temporary directory)")
-    args = parser.parse_args(argv)
-
-    variants = (args.variants.split(",") if args.variants else
-                list(HARL_VARIANTS) + ([PEER] if args.simclr_dir else []))
+def main(argv) -> None:
+    del argv
+    variants = FLAGS.variants or (list(HARL_VARIANTS) + ([PEER] if FLAGS.simclr_dir else []))
     unknown = sorted(set(variants) - set(HARL_VARIANTS + (PEER,)))
     if unknown:
-        parser.error(f"--variants: unknown {unknown}; choose from {HARL_VARIANTS + (PEER,)}")
-    if PEER in variants and not args.simclr_dir:
-        parser.error(f"--variants {PEER} needs --simclr_dir (a google-research/simclr "
-                     f"checkout)")
-    load_start = common.load_average()
+        raise app.UsageError(f"--variants: unknown {unknown}; choose from "
+                             f"{HARL_VARIANTS + (PEER,)}")
+    if PEER in variants and not FLAGS.simclr_dir:
+        raise app.UsageError(f"--variants {PEER} needs --simclr_dir (a google-research/simclr "
+                             f"checkout)")
+    machine = common.machine_info()
 
     with tempfile.TemporaryDirectory() as temporary:
-        pattern = ensure_records(args.records_dir or temporary, args.examples, args.shards)
+        pattern = common.ensure_synthetic_records(FLAGS.records_dir or temporary,
+                                                  FLAGS.examples, FLAGS.shards)
         factories = {
-            "harl_tf": lambda: harl_dataset(pattern, args),
-            "harl_tf_fused_crop": lambda: harl_dataset(pattern, args, fused_crop=True),
-            "harl_tf_bilinear": lambda: harl_dataset(pattern, args,
-                                                     resize_method="bilinear"),
+            "harl_tf": lambda: harl_dataset(pattern),
+            "harl_tf_fused_crop": lambda: harl_dataset(pattern, fused_crop=True),
+            "harl_tf_bilinear": lambda: harl_dataset(pattern, resize_method="bilinear"),
         }
         if PEER in variants:
-            data_util = load_simclr_data_util(args.simclr_dir)
-            images = jpeg_bytes(pattern)
-            factories[PEER] = lambda: simclr_dataset(images, data_util, args)
+            data_util = common.load_simclr_data_util(FLAGS.simclr_dir)
+            images = common.jpeg_bytes(pattern)
+            factories[PEER] = lambda: simclr_dataset(images, data_util)
 
         decode_ms = {}
-        if not args.skip_decode_step:
+        if not FLAGS.skip_decode_step:
             decode_runs = {True: [], False: []}
             for _ in range(2):  # alternate, so that both see the same background load
                 for fused in (True, False):
@@ -252,11 +192,11 @@ def main(argv=None) -> dict:
 
         rates = {name: [] for name in variants}
         cpu_ms = {name: [] for name in variants}
-        for round_index in range(args.rounds):
+        for round_index in range(FLAGS.rounds):
             # Rotate the order each round, so no variant always runs first or last.
             shift = round_index % len(variants)
             for name in variants[shift:] + variants[:shift]:
-                rate, cpu = time_dataset(factories[name], args)
+                rate, cpu = time_dataset(factories[name])
                 rates[name].append(rate)
                 cpu_ms[name].append(cpu)
                 print(f"round {round_index}: {name:20} {rate:7.1f} two-view examples/s  "
@@ -266,12 +206,11 @@ def main(argv=None) -> dict:
     result = {
         "benchmark": "two-view pretraining input pipeline (harl-tf with masks) vs "
                      "SimCLR-tf2 data_util (no masks)",
-        "command": "python " + " ".join([os.path.relpath(__file__)] + list(
-            sys.argv[1:] if argv is None else argv)),
+        "command": " ".join(["python -m bench.bench_input_pipeline"] + sys.argv[1:]),
         "image_source": "harl_tf.data.synthetic 500x375, JPEG quality 90, PNG mask",
-        "examples": args.examples, "shards": args.shards, "batch_size": args.batch_size,
-        "image_size": args.image_size, "batches_per_round": args.batches,
-        "warmup_batches": args.warmup, "rounds": args.rounds, "variants": variants,
+        "examples": FLAGS.examples, "shards": FLAGS.shards, "batch_size": FLAGS.batch_size,
+        "image_size": FLAGS.image_size, "batches_per_round": FLAGS.batches,
+        "warmup_batches": FLAGS.warmup, "rounds": FLAGS.rounds, "variants": variants,
         "examples_per_s": {
             name: {"rounds": [round(r, 1) for r in rates[name]],
                    "best": round(max(rates[name]), 1),
@@ -286,11 +225,7 @@ def main(argv=None) -> dict:
                        1000.0 * cores / statistics.median(cpu_ms[name]), 1)}
             for name in variants},
         "default_fused_crop": pipeline.DEFAULT_FUSED_CROP,
-        "machine": {"cpu_count": os.cpu_count(), "cpu_model": common.cpu_model(),
-                    "load_average_1_5_15_at_start": load_start,
-                    "load_average_1_5_15_at_end": common.load_average(),
-                    "tensorflow": tf.__version__, "numpy": np.__version__,
-                    "python": platform.python_version()},
+        "machine": {**machine, "load_average_at_end": common.load_average()},
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     if decode_ms:
@@ -306,11 +241,10 @@ def main(argv=None) -> dict:
             "ratio_of_median_cpu_ms": round(
                 statistics.median(cpu_ms[PEER]) / statistics.median(cpu_ms["harl_tf"]), 3),
             "target": 1.2}
-        result["simclr_dir"] = args.simclr_dir
+        result["simclr_dir"] = FLAGS.simclr_dir
     print(json.dumps(result, indent=2))
-    common.write_json_atomic(args.output, result)
-    return result
+    common.write_json_atomic(FLAGS.output, result)
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

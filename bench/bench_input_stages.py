@@ -1,6 +1,6 @@
 """CPU cost of each stage of the two-view pretraining input pipeline, one stage at a time.
 
-On the records of ``bench/bench_input_pipeline.py`` (synthetic 500×375 JPEGs, quality 90,
+On the records of ``bench.bench_input_pipeline`` (synthetic 500×375 JPEGs, quality 90,
 PNG masks), each stage of :func:`harl_tf.data.pipeline.pretrain_dataset`'s map function
 runs on its own over inputs made by the stages before it and held in memory, so that it
 sees what it sees in the pipeline (the blur gets jittered, sometimes grey views; the
@@ -13,7 +13,7 @@ solarize, final clip, batching; then the whole map function end to end, to compa
 the sum. With ``--simclr_dir``, SimCLR-tf2's matching stages too (decode and convert,
 crop + resize, flip, colour jitter + grayscale, blur), on the same JPEGs.
 
-    python bench/bench_input_stages.py [--records_dir DIR] [--examples 128] [--repeats 5]
+    python -m bench.bench_input_stages [--records_dir DIR] [--examples 128] [--repeats 5]
         [--simclr_dir /work/peers/simclr]
 
 Writes ``bench/results/bench_input_stages.json``.
@@ -23,23 +23,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from bench import bench_input_pipeline, common  # noqa: E402
+from bench import common  # noqa: E402
 from harl_tf.data import augment, pipeline, schema  # noqa: E402
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                       "bench_input_stages.json")
+RESULTS = os.path.join(common.RESULTS_DIR, "bench_input_stages.json")
 _fold_in = tf.random.experimental.stateless_fold_in
 
 
@@ -207,7 +203,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--records_dir", default=None)
     parser.add_argument("--output", default=RESULTS)
     args = parser.parse_args(argv)
-    load_start = common.load_average()
+    machine = common.machine_info()
     # One thread per op: a stage's cost is its work, not the spinning of an op's helper
     # threads (the pipeline runs several examples at once instead).
     tf.config.threading.set_intra_op_parallelism_threads(1)
@@ -219,14 +215,14 @@ def main(argv=None) -> dict:
         print(f"{name:38} {cost['min']:7.3f} ms (median {cost['median']:.3f})", flush=True)
 
     with tempfile.TemporaryDirectory() as temporary:
-        pattern = bench_input_pipeline.ensure_records(args.records_dir or temporary,
-                                                      args.records, args.shards)
+        pattern = common.ensure_synthetic_records(args.records_dir or temporary,
+                                                  args.records, args.shards)
         files = sorted(tf.io.gfile.glob(pattern))
         serialized = tf.data.TFRecordDataset(files).take(args.examples)
         harl_stages(serialized, args.examples, args.image_size, args.repeats, report)
         if args.simclr_dir:
-            data_util = bench_input_pipeline.load_simclr_data_util(args.simclr_dir)
-            images = bench_input_pipeline.jpeg_bytes(pattern)[:args.examples]
+            data_util = common.load_simclr_data_util(args.simclr_dir)
+            images = common.jpeg_bytes(pattern)[:args.examples]
             simclr_stages(images, data_util, args.image_size, args.repeats, report)
 
     parts = [name for name in stages if not name.startswith("simclr/") and
@@ -234,17 +230,13 @@ def main(argv=None) -> dict:
     result = {
         "benchmark": "CPU ms per two-view example of each input-pipeline stage, in "
                      "isolation (min over repeats; identity map subtracted)",
-        "command": "python " + " ".join([os.path.relpath(__file__)] + list(
+        "command": " ".join(["python -m bench.bench_input_stages"] + list(
             sys.argv[1:] if argv is None else argv)),
         "image_source": "harl_tf.data.synthetic 500x375, JPEG quality 90, PNG mask",
         "examples": args.examples, "image_size": args.image_size, "repeats": args.repeats,
         "stages_cpu_ms_per_example": stages,
         "sum_of_map_stages_min": round(sum(stages[n]["min"] for n in parts), 3),
-        "machine": {"cpu_count": os.cpu_count(), "cpu_model": common.cpu_model(),
-                    "load_average_1_5_15_at_start": load_start,
-                    "load_average_1_5_15_at_end": common.load_average(),
-                    "tensorflow": tf.__version__, "numpy": np.__version__,
-                    "python": platform.python_version()},
+        "machine": {**machine, "load_average_at_end": common.load_average()},
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     print(f"sum of the map's stages: {result['sum_of_map_stages_min']:.3f} ms; end to end: "

@@ -1,6 +1,6 @@
 r"""Benchmark of the conventional heuristic mask: quality on cutouts, and speed.
 
-  python bench/bench_masks.py --data_dir=../shared/data/cutouts --split=test
+  python -m bench.bench_masks --data_dir=../shared/data/cutouts --split=test
 
 Quality: mean IoU (and per class, precision, recall, F-measure β² = 0.3) against the exact
 ground-truth masks of the cutouts split, for the conventional method and two baselines in
@@ -16,9 +16,7 @@ reference area) in ``skimage.segmentation.felzenszwalb`` and in OpenCV.
 Writes ``bench/results/bench_masks.json`` (atomically) and prints the figures with the
 machine's description.
 """
-import json
 import os
-import platform
 import sys
 import time
 
@@ -26,7 +24,7 @@ import cv2
 import numpy as np
 from absl import app, flags
 
-from harl_tf.atomic import write_json_atomic
+from bench import common
 from harl_tf.masks import get_method
 from harl_tf.masks.conventional import DEFAULT_PARAMS, centred_ellipse, segment
 from harl_tf.masks.folder import list_images, read_image
@@ -39,9 +37,8 @@ flags.DEFINE_string("split", "test", "Split to score (tune on train, report on t
 flags.DEFINE_integer("limit", None, "Score only the first N images (sorted paths).")
 flags.DEFINE_integer("speed_images", 40, "Images timed at 400x300 (0: skip speed).")
 flags.DEFINE_bool("quality", True, "Score mask quality (false: speed only).")
-flags.DEFINE_string("output_json", os.path.join(
-    os.path.dirname(os.path.abspath(__file__)), "results", "bench_masks.json"),
-    "Where to write the results.")
+flags.DEFINE_string("output_json", os.path.join(common.RESULTS_DIR, "bench_masks.json"),
+                    "Where to write the results.")
 
 
 def spectral_residual_mask(image: np.ndarray) -> np.ndarray:
@@ -54,25 +51,6 @@ def spectral_residual_mask(image: np.ndarray) -> np.ndarray:
     _, mask = cv2.threshold(saliency.astype(np.uint8), 0, 1,
                             cv2.THRESH_BINARY + cv2.THRESH_OTSU)
     return mask.astype(np.uint8)
-
-
-def machine_info() -> dict:
-    model = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f
-                          if line.startswith("model name")), model)
-    except OSError:
-        pass
-    versions = {"python": platform.python_version(), "numpy": np.__version__,
-                "opencv": cv2.__version__}
-    for name in ("scipy", "skimage"):
-        try:
-            versions[name] = __import__(name).__version__
-        except ImportError:
-            versions[name] = None
-    return dict(cpu_count=os.cpu_count(), cpu_model=model, platform=platform.platform(),
-                load_average=list(os.getloadavg()), versions=versions)
 
 
 def quality(split_dir: str, limit):
@@ -158,17 +136,17 @@ def _main(argv):
     split_dir = os.path.join(FLAGS.data_dir, FLAGS.split)
     if not os.path.isdir(os.path.join(split_dir, "images")):
         raise app.UsageError(f"--data_dir/--split: {split_dir}/images does not exist")
-    info = machine_info()
-    print(json.dumps(info))
+    info = common.machine_info()
+    print(common.describe_machine(info), flush=True)
     results = dict(machine=info, split=FLAGS.split, limit=FLAGS.limit,
-                   command=" ".join(sys.argv))
+                   command=" ".join(["python -m bench.bench_masks"] + sys.argv[1:]))
     if FLAGS.quality:
         results["quality"] = quality(split_dir, FLAGS.limit)
     if FLAGS.speed_images:
         print("\n== speed, one core, 400x300")
         results["speed"] = speed(split_dir, FLAGS.speed_images)
-    results["machine"]["load_average_end"] = list(os.getloadavg())
-    write_json_atomic(FLAGS.output_json, results)
+    results["machine"]["load_average_at_end"] = common.load_average()
+    common.write_json_atomic(FLAGS.output_json, results)
     print(f"\nwrote {FLAGS.output_json}")
 
 

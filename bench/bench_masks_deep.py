@@ -13,31 +13,43 @@
 
 Writes ``bench/results/bench_masks_deep.json``.
 
-    python bench/bench_masks_deep.py [--train_limit 400] [--test_limit 400]
+    python -m bench.bench_masks_deep [--train_limit 400] [--test_limit 400]
         [--image_size 128] [--epochs 20] [--self_training_rounds 1] [--encoder DIR]
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 from bench import common  # noqa: E402
 from harl_tf.masks import deep, folder, get_method, quality  # noqa: E402
 
-DATA = "../shared/data/cutouts"
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                       "bench_masks_deep.json")
+FLAGS = flags.FLAGS
+flags.DEFINE_string("data", "../shared/data/cutouts", "cutouts dataset root.")
+flags.DEFINE_string("encoder", None, "Encoder SavedModel export dir (default: a randomly "
+                    "initialised ResNet of --encoder_config).")
+flags.DEFINE_string("encoder_config", '{"depth": 18, "output_stride": 8}',
+                    "ResNet config (JSON) of the random encoder without --encoder.")
+flags.DEFINE_integer("train_limit", 400, "Train images the head learns from (seeded subset).")
+flags.DEFINE_integer("test_limit", 400, "Test images scored (seeded subset).")
+flags.DEFINE_integer("image_size", 128, "Head input side, px.")
+flags.DEFINE_integer("epochs", 20, "Head training epochs per round.")
+flags.DEFINE_integer("self_training_rounds", 1, "Self-training rounds (each relabels the cells "
+                     "with the head's own masks, then trains again).")
+flags.DEFINE_bool("balance_classes", True, "Weigh foreground and background cells "
+                  "equally in the head's loss.")
+flags.DEFINE_integer("batch_size", 32, "Batch size (training and inference).")
+flags.DEFINE_integer("seed", 0, "Seed of the subsets and the head.")
+flags.DEFINE_string("output", os.path.join(common.RESULTS_DIR, "bench_masks_deep.json"),
+                    "Results file.")
 
 
 def subset(paths, limit, seed):
@@ -47,30 +59,15 @@ def subset(paths, limit, seed):
     return paths
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", default=DATA)
-    parser.add_argument("--encoder", default=None, help="encoder SavedModel export dir")
-    parser.add_argument("--encoder_config", default='{"depth": 18, "output_stride": 8}',
-                        help="ResNet config (JSON) of the random encoder without --encoder")
-    parser.add_argument("--train_limit", type=int, default=400)
-    parser.add_argument("--test_limit", type=int, default=400)
-    parser.add_argument("--image_size", type=int, default=128)
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--self_training_rounds", type=int, default=1)
-    parser.add_argument("--balance_classes", action=argparse.BooleanOptionalAction,
-                        default=True)
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", default=RESULTS)
-    args = parser.parse_args(argv)
+def main(argv) -> None:
+    del argv
     started = time.time()
 
     with tempfile.TemporaryDirectory() as workdir:
-        if args.encoder:
-            encoder_path, encoder_label = args.encoder, "export " + os.path.abspath(args.encoder)
+        if FLAGS.encoder:
+            encoder_path, encoder_label = FLAGS.encoder, "export " + os.path.abspath(FLAGS.encoder)
         else:
-            config = json.loads(args.encoder_config)
+            config = json.loads(FLAGS.encoder_config)
             encoder_path = os.path.join(workdir, "random_encoder")
             deep.FrozenEncoder.from_config(config).save(encoder_path)
             encoder_label = f"RANDOMLY INITIALISED ResNet {config} (not pretrained)"
@@ -79,29 +76,29 @@ def main(argv=None) -> dict:
         # Train on conventional pseudo-masks of TRAIN images.
         t0 = time.time()
         _, train_images, pseudo, provenance = deep.load_training_set(
-            os.path.join(args.data, "train", "images"), limit=args.train_limit,
-            seed=args.seed)
+            os.path.join(FLAGS.data, "train", "images"), limit=FLAGS.train_limit,
+            seed=FLAGS.seed)
         pseudo_seconds = time.time() - t0
         heads = {}
         t0 = time.time()
         model = deep.train_saliency_head(
-            encoder, train_images, pseudo, input_size=args.image_size,
-            config=deep.TrainConfig(epochs=args.epochs,
-                                    self_training_rounds=args.self_training_rounds,
-                                    balance_classes=args.balance_classes, seed=args.seed),
-            batch_size=args.batch_size, provenance=provenance,
+            encoder, train_images, pseudo, input_size=FLAGS.image_size,
+            config=deep.TrainConfig(epochs=FLAGS.epochs,
+                                    self_training_rounds=FLAGS.self_training_rounds,
+                                    balance_classes=FLAGS.balance_classes, seed=FLAGS.seed),
+            batch_size=FLAGS.batch_size, provenance=provenance,
             on_round=lambda r, head: heads.__setitem__(r, head))
         train_seconds = time.time() - t0
 
         # Evaluate on TEST images against ground truth.
-        images_dir = os.path.join(args.data, "test", "images")
-        masks_dir = os.path.join(args.data, "test", "masks")
-        relative = subset(folder.list_images(images_dir), args.test_limit, args.seed)
+        images_dir = os.path.join(FLAGS.data, "test", "images")
+        masks_dir = os.path.join(FLAGS.data, "test", "masks")
+        relative = subset(folder.list_images(images_dir), FLAGS.test_limit, FLAGS.seed)
         paths = [os.path.join(images_dir, rel) for rel in relative]
         truth = [quality.read_mask(os.path.join(masks_dir, folder.mask_relpath(rel)))
                  for rel in relative]
         classes = [rel.split("/")[0] for rel in relative]
-        method = deep.DeepSaliencyMasks(model=model, batch_size=args.batch_size)
+        method = deep.DeepSaliencyMasks(model=model, batch_size=FLAGS.batch_size)
         method.predict_arrays([folder.read_image(paths[0])])  # warm-up (tracing)
         rounds = []
         for r, head in sorted(heads.items()):
@@ -124,11 +121,13 @@ def main(argv=None) -> dict:
     final = rounds[-1]
     result = {
         "benchmark": "bench_masks_deep",
-        "command": "python bench/bench_masks_deep.py " + " ".join(sys.argv[1:] if argv is None
-                                                                  else argv),
+        "command": " ".join(["python -m bench.bench_masks_deep"] + sys.argv[1:]),
         "encoder": encoder_label,
-        "encoder_random_init": not args.encoder,
-        "args": vars(args),
+        "encoder_random_init": not FLAGS.encoder,
+        "args": {name: FLAGS[name].value for name in (
+            "data", "encoder", "encoder_config", "train_limit", "test_limit", "image_size",
+            "epochs", "self_training_rounds", "balance_classes", "batch_size", "seed",
+            "output")},
         "train": {"images": len(train_images), "pseudo_masks": "conventional",
                   "pseudo_mask_seconds": pseudo_seconds, "train_seconds": train_seconds,
                   "feature_grid": model.training["feature_grid"],
@@ -147,15 +146,12 @@ def main(argv=None) -> dict:
                                                 conventional_report.per_class().items()}},
         "paper_reference": {"deep": 0.485, "conventional": 0.398,
                             "note": "Pixel-ImageNet subset, pretrained ResNet-50"},
-        "machine": {"cpu_count": os.cpu_count(), "cpu_model": common.cpu_model(),
-                    "load_average": list(os.getloadavg()), "tensorflow": tf.__version__,
-                    "python": platform.python_version()},
+        "machine": common.machine_info(),
         "seconds": time.time() - started,
     }
     print(json.dumps({k: result[k] for k in ("encoder", "test", "machine")}, indent=2))
-    common.write_json_atomic(args.output, result)
-    return result
+    common.write_json_atomic(FLAGS.output, result)
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

@@ -1,6 +1,7 @@
 r"""Peak memory (RSS) of the TFRecord builder and of a short pretraining, as subprocesses.
 
-    python bench/bench_memory.py --records='/tmp/harl_bench_learning/records/cutouts_gt/train-*.tfrecord'
+    python -m bench.bench_memory \
+        --records='/tmp/harl_bench_learning/records/cutouts_gt/train-*.tfrecord'
 
 Each case runs the real binary (``python -m tools.build_tfrecords`` / ``python -m
 harl_tf.pretrain``) under a small wrapper process, and is measured two ways:
@@ -9,7 +10,7 @@ harl_tf.pretrain``) under a small wrapper process, and is measured two ways:
   after the binary exits: the largest peak RSS of any ONE process of the run (the binary or
   one of its workers) — what the kernel accounts, no sampling gaps;
 - ``peak_tree_rss_mb``: the binary and all its descendants' RSS summed, sampled every 50 ms
-  from /proc (psutil) — what the run needs at once (shared pages counted in each process,
+  from /proc (psutil, ``common.PeakRss``) — what the run needs at once (shared pages counted in each process,
   so an upper bound when workers fork).
 
 Builder: a folder of the first N and 2N images (+ exact masks) of a cutouts split
@@ -28,15 +29,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app, flags
 
-from absl import app, flags  # noqa: E402
-
-from bench import common  # noqa: E402
+from bench import common
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("cutouts_dir", "../shared/data/cutouts", "cutouts dataset root.")
@@ -70,36 +66,14 @@ PRETRAIN_CASES = {
 
 def measure(command, log_path) -> dict:
     """Runs ``command`` under the wrapper; returns seconds and both peak RSS figures."""
-    import psutil
     print(f"$ {' '.join(command)}", flush=True)
     with open(log_path, "w") as log:
         wrapper = subprocess.Popen([sys.executable, "-c", _WRAPPER] + command,
                                    stdout=subprocess.PIPE, stderr=log, text=True,
                                    cwd=common.ROOT)
-        peak = {"tree": 0}
-        done = threading.Event()
-
-        def sample():
-            root = psutil.Process(wrapper.pid)
-            while not done.is_set():
-                try:
-                    procs = root.children(recursive=True)
-                    total = 0
-                    for p in procs:
-                        try:
-                            total += p.memory_info().rss
-                        except psutil.Error:
-                            pass
-                    peak["tree"] = max(peak["tree"], total)
-                except psutil.Error:
-                    pass
-                time.sleep(0.05)
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        out, _ = wrapper.communicate()
-        done.set()
-        sampler.join()
+        # The binary and its descendants, not the wrapper itself.
+        with common.PeakRss(wrapper.pid, include_self=False) as peak:
+            out, _ = wrapper.communicate()
     lines = [line for line in out.splitlines() if line.startswith("{\"code\"")]
     if wrapper.returncode != 0 or not lines:
         raise SystemExit(f"wrapper failed: {' '.join(command)} (log {log_path})")
@@ -110,7 +84,7 @@ def measure(command, log_path) -> dict:
         raise SystemExit(f"failed ({figures['code']}): {' '.join(command)}\n{tail}")
     return {"seconds": round(figures["seconds"], 1),
             "peak_rss_mb": round(figures["maxrss_kb"] / 1024, 1),
-            "peak_tree_rss_mb": round(peak["tree"] / 2**20, 1)}
+            "peak_tree_rss_mb": round(peak.tree / 2**20, 1)}
 
 
 def _folder(root: str, count: int) -> str:
@@ -157,10 +131,10 @@ def pretrain_cases(work: str) -> list:
     if not glob.glob(records):
         folder = _folder(work, FLAGS.n)
         out = os.path.join(work, "pretrain_records")
-        subprocess.run([sys.executable, "-m", "tools.build_tfrecords", "--source=folder",
-                        f"--images_dir={folder}", f"--output_dir={out}",
-                        "--mask_method_name=ground_truth", "--noprogress"], check=True,
-                       cwd=common.ROOT, capture_output=True)
+        common.run([sys.executable, "-m", "tools.build_tfrecords", "--source=folder",
+                    f"--images_dir={folder}", f"--output_dir={out}",
+                    "--mask_method_name=ground_truth", "--noprogress"],
+                   os.path.join(work, "build_pretrain_records.log"))
         records = os.path.join(out, "train-*.tfrecord")
     runs = []
     for name, case_flags in PRETRAIN_CASES.items():

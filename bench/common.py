@@ -232,6 +232,52 @@ def write_example_records(path: str, examples: Iterable, *, jpeg_quality: int) -
     return path
 
 
+def ensure_synthetic_records(directory: str, examples: int, shards: int,
+                             height: int = 375, width: int = 500) -> str:
+    """The input-pipeline benchmarks' records: ``examples`` synthetic ``height`` x
+    ``width`` images (JPEG quality 90, PNG masks) in ``shards`` files
+    ``bench-SSSSS-of-NNNNN.tfrecord`` of ``directory``, written unless ``shards`` such
+    files are there already. Returns their glob."""
+    import tensorflow as tf
+    from harl_tf.data import synthetic
+    pattern = os.path.join(directory, "bench-*.tfrecord")
+    if len(tf.io.gfile.glob(pattern)) != shards:
+        start = time.perf_counter()
+        per_shard = -(-examples // shards)
+        for shard in range(shards):
+            indices = range(shard * per_shard, min(examples, (shard + 1) * per_shard))
+            write_example_records(
+                os.path.join(directory, f"bench-{shard:05d}-of-{shards:05d}.tfrecord"),
+                ((f"synthetic/{i}", image, mask, label) for i, image, mask, label
+                 in synthetic.iterate(indices, (height, width))), jpeg_quality=90)
+        print(f"wrote {examples} examples in {shards} shards "
+              f"({time.perf_counter() - start:.1f} s)", flush=True)
+    return pattern
+
+
+def jpeg_bytes(pattern: str) -> list:
+    """The image bytes of every record of ``pattern``, in file order."""
+    import tensorflow as tf
+    from harl_tf.data import schema
+    return [schema.parse_example(r)["image"].numpy() for r in
+            tf.data.TFRecordDataset(sorted(tf.io.gfile.glob(pattern)))]
+
+
+def load_simclr_data_util(simclr_dir: str):
+    """google-research/simclr ``tf2/data_util.py`` from the checkout ``simclr_dir``,
+    imported as a module of its own. It reads no absl flag (``data.py`` does; it is not
+    needed here), so none is set."""
+    path = os.path.join(simclr_dir, "tf2", "data_util.py")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"--simclr_dir {simclr_dir!r}: no tf2/data_util.py there; pass the root of a "
+            f"google-research/simclr checkout")
+    spec = importlib.util.spec_from_file_location("simclr_tf2_data_util", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 class _TestsFinder(importlib.abc.MetaPathFinder):
     """Resolves a top-level name to ``tests/<name>.py`` when nothing else provides it."""
 

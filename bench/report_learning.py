@@ -1,9 +1,9 @@
 r"""Seeds of the fmnist-scenes learning benchmark, side by side: mean ± sd per method.
 
-    python bench/report_learning.py \
+    python -m bench.report_learning \
         --inputs=bench/results/bench_learning_fmnist_scenes_s0.json,...s1.json,...s2.json
 
-Each input is one ``bench/bench_learning.py --dataset=fmnist_scenes`` result (one seed,
+Each input is one ``python -m bench.bench_learning --dataset=fmnist_scenes`` result (one seed,
 scored on the test split). For every method and metric the table gives the mean over the
 seeds that ran it, the sample standard deviation and the count; the comparisons give the
 difference of means and the pooled standard deviation of the two methods' seeds,
@@ -13,16 +13,11 @@ against. Writes ``bench/results/<results_name>.json``.
 from __future__ import annotations
 
 import json
-import os
-import sys
 
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
+from absl import app, flags
 
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
-
-from bench import common  # noqa: E402
+from bench import common
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("inputs", [], "bench_learning result JSON files, one per seed.")
