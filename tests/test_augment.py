@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from harl_tf.data import augment, synthetic
+from harl_tf.data import augment, colour, synthetic
 from harl_tf.data.augment import ViewConfig
 
 VIEW1, VIEW2 = augment.default_view_configs()
@@ -65,9 +65,9 @@ def _cached_views(image_name, config, image_size, n):
 
 @pytest.mark.parametrize("sigma", [0.1, 0.7, 2.0])
 def test_gaussian_kernel_sums_to_one_and_matches_formula(sigma):
-    radius = augment.blur_radius(224)
+    radius = colour.blur_radius(224)
     assert 2 * radius + 1 == 23  # BYOL: 23 taps at 224 px, about 10 % of the side
-    kernel = augment.gaussian_kernel(sigma, radius).numpy()
+    kernel = colour.gaussian_kernel(sigma, radius).numpy()
     x = np.arange(-radius, radius + 1, dtype=np.float64)
     expected = np.exp(-x ** 2 / (2 * sigma ** 2))
     expected /= expected.sum()
@@ -90,8 +90,8 @@ def _blur_reference(image, sigma, radius):
 @pytest.mark.parametrize("sigma", [0.3, 1.0, 2.0])
 def test_gaussian_blur_matches_numpy_reference(sigma):
     image = np.random.default_rng(1).uniform(size=(30, 41, 3)).astype(np.float32)
-    radius = augment.blur_radius(64)
-    out = augment.gaussian_blur(tf.constant(image), sigma, radius).numpy()
+    radius = colour.blur_radius(64)
+    out = colour.gaussian_blur(tf.constant(image), sigma, radius).numpy()
     np.testing.assert_allclose(out, _blur_reference(image, sigma, radius), atol=1e-5)
 
 
@@ -99,7 +99,7 @@ def test_gaussian_blur_matches_scipy():
     ndimage = pytest.importorskip("scipy.ndimage")
     image = np.random.default_rng(2).uniform(size=(40, 40, 3)).astype(np.float32)
     sigma, radius = 1.5, 11
-    out = augment.gaussian_blur(tf.constant(image), sigma, radius).numpy()
+    out = colour.gaussian_blur(tf.constant(image), sigma, radius).numpy()
     # truncate = radius / sigma gives scipy the same 23 taps; 'reflect' = edge repeat.
     expected = ndimage.gaussian_filter(image.astype(np.float64), sigma=(sigma, sigma, 0),
                                        mode="reflect", truncate=radius / sigma)
@@ -108,14 +108,14 @@ def test_gaussian_blur_matches_scipy():
 
 def test_gaussian_blur_keeps_constant_image_constant_at_the_border():
     image = tf.fill([20, 20, 3], 0.6)
-    out = augment.gaussian_blur(image, 2.0, 11).numpy()
+    out = colour.gaussian_blur(image, 2.0, 11).numpy()
     np.testing.assert_allclose(out, 0.6, atol=1e-6)
 
 
 def _blur_2d_reference(image, sigma, radius):
     """The blur as one 2-D depthwise convolution with the outer-product kernel (not
     separable), after tf.pad's symmetric padding."""
-    kernel = augment.gaussian_kernel(sigma, radius)
+    kernel = colour.gaussian_kernel(sigma, radius)
     taps = tf.tile((kernel[:, None] * kernel[None, :])[:, :, None, None],
                    [1, 1, image.shape[-1], 1])
     padded = tf.pad(image[None], [[0, 0], [radius, radius], [radius, radius], [0, 0]],
@@ -130,14 +130,14 @@ def test_blocked_blur_equals_the_2d_convolution(shape, radius):
     # (not only multiples of the block) and channel count gives the 2-D blur.
     image = np.random.default_rng(shape[0]).uniform(size=shape).astype(np.float32)
     for sigma in (0.1, 0.9, 2.0):
-        out = augment.gaussian_blur(tf.constant(image), sigma, radius).numpy()
+        out = colour.gaussian_blur(tf.constant(image), sigma, radius).numpy()
         assert out.shape == shape
         np.testing.assert_allclose(out, _blur_2d_reference(tf.constant(image), sigma,
                                                            radius), atol=1e-5)
 
 
 def test_blur_with_unknown_shapes_in_a_graph():
-    blur = tf.function(lambda x, s: augment.gaussian_blur(x, s, 4),
+    blur = tf.function(lambda x, s: colour.gaussian_blur(x, s, 4),
                        input_signature=[tf.TensorSpec([None, None, 3]), tf.TensorSpec([])])
     image = np.random.default_rng(3).uniform(size=(21, 50, 3)).astype(np.float32)
     np.testing.assert_allclose(blur(image, 1.2).numpy(),
@@ -147,7 +147,7 @@ def test_blur_with_unknown_shapes_in_a_graph():
 def test_symmetric_indices_repeat_the_edge_as_np_pad_does():
     for size, radius in ((10, 3), (5, 5), (224, 11)):
         expected = np.pad(np.arange(size), radius, mode="symmetric")
-        np.testing.assert_array_equal(augment.symmetric_indices(size, radius), expected)
+        np.testing.assert_array_equal(colour.symmetric_indices(size, radius), expected)
 
 
 def test_mask_resize_by_gather_is_tf_nearest_resize_bit_for_bit():
@@ -174,13 +174,13 @@ def test_solarize_matches_numpy():
     # The threshold itself and its float neighbours too (0.5 is computed as a minimum).
     image[0, :4, 0] = [0.5, np.nextafter(0.5, 0), np.nextafter(0.5, 1), 1.0]
     for threshold in (0.5, 0.3):
-        out = augment.solarize(tf.constant(image), threshold).numpy()
+        out = colour.solarize(tf.constant(image), threshold).numpy()
         np.testing.assert_array_equal(out, np.where(image < threshold, image, 1.0 - image))
 
 
 def test_grayscale_matches_numpy_luma():
     image = np.random.default_rng(4).uniform(size=(9, 11, 3)).astype(np.float32)
-    out = augment.to_grayscale(tf.constant(image)).numpy()
+    out = colour.to_grayscale(tf.constant(image)).numpy()
     luma = image @ np.array([0.2989, 0.5870, 0.1140], np.float32)
     assert out.shape == (9, 11, 3)
     for channel in range(3):
@@ -191,7 +191,7 @@ def test_brightness_is_multiplicative_within_range():
     image = np.random.default_rng(5).uniform(0.05, 0.5, size=(8, 8, 3)).astype(np.float32)
     factors = []
     for i in range(40):
-        out = augment.color_jitter(tf.constant(image), tf.constant([7, i], tf.int64),
+        out = colour.color_jitter(tf.constant(image), tf.constant([7, i], tf.int64),
                                    brightness=0.4, contrast=0.0, saturation=0.0,
                                    hue=0.0).numpy()
         ratio = out / image
@@ -203,11 +203,11 @@ def test_brightness_is_multiplicative_within_range():
 def test_jitter_with_zero_strengths_is_identity_and_stays_in_range():
     image = np.random.default_rng(6).uniform(size=(12, 12, 3)).astype(np.float32)
     seed = tf.constant([1, 2], tf.int64)
-    same = augment.color_jitter(tf.constant(image), seed, brightness=0.0, contrast=0.0,
+    same = colour.color_jitter(tf.constant(image), seed, brightness=0.0, contrast=0.0,
                                 saturation=0.0, hue=0.0).numpy()
     np.testing.assert_allclose(same, image, atol=1e-5)
     for i in range(10):
-        out = augment.color_jitter(tf.constant(image), tf.constant([1, i], tf.int64),
+        out = colour.color_jitter(tf.constant(image), tf.constant([1, i], tf.int64),
                                    brightness=0.4, contrast=0.4, saturation=0.2,
                                    hue=0.1).numpy()
         assert out.min() >= 0.0 and out.max() <= 1.0
@@ -217,7 +217,7 @@ def test_jitter_with_zero_strengths_is_identity_and_stays_in_range():
 def test_jitter_order_is_a_uniform_random_permutation():
     n = 2400
     orders = tf.data.Dataset.from_tensor_slices(_seeds(n)).map(
-        augment.jitter_order).batch(n)
+        colour.jitter_order).batch(n)
     orders = next(iter(orders)).numpy()
     assert (np.sort(orders, axis=1) == np.arange(4)).all()
     _, counts = np.unique(orders, axis=0, return_counts=True)
@@ -232,16 +232,16 @@ def test_jitter_follows_the_drawn_order():
     seed = tf.constant([3, 4], tf.int64)
     ops = {0: lambda x, f: x * f, 1: tf.image.adjust_contrast,
            2: tf.image.adjust_saturation, 3: tf.image.adjust_hue}
-    factors, order = augment.jitter_draws(seed, brightness=0.4, contrast=0.4,
+    factors, order = colour.jitter_draws(seed, brightness=0.4, contrast=0.4,
                                           saturation=0.2, hue=0.1)
     for factor, (low, high) in zip(factors.numpy(), [(0.6, 1.4), (0.6, 1.4), (0.8, 1.2),
                                                      (-0.1, 0.1)]):
         assert low <= factor <= high
-    np.testing.assert_array_equal(order, augment.jitter_order(seed))
+    np.testing.assert_array_equal(order, colour.jitter_order(seed))
     expected = image
     for op in order.numpy():
         expected = tf.clip_by_value(ops[op](expected, factors[op]), 0.0, 1.0)
-    out = augment.color_jitter(image, seed, brightness=0.4, contrast=0.4, saturation=0.2,
+    out = colour.color_jitter(image, seed, brightness=0.4, contrast=0.4, saturation=0.2,
                                hue=0.1)
     np.testing.assert_allclose(out.numpy(), expected.numpy(), atol=1e-6)
 
@@ -353,13 +353,13 @@ def test_the_record_says_which_op_was_applied(op):
             np.testing.assert_array_equal(out[i], base[i][:, ::-1])
             np.testing.assert_array_equal(out_masks[i], base_masks[i][:, ::-1])
         elif op == "grayscale":
-            np.testing.assert_allclose(out[i], augment.to_grayscale(base[i]).numpy(),
+            np.testing.assert_allclose(out[i], colour.to_grayscale(base[i]).numpy(),
                                        atol=1e-6)
         elif op == "solarize":
             np.testing.assert_array_equal(out[i], np.where(base[i] < 0.5, base[i],
                                                            1 - base[i]))
         elif op == "blur":
-            radius = augment.blur_radius(16)
+            radius = colour.blur_radius(16)
             expected = _blur_reference(base[i], record["blur_sigma"][i], radius)
             np.testing.assert_allclose(out[i], np.clip(expected, 0, 1), atol=1e-5)
         else:

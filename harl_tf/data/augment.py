@@ -25,7 +25,8 @@ and flip of the same seed unchanged, and the same seed always gives the same vie
 vector per purpose rather than one seed per draw: a seed derivation costs a random op of
 its own, and per-draw seeds made up about 7 % of a view's CPU time.)
 
-Images are ``float32`` in [0, 1] after the crop; decoded records are ``uint8``.
+Images are ``float32`` in [0, 1] after the crop; decoded records are ``uint8``. The colour
+ops themselves (steps 3–6, and the jitter's draws) are in :mod:`harl_tf.data.colour`.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence
 
 import tensorflow as tf
 
-from harl_tf.data import schema
+from harl_tf.data import colour, schema
 
 # Codes folded into a view's seed; fixed, so that a seed means the same view whatever
 # else is enabled.
@@ -160,11 +161,6 @@ def op_seed(seed: tf.Tensor, code: int) -> tf.Tensor:
     return tf.random.experimental.stateless_fold_in(seed, code)
 
 
-def _scaled(unit: tf.Tensor, low: float, high: float) -> tf.Tensor:
-    """A uniform in [0, 1) mapped onto [low, high), as ``stateless_uniform`` maps it."""
-    return unit * (high - low) + low
-
-
 def view_coins(seed: tf.Tensor, config: "ViewConfig") -> Dict[str, tf.Tensor]:
     """Every coin of a view and its blur sigma, from one vector of uniforms.
 
@@ -180,7 +176,7 @@ def view_coins(seed: tf.Tensor, config: "ViewConfig") -> Dict[str, tf.Tensor]:
             "jitter": u[_JITTER_U] < config.jitter_prob,
             "grayscale": u[_GRAYSCALE_U] < config.grayscale_prob,
             "blur": u[_BLUR_U] < config.blur_prob,
-            "blur_sigma": _scaled(u[_SIGMA_U], *config.blur_sigma),
+            "blur_sigma": colour.scaled_uniform(u[_SIGMA_U], *config.blur_sigma),
             "solarize": u[_SOLARIZE_U] < config.solarize_prob}
 
 
@@ -284,8 +280,7 @@ def resize_image(image: tf.Tensor, image_size: int, method: str = "bicubic") -> 
     """uint8 or float [h, w, 3] (uint8 read as /255) → float32 [S, S, 3] in [0, 1]."""
     if image.dtype == tf.uint8:
         image = tf.cast(image, tf.float32) / 255.0
-    image = tf.image.resize(image, [image_size, image_size], method=method)
-    return tf.clip_by_value(image, 0.0, 1.0)
+    return colour.clip_unit(tf.image.resize(image, [image_size, image_size], method=method))
 
 
 def nearest_indices(in_size: tf.Tensor, out_size: int) -> tf.Tensor:
@@ -326,151 +321,6 @@ def flip_left_right(image: tf.Tensor) -> tf.Tensor:
     return tf.reverse(image, axis=[1])
 
 
-# --------------------------------------------------------------------------- colour
-
-
-def gaussian_kernel(sigma: tf.Tensor, radius: int) -> tf.Tensor:
-    """Normalised 1-D Gaussian: k_i ∝ exp(−i² / (2σ²)), i = −radius..radius, Σk = 1.
-    Returns float32 [2·radius + 1]."""
-    x = tf.range(-radius, radius + 1, dtype=tf.float32)
-    sigma = tf.cast(sigma, tf.float32)
-    kernel = tf.exp(-tf.square(x) / (2.0 * tf.square(sigma)))
-    return kernel / tf.reduce_sum(kernel)
-
-
-def blur_radius(image_size: int, kernel_fraction: float = 0.1) -> int:
-    """Kernel radius for a side of ``image_size``: taps = 2·(⌊fraction·S⌋ // 2) + 1 (BYOL:
-    23 taps at 224 px)."""
-    return max(int(kernel_fraction * image_size) // 2, 1)
-
-
-def symmetric_indices(size: tf.Tensor, radius: int) -> tf.Tensor:
-    """Indices of ``size`` samples padded by ``radius`` on each side with edge-repeating
-    (symmetric) padding: −r..−1 → r−1..0, size..size+r−1 → size−1..size−r. int32
-    [size + 2·radius]; needs radius <= size, as ``tf.pad(mode="SYMMETRIC")`` does."""
-    index = tf.range(-radius, size + radius)
-    index = tf.where(index < 0, -index - 1, index)
-    return tf.where(index >= size, 2 * size - 1 - index, index)
-
-
-# Output rows per block of the blur's matrix product: 16 (with 22 rows of context) was
-# the fastest of 8, 16, 32 and 56 at 224 px.
-_BLUR_BLOCK = 16
-
-
-def _blur_rows(rows: tf.Tensor, kernel: tf.Tensor, radius: int) -> tf.Tensor:
-    """1-D blur along the first axis of [n, d], symmetric padding.
-
-    Each block of ``_BLUR_BLOCK`` output rows is one small matrix product: a banded
-    [block, block + 2r] matrix of kernel taps (the same for every block) times the
-    block's padded input rows [block + 2r, d]. The products hold the same terms in the
-    same order as a direct convolution, plus exact zeros, and a batched matrix product
-    runs about twice as fast as TF's depthwise convolution on the same layout.
-    """
-    n, d = tf.shape(rows)[0], tf.shape(rows)[1]
-    block = _BLUR_BLOCK
-    blocks = (n + block - 1) // block
-    # Pad symmetrically, then with edge rows up to whole blocks (cut off at the end).
-    index = symmetric_indices(n, radius)
-    index = tf.concat([index, tf.fill([blocks * block - n], n - 1)], axis=0)
-    padded = tf.gather(rows, index)                                # [blocks·b + 2r, d]
-    windows = tf.gather(padded, tf.range(blocks)[:, tf.newaxis] * block
-                        + tf.range(block + 2 * radius)[tf.newaxis, :])  # [blocks, b+2r, d]
-    offset = tf.range(block + 2 * radius)[tf.newaxis, :] - tf.range(block)[:, tf.newaxis]
-    band = tf.where((offset >= 0) & (offset <= 2 * radius),
-                    tf.gather(kernel, tf.clip_by_value(offset, 0, 2 * radius)), 0.0)
-    out = tf.matmul(tf.broadcast_to(band, tf.stack([blocks, block, block + 2 * radius])),
-                    windows)                                       # [blocks, b, d]
-    return tf.reshape(out, tf.stack([blocks * block, d]))[:n]
-
-
-def gaussian_blur(image: tf.Tensor, sigma: tf.Tensor, radius: int) -> tf.Tensor:
-    """Separable Gaussian blur of float [H, W, C] (each channel on its own), with
-    symmetric (edge-repeating) padding, so a constant image stays constant — zero
-    padding would darken the border. Equals ``scipy.ndimage.convolve1d(..., mode=
-    'reflect')`` along height then width with :func:`gaussian_kernel`.
-
-    Each pass runs on [rows, W·C] (the image transposed for the width pass) as blocked
-    matrix products (:func:`_blur_rows`): at 224 px a third of the CPU time of a
-    depthwise convolution on [H, W, 3], which vectorises over three channels only.
-    """
-    shape = tf.shape(image)
-    height, width, channels = shape[0], shape[1], shape[2]
-    kernel = gaussian_kernel(sigma, radius)
-    out = _blur_rows(tf.reshape(image, tf.stack([height, width * channels])), kernel, radius)
-    out = tf.transpose(tf.reshape(out, shape), [1, 0, 2])
-    out = _blur_rows(tf.reshape(out, tf.stack([width, height * channels])), kernel, radius)
-    out = tf.transpose(tf.reshape(out, tf.stack([width, height, channels])), [1, 0, 2])
-    out.set_shape(image.shape)
-    return out
-
-
-def solarize(image: tf.Tensor, threshold: float = 0.5) -> tf.Tensor:
-    """x ↦ x where x < threshold, else 1 − x (float [0, 1] pixels)."""
-    if threshold == 0.5:
-        # The same values: below 0.5, 1 − x > x; from 0.5 on, 1 − x (exact) <= x. One
-        # minimum costs a seventh of a select.
-        return tf.minimum(image, 1.0 - image)
-    return tf.where(image < threshold, image, 1.0 - image)
-
-
-def to_grayscale(image: tf.Tensor) -> tf.Tensor:
-    """Luma Y = 0.2989 R + 0.5870 G + 0.1140 B (``tf.image.rgb_to_grayscale``'s weights),
-    repeated on three channels. float [H, W, 3]."""
-    luma = (image[..., 0:1] * 0.2989 + image[..., 1:2] * 0.5870
-            + image[..., 2:3] * 0.1140)
-    return tf.concat([luma, luma, luma], axis=-1)
-
-
-def jitter_draws(seed: tf.Tensor, *, brightness: float, contrast: float,
-                 saturation: float, hue: float) -> Tuple[tf.Tensor, tf.Tensor]:
-    """The colour jitter's factors and order, from one vector of eight uniforms.
-
-    Returns (float32 [4]: brightness factor b ~ U[1 − brightness, 1 + brightness],
-    contrast c ~ U[1 − contrast, 1 + contrast], saturation s ~ U[1 − saturation,
-    1 + saturation], hue shift h ~ U[−hue, hue]; int32 [4]: :func:`jitter_order`).
-    """
-    u = tf.random.stateless_uniform([8], seed)
-    factors = tf.stack([_scaled(u[0], 1.0 - brightness, 1.0 + brightness),
-                        _scaled(u[1], 1.0 - contrast, 1.0 + contrast),
-                        _scaled(u[2], 1.0 - saturation, 1.0 + saturation),
-                        _scaled(u[3], -hue, hue)])
-    return factors, tf.argsort(u[4:])
-
-
-def jitter_order(seed: tf.Tensor) -> tf.Tensor:
-    """The order of the colour-jitter ops for a jitter seed: a uniformly random
-    permutation, int32 [4], of 0 brightness, 1 contrast, 2 saturation, 3 hue."""
-    return tf.argsort(tf.random.stateless_uniform([8], seed)[4:])
-
-
-def jitter_in_order(image: tf.Tensor, factors: tf.Tensor, order: tf.Tensor) -> tf.Tensor:
-    """Brightness x·b, contrast, saturation and hue (``tf.image.adjust_*``) with
-    ``factors`` [4] (b, c, s, h), in ``order`` [4], each result clipped to [0, 1].
-    float32 [H, W, 3] in [0, 1] → same."""
-    branches = [
-        lambda x: x * factors[0],
-        lambda x: tf.image.adjust_contrast(x, factors[1]),
-        lambda x: tf.image.adjust_saturation(x, factors[2]),
-        lambda x: tf.image.adjust_hue(x, factors[3]),
-    ]
-    for position in range(4):
-        image = tf.switch_case(order[position],
-                               [lambda f=f, x=image: f(x) for f in branches])
-        image = tf.clip_by_value(image, 0.0, 1.0)
-    return image
-
-
-def color_jitter(image: tf.Tensor, seed: tf.Tensor, *, brightness: float,
-                 contrast: float, saturation: float, hue: float) -> tf.Tensor:
-    """Brightness, contrast, saturation, hue in an order drawn from ``seed``, with
-    factors drawn from it too (:func:`jitter_draws`), each result clipped to [0, 1] (see
-    :class:`ViewConfig`). float32 [H, W, 3] in [0, 1] → same."""
-    factors, order = jitter_draws(seed, brightness=brightness, contrast=contrast,
-                                  saturation=saturation, hue=hue)
-    return jitter_in_order(image, factors, order)
-
-
 # --------------------------------------------------------------------------- views
 
 
@@ -490,24 +340,24 @@ def _maybe(coin: tf.Tensor, probability: float, fn: Callable[[tf.Tensor], tf.Ten
 # coins from view_coins, its config, S) to the next image; the stage benchmark
 # (bench/bench_input_stages.py) times them one by one.
 def _jitter_step(image, seed, coins, config, image_size):
-    return _maybe(coins["jitter"], config.jitter_prob, lambda x: color_jitter(
+    return _maybe(coins["jitter"], config.jitter_prob, lambda x: colour.color_jitter(
         x, op_seed(seed, _JITTER), brightness=config.brightness, contrast=config.contrast,
         saturation=config.saturation, hue=config.hue), image)
 
 
 def _grayscale_step(image, seed, coins, config, image_size):
-    return _maybe(coins["grayscale"], config.grayscale_prob, to_grayscale, image)
+    return _maybe(coins["grayscale"], config.grayscale_prob, colour.to_grayscale, image)
 
 
 def _blur_step(image, seed, coins, config, image_size):
-    radius = blur_radius(image_size, config.blur_kernel_fraction)
+    radius = colour.blur_radius(image_size, config.blur_kernel_fraction)
     return _maybe(coins["blur"], config.blur_prob,
-                  lambda x: gaussian_blur(x, coins["blur_sigma"], radius), image)
+                  lambda x: colour.gaussian_blur(x, coins["blur_sigma"], radius), image)
 
 
 def _solarize_step(image, seed, coins, config, image_size):
     return _maybe(coins["solarize"], config.solarize_prob,
-                  lambda x: solarize(x, config.solarize_threshold), image)
+                  lambda x: colour.solarize(x, config.solarize_threshold), image)
 
 
 COLOUR_STEPS = (("colour_jitter", _jitter_step), ("grayscale", _grayscale_step),
@@ -528,7 +378,7 @@ def finish_view(cropped: tf.Tensor, cropped_mask: Optional[tf.Tensor], seed: tf.
                                                          coins["flip"])
     for _, step in COLOUR_STEPS:
         image = step(image, seed, coins, config, image_size)
-    image = tf.clip_by_value(image, 0.0, 1.0)
+    image = colour.clip_unit(image)
     image.set_shape([image_size, image_size, 3])
     if mask is not None:
         mask.set_shape([image_size, image_size, 1])
