@@ -23,95 +23,98 @@ is the mask), written to ``bench_builder_beam_conventional.json``.
 Reports wall images/s (listing + pool start-up + writing included, TF import excluded), CPU
 milliseconds per image over the parent and its workers (robust to other load on a shared
 machine), peak RSS of the parent (getrusage; mostly TensorFlow, which the parent imports to
-write) and, sampled every 50 ms with psutil, of the largest worker and of parent + workers
-(getrusage of children would count the parent's pages copied at fork). Writes
-``bench/results/bench_builder.json``.
+write) and, sampled every 50 ms with psutil (``common.PeakRss``), of the largest worker and
+of parent + workers (getrusage of children would count the parent's pages copied at fork).
+Writes ``bench/results/bench_builder.json``.
 
-    python bench/bench_builder.py [--n 300] [--cutouts_split test] [--synthetic_n 16]
-    python bench/bench_builder.py --beam [--repeats 3] [--mask_method conventional]
+    python -m bench.bench_builder [--n 300] [--cutouts_split test] [--synthetic_n 16]
+    python -m bench.bench_builder --beam [--repeats 3] [--mask_method conventional]
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from absl import app, flags
+
+from bench import common
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 CUTOUTS = "../shared/data/cutouts"
 
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("n", 300, "N (the folder case runs N and 2N images).")
+flags.DEFINE_string("cutouts_split", "test", "Split of the cutouts case ('': both).")
+flags.DEFINE_integer("synthetic_n", 16, "Images of the synthetic case.")
+flags.DEFINE_bool("beam", False, "Compare the Beam pipeline with the local builder on "
+                  "cutouts instead.")
+flags.DEFINE_integer("repeats", 3, "--beam: rounds of runs.")
+flags.DEFINE_enum("mask_method", "", ["", "conventional"], "--beam: compute masks with this "
+                  "method ('': read the given masks).")
+# Internal: one build in a child process (so peak RSS is the run's own).
+flags.DEFINE_string("_case", "", "internal")
+flags.DEFINE_string("_root", "", "internal")
+flags.DEFINE_string("_split", "train", "internal")
+flags.DEFINE_integer("_count", 0, "internal")
+flags.DEFINE_integer("_workers", 1, "internal")
+flags.DEFINE_integer("_shards", 4, "internal")
+flags.DEFINE_string("_out", "", "internal")
+flags.DEFINE_string("_runner", "local", "internal")
+flags.DEFINE_float("_target_shard_mb", 128.0, "internal")
+flags.DEFINE_string("_figures", "", "internal: where the child writes its figures")
 
-def _child(args) -> None:
-    """One build; prints a JSON line with the figures."""
-    import threading
-    import psutil
+
+def _child() -> None:
+    """One build; writes its figures to --_figures (JSON)."""
     from harl_tf.data import builder, sources
     import tensorflow as tf  # noqa: F401  (imported before timing: not the builder's cost)
-    if args.runner == "beam":
+    if FLAGS._runner == "beam":
         from harl_tf.data import beam_build  # imports apache_beam, also before timing
-    if args.case == "synthetic":
-        source = sources.SyntheticSource(args.count, image_size=(375, 500), image_format="jpeg",
-                                         jpeg_quality=90)
+    if FLAGS._case == "synthetic":
+        source = sources.SyntheticSource(FLAGS._count, image_size=(375, 500),
+                                         image_format="jpeg", jpeg_quality=90)
         splits = None
     else:
-        source = sources.FolderSource(args.root, mask_method_name="ground_truth")
-        splits = [args.split] if args.split else None  # "": every split
-    peaks = {"tree": 0, "workers": 0}
-    done = threading.Event()
-
-    def sample() -> None:  # RSS of this process and its workers, every 50 ms
-        me = psutil.Process()
-        while not done.is_set():
-            try:
-                kids = [p.memory_info().rss for p in me.children(recursive=True)]
-                own = me.memory_info().rss
-            except psutil.Error:
-                continue
-            peaks["tree"] = max(peaks["tree"], own + sum(kids))
-            peaks["workers"] = max(peaks["workers"], max(kids, default=0))
-            done.wait(0.05)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
+        source = sources.FolderSource(FLAGS._root, mask_method_name="ground_truth")
+        splits = [FLAGS._split] if FLAGS._split else None  # "": every split
     before = resource.getrusage(resource.RUSAGE_SELF)
     started = time.time()
-    shards = dict(num_shards=args.shards or None, target_shard_mb=args.target_shard_mb,
-                  min_shards=1 if not args.shards else 8, mask_method=args.mask_method or None)
-    if args.runner == "beam":
-        manifest = beam_build.build_dataset_beam(
-            source, args.out, splits=splits, pipeline_options=beam_build.DIRECT_TWO_WORKERS,
-            **shards)
-    else:
-        manifest = builder.build_dataset(source, args.out, splits=splits,
-                                         num_workers=args.workers, progress=False, **shards)
-    seconds = time.time() - started
-    done.set()
-    sampler.join()
+    shards = dict(num_shards=FLAGS._shards or None, target_shard_mb=FLAGS._target_shard_mb,
+                  min_shards=1 if not FLAGS._shards else 8,
+                  mask_method=FLAGS.mask_method or None)
+    with common.PeakRss() as peaks:  # this process and its workers
+        if FLAGS._runner == "beam":
+            manifest = beam_build.build_dataset_beam(
+                source, FLAGS._out, splits=splits,
+                pipeline_options=beam_build.DIRECT_TWO_WORKERS, **shards)
+        else:
+            manifest = builder.build_dataset(source, FLAGS._out, splits=splits,
+                                             num_workers=FLAGS._workers, progress=False,
+                                             **shards)
+        seconds = time.time() - started
     own = resource.getrusage(resource.RUSAGE_SELF)
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)
     images = manifest["last_run"]["images_processed"]
     cpu = (own.ru_utime - before.ru_utime + own.ru_stime - before.ru_stime
            + kids.ru_utime + kids.ru_stime)
-    print(json.dumps({
+    common.write_json_atomic(FLAGS._figures, {
         "images": images, "seconds": round(seconds, 3),
         "images_per_second": round(images / seconds, 1),
         "cpu_ms_per_image": round(1000 * cpu / max(images, 1), 2),
         "peak_rss_parent_mb": round(own.ru_maxrss / 1024, 1),
-        "peak_rss_largest_worker_mb": round(peaks["workers"] / 2 ** 20, 1),
-        "peak_rss_parent_plus_workers_mb": round(peaks["tree"] / 2 ** 20, 1),
+        "peak_rss_largest_worker_mb": round(peaks.largest_child / 2 ** 20, 1),
+        "peak_rss_parent_plus_workers_mb": round(peaks.tree / 2 ** 20, 1),
         "bytes_written": sum(s["bytes"] for e in manifest["splits"].values()
                              for s in e["shards"]),
         "num_shards": sum(e["num_shards"] for e in manifest["splits"].values()),
         "shard_sha256": sorted(s["sha256"] for e in manifest["splits"].values()
                                for s in e["shards"]),
-    }))
+    })
 
 
 def _make_folder(root: str, count: int, unique: int = 12) -> None:
@@ -149,114 +152,74 @@ def _half_of_cutouts(root: str) -> None:
 def _run(case, root, split, count, workers, shards, work, runner="local",
          target_shard_mb=128.0, mask_method="") -> dict:
     out = tempfile.mkdtemp(dir=work)
-    command = [sys.executable, os.path.abspath(__file__), "--_child", "--case", case,
-               "--root", root or "", "--split", split, "--count", str(count), "--workers",
-               str(workers), "--shards", str(shards), "--out", out, "--runner", runner,
-               "--target_shard_mb", str(target_shard_mb), "--mask_method", mask_method]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    shutil.rmtree(out, ignore_errors=True)
-    if result.returncode != 0:
-        raise SystemExit(f"child failed ({' '.join(command)}):\n{result.stderr[-3000:]}")
-    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    figures_path = os.path.join(work, "figures.json")
+    command = [sys.executable, "-m", "bench.bench_builder", f"--_case={case}",
+               f"--_root={root or ''}", f"--_split={split}", f"--_count={count}",
+               f"--_workers={workers}", f"--_shards={shards}", f"--_out={out}",
+               f"--_runner={runner}", f"--_target_shard_mb={target_shard_mb}",
+               f"--mask_method={mask_method}", f"--_figures={figures_path}"]
+    try:
+        common.run(command, os.path.join(work, "child.log"))
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    with open(figures_path) as f:
+        figures = json.load(f)
     figures.update(case=case, workers=workers, runner=runner,
                    load_average_1min=round(os.getloadavg()[0], 2))
     print(json.dumps({k: v for k, v in figures.items() if k != "shard_sha256"}), flush=True)
     return figures
 
 
-def _machine() -> dict:
-    model = ""
-    with open("/proc/cpuinfo") as handle:
-        for line in handle:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    import numpy
-    import PIL
-    import cv2
-    versions = {"python": platform.python_version(), "numpy": numpy.__version__,
-                "pillow": PIL.__version__, "opencv": cv2.__version__}
-    try:
-        from importlib.metadata import version
-        versions["tensorflow"] = version("tensorflow-cpu")
-    except Exception:  # noqa: BLE001
-        pass
-    return {"cores": os.cpu_count(), "cpu_model": model, "platform": platform.platform(),
-            "load_average_at_start": os.getloadavg(), "versions": versions}
+def main(argv) -> None:
+    del argv
+    if FLAGS._case:
+        return _child()
+    if FLAGS.beam:
+        return _beam_comparison()
 
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=300, help="N (folder case runs N and 2N)")
-    parser.add_argument("--cutouts_split", default="test")
-    parser.add_argument("--synthetic_n", type=int, default=16)
-    parser.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--case"), parser.add_argument("--root")
-    parser.add_argument("--split", default="train"), parser.add_argument("--out")
-    parser.add_argument("--count", type=int, default=0)
-    parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--shards", type=int, default=4)
-    parser.add_argument("--runner", default="local")
-    parser.add_argument("--target_shard_mb", type=float, default=128.0)
-    parser.add_argument("--beam", action="store_true",
-                        help="compare the Beam pipeline with the local builder on cutouts")
-    parser.add_argument("--repeats", type=int, default=3, help="--beam: rounds of runs")
-    parser.add_argument("--mask_method", default="", choices=["", "conventional"],
-                        help="--beam: compute masks with this method ('': read the given "
-                             "masks)")
-    args = parser.parse_args()
-    if args._child:
-        return _child(args)
-    if args.beam:
-        return _beam_comparison(args)
-
-    machine = _machine()
-    print(json.dumps(machine), flush=True)
+    machine = common.machine_info()
+    print(common.describe_machine(machine), flush=True)
     runs = []
     with tempfile.TemporaryDirectory() as work:
-        for count in (args.n, 2 * args.n):
+        for count in (FLAGS.n, 2 * FLAGS.n):
             root = os.path.join(work, f"folder{count}")
             _make_folder(root, count)
             for workers in (1, 2):
                 runs.append(_run("folder_500x375", root, "train", count, workers, 4, work))
         if os.path.isdir(CUTOUTS):
             for workers in (1, 2):
-                runs.append(_run("cutouts", CUTOUTS, args.cutouts_split, 0, workers, 4, work))
-        runs.append(_run("synthetic", None, "train", args.synthetic_n, 2, 2, work))
-    machine["load_average_at_end"] = os.getloadavg()
+                runs.append(_run("cutouts", CUTOUTS, FLAGS.cutouts_split, 0, workers, 4, work))
+        runs.append(_run("synthetic", None, "train", FLAGS.synthetic_n, 2, 2, work))
     for run in runs:
         run.pop("shard_sha256")
-    _save("bench_builder", {"benchmark": "bench_builder",
-                            "command": " ".join(["python"] + sys.argv),
-                            "machine": machine, "runs": runs})
+    common.write_result("bench_builder", {"machine": machine, "runs": runs})
 
 
-def _beam_comparison(args) -> None:
+def _beam_comparison() -> None:
     """Beam DirectRunner (2 workers) vs the local builder (2 workers) at N and 2N cutouts."""
     if not os.path.isdir(CUTOUTS):
         raise SystemExit(f"{CUTOUTS} is missing: the Beam comparison runs on the cutouts")
-    machine = _machine()
-    print(json.dumps(machine), flush=True)
+    machine = common.machine_info()
+    print(common.describe_machine(machine), flush=True)
     runs = []
     with tempfile.TemporaryDirectory() as work:
         half = os.path.join(work, "half")
         _half_of_cutouts(half)
-        for _ in range(args.repeats):
+        for _ in range(FLAGS.repeats):
             for label, root in (("N", half), ("2N", CUTOUTS)):
                 for runner in ("local", "beam"):
                     figures = _run("cutouts", root, "", 0, 2, 0, work, runner=runner,
-                                   target_shard_mb=1.0, mask_method=args.mask_method)
+                                   target_shard_mb=1.0, mask_method=FLAGS.mask_method)
                     figures["size"] = label
                     runs.append(figures)
-    machine["load_average_at_end"] = os.getloadavg()
     summary = _beam_summary(runs)
     for r in runs:
         r.pop("shard_sha256")
     print(json.dumps(summary, indent=1), flush=True)
-    name = "bench_builder_beam" + (f"_{args.mask_method}" if args.mask_method else "")
-    _save(name, {"benchmark": "bench_builder --beam", "mask_method": args.mask_method or "given",
-                 "command": " ".join(["python"] + sys.argv),
-                 "machine": machine, "summary": summary, "runs": runs})
+    name = "bench_builder_beam" + (f"_{FLAGS.mask_method}" if FLAGS.mask_method else "")
+    common.write_result(name, {"benchmark": "bench_builder --beam",
+                               "mask_method": FLAGS.mask_method or "given",
+                               "machine": machine, "summary": summary, "runs": runs})
 
 
 def _beam_summary(runs: list) -> dict:
@@ -299,11 +262,5 @@ def _beam_summary(runs: list) -> dict:
     return summary
 
 
-def _save(name: str, results: dict) -> None:
-    from harl_tf.atomic import write_json_atomic
-    path = write_json_atomic(os.path.join(ROOT, "bench", "results", f"{name}.json"), results)
-    print(f"wrote {path}")
-
-
 if __name__ == "__main__":
-    main()
+    app.run(main)

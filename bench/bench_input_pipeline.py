@@ -29,7 +29,6 @@ import dataclasses
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 
@@ -206,7 +205,7 @@ def main(argv) -> None:
     result = {
         "benchmark": "two-view pretraining input pipeline (harl-tf with masks) vs "
                      "SimCLR-tf2 data_util (no masks)",
-        "command": " ".join(["python -m bench.bench_input_pipeline"] + sys.argv[1:]),
+        "command": common.command_line(),
         "image_source": "harl_tf.data.synthetic 500x375, JPEG quality 90, PNG mask",
         "examples": FLAGS.examples, "shards": FLAGS.shards, "batch_size": FLAGS.batch_size,
         "image_size": FLAGS.image_size, "batches_per_round": FLAGS.batches,

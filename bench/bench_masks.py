@@ -17,7 +17,6 @@ Writes ``bench/results/bench_masks.json`` (atomically) and prints the figures wi
 machine's description.
 """
 import os
-import sys
 import time
 
 import cv2
@@ -139,7 +138,7 @@ def _main(argv):
     info = common.machine_info()
     print(common.describe_machine(info), flush=True)
     results = dict(machine=info, split=FLAGS.split, limit=FLAGS.limit,
-                   command=" ".join(["python -m bench.bench_masks"] + sys.argv[1:]))
+                   command=common.command_line())
     if FLAGS.quality:
         results["quality"] = quality(split_dir, FLAGS.limit)
     if FLAGS.speed_images:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import tempfile
 import time
 
@@ -121,7 +120,7 @@ def main(argv) -> None:
     final = rounds[-1]
     result = {
         "benchmark": "bench_masks_deep",
-        "command": " ".join(["python -m bench.bench_masks_deep"] + sys.argv[1:]),
+        "command": common.command_line(),
         "encoder": encoder_label,
         "encoder_random_init": not FLAGS.encoder,
         "args": {name: FLAGS[name].value for name in (

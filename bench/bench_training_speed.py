@@ -1,13 +1,13 @@
 r"""Training step time: HARL vs BYOL vs a supervised ResNet-50, float32 vs bfloat16, 1 vs 2
 replicas — all in one process, on the same encoder, batch and image size.
 
-    python bench/bench_training_speed.py                       # ResNet-50, 112 px, batch 16
-    python bench/bench_training_speed.py --depth=18 --image_size=64 --batch_size=64 \
+    python -m bench.bench_training_speed                       # ResNet-50, 112 px, batch 16
+    python -m bench.bench_training_speed --depth=18 --image_size=64 --batch_size=64 \
         --head_hidden_dim=1024 --projection_dim=256 --output_stride=16 \
         --results_name=bench_training_speed_small              # the bench_learning config
 
 Configurations (each a compiled step on one fixed in-memory batch — the input pipeline is
-not timed; ``bench_input_pipeline.py`` covers it):
+not timed; ``bench.bench_input_pipeline`` covers it):
 
 - ``harl``: ``HARLModel`` with ``--loss_mode=hybrid``, built as ``harl_tf.pretrain`` builds it
   (``training.build_model``: LARS, EMA, symmetrised loss), float32, default strategy;
@@ -35,17 +35,12 @@ Writes ``bench/results/bench_training_speed.json``.
 """
 from __future__ import annotations
 
-import os
-import sys
 import time
 
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
+from absl import app, flags
 
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
-
-from bench import common  # noqa: E402
+from bench import common
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("depth", 50, "ResNet depth of the HARL/BYOL encoder.")

@@ -124,10 +124,18 @@ def background_fields(mode: str, result: dict) -> dict:
             f"{mode}_background_gap": background["gap_top1"]}
 
 
+def command_line() -> str:
+    """This process's command as typed from the repository root (``python -m bench.x ...``
+    for a module)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    head = ["python", "-m", spec.name] if spec is not None else ["python", sys.argv[0]]
+    return shlex.join(head + sys.argv[1:])
+
+
 def write_result(name: str, payload: dict) -> str:
     """``bench/results/<name>.json`` (atomic); adds the end load average and the command."""
     payload.setdefault("benchmark", name)
-    payload.setdefault("command", " ".join(["python"] + sys.argv))
+    payload.setdefault("command", command_line())
     machine = payload.get("machine")
     if isinstance(machine, dict):
         machine["load_average_at_end"] = load_average()

@@ -18,7 +18,7 @@
 
 Writes ``bench/results/fault_injection.json``; exits 1 when a property fails.
 
-    python bench/fault_injection.py [--kills 3] [--train_steps 24] [--fuzz_cases 20000]
+    python -m bench.fault_injection [--kills 3] [--train_steps 24] [--fuzz_cases 20000]
         [--parts pretrain,builder,fuzz,binary_faults] [--work_dir /tmp/harl_faults]
 """
 from __future__ import annotations
@@ -36,9 +36,10 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tests"))
+from bench import common
+
+ROOT = common.ROOT
+common.import_test_helpers()  # the soak reuses tests/*.py (test_reliability_training, ...)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT, CUDA_VISIBLE_DEVICES="")

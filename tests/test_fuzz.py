@@ -11,7 +11,7 @@ Seeded loops of byte flips, overwrites, insertions and truncations of
   (PNG CRCs, JPEG marker lengths, a missing end marker), and a record PIL accepted but
   TensorFlow refuses would stop training mid-epoch.
 
-About 2,000 cases here (a few seconds); ``bench/fault_injection.py --fuzz_cases=N`` runs
+About 2,000 cases here (a few seconds); ``python -m bench.fault_injection --fuzz_cases=N`` runs
 more with other seeds.
 """
 import collections

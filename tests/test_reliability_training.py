@@ -5,7 +5,7 @@
   latest one (step counter, optimizer slots and iterations, online and target networks,
   probe), its schedules go on from that step, and it finishes at the right step.
   (SIGTERM is tests/test_pretrain_binary.py; several kills, one of them inside a
-  checkpoint write, are ``bench/fault_injection.py``.)
+  checkpoint write, are ``python -m bench.fault_injection``.)
 - An absurd learning rate: training stops with a message naming the last good
   checkpoint, and no checkpoint holding NaN/Inf is ever written; weights that turn NaN
   while the step's loss is still finite are reported as divergence too.

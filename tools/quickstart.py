@@ -26,10 +26,7 @@ import subprocess
 import sys
 import time
 
-if __package__ in (None, ""):  # `python tools/quickstart.py` from a source checkout
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from absl import app, flags  # noqa: E402
+from absl import app, flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = flags.FLAGS

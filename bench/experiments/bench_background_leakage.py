@@ -22,35 +22,44 @@ while the global one drops; equal cosines mean the foreground pooling sees the
 background as much as global pooling does, and HARL's foreground term then asks little
 that BYOL's global term does not.
 
-Encoders: ``--encoder NAME SOURCE SIZE`` (repeatable): SOURCE a pretraining model_dir
+Encoders: ``--encoder=NAME,SOURCE,SIZE`` (repeatable): SOURCE a pretraining model_dir
 (its online encoder at its pretraining output stride), an export directory, or
 ``random:MODEL_DIR`` (a random init with that model_dir's encoder config, seed 0); SIZE the
 side the 64 px images are resized to (bicubic; the view size the encoder was trained at).
 
-    python bench/bench_background_leakage.py --data_dir ../shared/data/fmnist-scenes \
-        --encoder byol_32px /tmp/hb/nb1000_s0/runs/byol 32 ...
+    python -m bench.experiments.bench_background_leakage \
+        --data_dir=../shared/data/fmnist-scenes \
+        --encoder=byol_32px,/tmp/hb/nb1000_s0/runs/byol,32 ...
 
 Writes ``bench/results/bench_background_leakage.json`` (or ``--results_name``).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 from bench import common  # noqa: E402
 from harl_tf import checkpoints  # noqa: E402
 from harl_tf.data import augment, background_shift  # noqa: E402
 from harl_tf.downstream import encoder_source  # noqa: E402
 from harl_tf.models import pooling  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("data_dir", os.path.join(common.ROOT, "..", "shared", "data",
+                                             "fmnist-scenes"), "The fmnist-scenes folder.")
+flags.DEFINE_string("split", "test", "Split scored.")
+flags.DEFINE_integer("examples", 0, "Images scored (0: the whole split).")
+flags.DEFINE_integer("seed", 0, "Seed of the mixed_rand donor choice.")
+flags.DEFINE_multi_string("encoder", [], "NAME,SOURCE,SIZE of an encoder (repeatable; see "
+                          "the module docstring).")
+flags.DEFINE_string("results_name", "bench_background_leakage", "Results file stem.")
 
 
 def read_split(data_dir: str, split: str, limit: int):
@@ -93,27 +102,29 @@ def centred_cosines(a: np.ndarray, b: np.ndarray, centre: np.ndarray) -> np.ndar
     return np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data_dir", default=os.path.join(common.ROOT, "..", "shared", "data",
-                                                           "fmnist-scenes"))
-    parser.add_argument("--split", default="test")
-    parser.add_argument("--examples", type=int, default=0, help="0 = the whole split")
-    parser.add_argument("--seed", type=int, default=0, help="mixed_rand donor choice")
-    parser.add_argument("--encoder", nargs=3, action="append", required=True,
-                        metavar=("NAME", "SOURCE", "SIZE"))
-    parser.add_argument("--results_name", default="bench_background_leakage")
-    args = parser.parse_args(argv)
+def encoder_spec(spec: str):
+    """``NAME,SOURCE,SIZE`` → (name, source, size); SOURCE may hold commas."""
+    head, _, size = spec.rpartition(",")
+    name, _, source = head.partition(",")
+    if not (name and source and size.isdigit()):
+        raise app.UsageError(f"--encoder={spec}: expected NAME,SOURCE,SIZE (SIZE in px)")
+    return name, source, int(size)
 
+
+def main(argv) -> None:
+    del argv
+    if not FLAGS.encoder:
+        raise app.UsageError("--encoder=NAME,SOURCE,SIZE is required (repeatable)")
+    encoders = [encoder_spec(spec) for spec in FLAGS.encoder]
     start = time.time()
-    images, masks, labels = read_split(args.data_dir, args.split, args.examples)
-    shifted, _ = background_shift.mixed_rand(images, masks, labels, args.seed)
+    images, masks, labels = read_split(FLAGS.data_dir, FLAGS.split, FLAGS.examples)
+    shifted, _ = background_shift.mixed_rand(images, masks, labels, FLAGS.seed)
     shifted = np.stack(shifted)
-    print(f"{len(images)} {args.split} images and their mixed_rand twins "
+    print(f"{len(images)} {FLAGS.split} images and their mixed_rand twins "
           f"({time.time() - start:.0f} s)", flush=True)
 
     rows = []
-    for name, source, size in args.encoder:
+    for name, source, size in encoders:
         loaded = load(source)
         original, purity, grid = pooled_embeddings(loaded.encoder, images, masks, int(size))
         swapped, _, _ = pooled_embeddings(loaded.encoder, shifted, masks, int(size))
@@ -139,14 +150,11 @@ def main(argv=None) -> dict:
     print(table)
     result = {"benchmark": "background leakage into foreground-pooled features "
                            "(mixed_rand background swap, exact masks)",
-              "command": "python " + " ".join([os.path.relpath(__file__, common.ROOT)]
-                                              + (sys.argv[1:] if argv is None else argv)),
-              "split": args.split, "examples": int(len(images)), "seed": args.seed,
+              "split": FLAGS.split, "examples": int(len(images)), "seed": FLAGS.seed,
               "rows": rows, "table_markdown": table, "machine": common.machine_info(),
               "seconds": round(time.time() - start, 1)}
-    common.write_result(args.results_name, result)
-    return result
+    common.write_result(FLAGS.results_name, result)
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

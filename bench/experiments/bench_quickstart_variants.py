@@ -1,7 +1,7 @@
 r"""Can a few minutes of pretraining learn a procedural dataset? Quickstart-budget runs on
 variants of the embedded synthetic set.
 
-    python bench/bench_quickstart_variants.py --work_dir=/tmp/harl_qs_variants \
+    python -m bench.experiments.bench_quickstart_variants --work_dir=/tmp/harl_qs_variants \
         [--variants=default,upright,upright_clean,upright_clutter] \
         [--extra_pretrain_flags=--base_learning_rate=3.0] [--results_name=NAME]
 
@@ -32,18 +32,13 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
-import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app, flags
 
-from absl import app, flags  # noqa: E402
+from bench import common
 
-from bench import common  # noqa: E402
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = ("default", "upright", "upright_clean", "upright_clutter")
 
 FLAGS = flags.FLAGS
@@ -68,33 +63,20 @@ def render(variant: str, index: int, side: int, seed: int):
 
 
 def write_records(variant: str, directory: str) -> None:
-    import tensorflow as tf
-    from harl_tf.atomic import atomic_path, write_bytes_atomic
-    from harl_tf.data import schema
+    from harl_tf.atomic import write_bytes_atomic
     if os.path.exists(os.path.join(directory, "done")):
         return
-    os.makedirs(directory, exist_ok=True)
     for split, count, seed in (("train", FLAGS.num_images, 0),
                                ("test", FLAGS.num_test_images, 1)):
-        path = os.path.join(directory, f"{split}-00000-of-00001.tfrecord")
-        with atomic_path(path) as temporary, tf.io.TFRecordWriter(temporary) as writer:
-            for i in range(count):
-                image, mask, label = render(variant, i, 64, seed)
-                writer.write(schema.serialize_example(
-                    image_bytes=tf.io.encode_jpeg(image, quality=95).numpy(),
-                    image_format="jpeg", height=64, width=64,
-                    mask_png=schema.encode_mask_png(mask), label=label,
-                    example_id=f"{variant}/{seed}/{i}", mask_method="ground_truth"))
+        common.write_example_records(
+            os.path.join(directory, f"{split}-00000-of-00001.tfrecord"),
+            ((f"{variant}/{seed}/{i}", *render(variant, i, 64, seed)) for i in range(count)),
+            jpeg_quality=95)
     write_bytes_atomic(os.path.join(directory, "done"), b"ok\n")
 
 
 def _run(argv, log_path):
-    print("$ " + " ".join(shlex.quote(a) for a in argv), flush=True)
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    with open(log_path, "w") as log:
-        code = subprocess.call(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    if code:
-        sys.exit(f"bench_quickstart_variants: failed ({code}), log {log_path}")
+    common.run(argv, log_path, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
 
 
 def run_variant(variant: str) -> dict:

@@ -1,6 +1,6 @@
 r"""What the restartable record order costs: stateless block permutation vs ``Dataset.shuffle``.
 
-    python bench/bench_record_shuffle.py
+    python -m bench.experiments.bench_record_shuffle
 
 The pretraining stream (``harl_tf.data.pipeline._numbered_records``) permutes each epoch's
 records in stateless blocks so that a resumed run can continue it exactly. This measures,
@@ -16,16 +16,12 @@ core (BENCHMARKS.md, input pipeline). Records: the embedded synthetic set at
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 import time
 
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app, flags
 
-from absl import app, flags  # noqa: E402
-
-from bench import common  # noqa: E402
+from bench import common
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("files", "", "TFRecord glob (default: build the synthetic set).")

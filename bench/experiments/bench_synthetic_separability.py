@@ -1,6 +1,6 @@
 r"""How much class information the embedded synthetic set gives a randomly initialised encoder.
 
-    python bench/bench_synthetic_separability.py
+    python -m bench.experiments.bench_synthetic_separability
 
 For each variant of ``harl_tf.data.synthetic`` — the default set (random object colours),
 the same images with every object painted white (``object_fill``: shape on clutter, no
@@ -12,17 +12,12 @@ labels. Chance is 1/8. Writes ``bench/results/bench_synthetic_separability.json`
 """
 from __future__ import annotations
 
-import os
-import sys
 import time
 
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
+from absl import app, flags
 
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
-
-from bench import common  # noqa: E402
+from bench import common
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("image_size", 32, "Image side, px.")

@@ -1,7 +1,7 @@
 r"""fmnist-scenes with class-correlated training backgrounds (a benchmark variant).
 
-    python bench/make_correlated_scenes.py --out=/tmp/hb/fmnist-scenes-correlated
-    python bench/bench_learning.py --dataset=fmnist_scenes \
+    python -m bench.experiments.make_correlated_scenes --out=/tmp/hb/fmnist-scenes-correlated
+    python -m bench.bench_learning --dataset=fmnist_scenes \
         --data_dir=/tmp/hb/fmnist-scenes-correlated --records_dir=/tmp/hb/records_corr ...
 
 The train split of ``../shared/data/fmnist-scenes`` with each object re-pasted, with
@@ -16,18 +16,15 @@ the background group alone predicts the class on each split (the shortcut's stre
 import json
 import os
 import shutil
-import sys
 import time
 
 import cv2
 import numpy as np
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bench import common  # noqa: E402
-from harl_tf import atomic  # noqa: E402
-from harl_tf.data import background_shift, correlated_backgrounds, sources  # noqa: E402
+from bench import common
+from harl_tf import atomic
+from harl_tf.data import background_shift, correlated_backgrounds, sources
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("src", "../shared/data/fmnist-scenes", "The fmnist-scenes folder.")

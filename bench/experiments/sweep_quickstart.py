@@ -1,6 +1,7 @@
 r"""Recipe sweep for the quickstart, on an independent sample of the synthetic set.
 
-    python bench/sweep_quickstart.py --work_dir=/tmp/harl_sweep_qs [--configs=base,no_blur]
+    python -m bench.experiments.sweep_quickstart --work_dir=/tmp/harl_sweep_qs \
+        [--configs=base,no_blur]
 
 Every configuration is one ``python -m tools.quickstart --data_seed=1`` run (the quickstart's
 own binaries, budget and probes) with ``flags/quickstart.cfg`` plus the configuration's
@@ -15,18 +16,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app, flags
 
-from absl import app, flags  # noqa: E402
+from bench import common
 
-from bench import common  # noqa: E402
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = flags.FLAGS
 flags.DEFINE_string("work_dir", "/tmp/harl_sweep_quickstart", "One sub-folder per config.")
 flags.DEFINE_list("configs", [], "Configurations to run (default: all).")
@@ -54,16 +50,13 @@ def run_config(name: str, extra: list, shared_records: str) -> dict:
             os.symlink(source, target)
     flagfile = os.path.join(work, "pretrain.cfg")
     with open(flagfile, "w", encoding="utf-8") as handle:
-        handle.write("\n".join([f"--flagfile={os.path.join(ROOT, 'flags', 'quickstart.cfg')}",
+        handle.write("\n".join([f"--flagfile={os.path.join(common.ROOT, 'flags', 'quickstart.cfg')}",
                                 *extra]) + "\n")
     summary_path = os.path.join(work, "summary.json")
     if not os.path.exists(summary_path):
         command = [sys.executable, "-m", "tools.quickstart", f"--work_dir={work}",
                    f"--data_seed={FLAGS.data_seed}", f"--pretrain_flagfile={flagfile}"]
-        print("$", " ".join(command), flush=True)
-        with open(os.path.join(FLAGS.work_dir, f"{name}.log"), "w") as log:
-            subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                           check=True)
+        common.run(command, os.path.join(FLAGS.work_dir, f"{name}.log"))
     with open(summary_path, encoding="utf-8") as handle:
         summary = json.load(handle)
     row = {"flags": extra,
