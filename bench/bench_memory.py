@@ -10,8 +10,8 @@ harl_tf.pretrain``) under a small wrapper process, and is measured two ways:
   after the binary exits: the largest peak RSS of any ONE process of the run (the binary or
   one of its workers) — what the kernel accounts, no sampling gaps;
 - ``peak_tree_rss_mb``: the binary and all its descendants' RSS summed, sampled every 50 ms
-  from /proc (psutil, ``common.PeakRss``) — what the run needs at once (shared pages counted in each process,
-  so an upper bound when workers fork).
+  from /proc (psutil, ``common.PeakRss``) — what the run needs at once (shared pages
+  counted in each process, so an upper bound when workers fork).
 
 Builder: a folder of the first N and 2N images (+ exact masks) of a cutouts split
 (symlinks), masks read from the folder and masks computed by ``--mask_method=conventional``,

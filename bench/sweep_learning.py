@@ -10,8 +10,8 @@ Every configuration is one ``python -m bench.bench_learning --dataset=fmnist_sce
 the 2,000 held-out ones. The test split is never read. Every configuration runs the recipe
 ``flags/bench_fmnist_scenes_sweep.cfg`` plus its own pretraining flags (CONFIGS); the table
 (written to ``bench/results/sweep_fmnist_scenes.json``) is what the recipe in
-``flags/fmnist_scenes_*.cfg`` was chosen from. Each configuration is resumable (bench_learning skips finished stages), so the sweep can be re-run with more
-``--configs``.
+``flags/fmnist_scenes_*.cfg`` was chosen from. Each configuration is resumable
+(bench_learning skips finished stages), so the sweep can be re-run with more ``--configs``.
 """
 from __future__ import annotations
 

@@ -50,8 +50,8 @@ def run_config(name: str, extra: list, shared_records: str) -> dict:
             os.symlink(source, target)
     flagfile = os.path.join(work, "pretrain.cfg")
     with open(flagfile, "w", encoding="utf-8") as handle:
-        handle.write("\n".join([f"--flagfile={os.path.join(common.ROOT, 'flags', 'quickstart.cfg')}",
-                                *extra]) + "\n")
+        recipe = os.path.join(common.ROOT, "flags", "quickstart.cfg")
+        handle.write("\n".join([f"--flagfile={recipe}", *extra]) + "\n")
     summary_path = os.path.join(work, "summary.json")
     if not os.path.exists(summary_path):
         command = [sys.executable, "-m", "tools.quickstart", f"--work_dir={work}",
