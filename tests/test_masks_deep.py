@@ -66,7 +66,7 @@ def test_head_fits_its_pseudo_labels(trained):
     train_iou = _mean_iou(predicted, pseudo)
     assert train_iou >= 0.8
     history = model.training["history"]
-    assert [h["labels"] for h in history] == ["pseudo_masks", "self_training"]
+    assert [h["labels"] for h in history] == ["pseudo_masks", "self_training_confident"]
     assert history[-1]["pseudo_mask_iou"] == pytest.approx(train_iou, abs=1e-6)
     # and it generalises to unseen scenes of the same kind
     held_out, held_out_masks = _red_objects(range(100, 120))

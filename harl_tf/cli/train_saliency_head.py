@@ -9,6 +9,13 @@ conventional method. ``--encoder_config`` (a JSON file or inline JSON, e.g.
 ``'{"depth": 18, "output_stride": 8}'``) uses a RANDOMLY INITIALISED ResNet instead of an
 export; the mask model records this and stores that encoder inside ``--output``.
 The mask model directory is used as ``get_method("deep", model_path=<output>)``.
+
+Beyond the paper's configuration (one input size, no refinement, threshold 0.5, the
+defaults): ``--input_sizes=64,128`` runs the encoder at several sizes (multi-scale
+features on the finest grid); ``--fuse_conventional=sigma0.4,no_grabcut`` and
+``--extra_pseudo_masks_dirs`` add pseudo-masks whose cells are kept only where all agree;
+``--refine=segments|guided|grabcut`` makes the mask follow the image's edges;
+``--self_training_labels=refined`` self-trains on the refined masks.
 """
 import json
 import os
@@ -42,6 +49,24 @@ flags.DEFINE_float("ignore_low", 0.2, "Cells with pseudo-mask area fraction in "
 flags.DEFINE_float("ignore_high", 0.8, "See --ignore_low.")
 flags.DEFINE_bool("balance_classes", True, "Weigh foreground and background cells "
                   "equally in the loss (--nobalance_classes: plain mean).")
+flags.DEFINE_list("input_sizes", [], "Several encoder input sizes (multi-scale features, "
+                  "e.g. 64,128); default: --image_size alone.")
+flags.DEFINE_list("fuse_conventional", [], "Conventional settings (harl_tf.masks.deep."
+                  "CONVENTIONAL_SETTINGS names) computed for the training images and fused "
+                  "with the pseudo-masks: cells labelled only where all agree.")
+flags.DEFINE_list("extra_pseudo_masks_dirs", [], "More pseudo-mask folders (same layout) "
+                  "fused with --pseudo_masks_dir's.")
+flags.DEFINE_enum("refine", "none", ["none", "segments", "guided", "grabcut"],
+                  "Boundary refinement before the threshold (none = the paper's).")
+flags.DEFINE_list("refine_scales", ["100", "300"], "segments: Felzenszwalb k (= min size) "
+                  "at 400x300 px, one segmentation per value, averaged.")
+flags.DEFINE_integer("refine_radius", 2, "guided: window radius (working px).")
+flags.DEFINE_float("refine_eps", 0.01, "guided: regulariser.")
+flags.DEFINE_integer("refine_iterations", 1, "grabcut: iterations.")
+flags.DEFINE_float("refine_sure", 0.0, "grabcut: pixels with p < sure or p > 1 - sure are "
+                   "fixed.")
+flags.DEFINE_enum("self_training_labels", "confident", ["confident", "refined"],
+                  "Self-training labels: the head's confident cells, or its refined masks.")
 flags.DEFINE_integer("limit", 0, "Train on a seeded random subset of this many images "
                      "(0 = all).")
 flags.DEFINE_integer("batch_size", 32, "Images per encoder call.")
@@ -80,7 +105,12 @@ def main(argv):
             epochs=FLAGS.epochs, self_training_rounds=FLAGS.self_training_rounds,
             learning_rate=FLAGS.learning_rate, ignore_low=FLAGS.ignore_low,
             ignore_high=FLAGS.ignore_high, balance_classes=FLAGS.balance_classes,
-            seed=FLAGS.seed)
+            self_training_labels=FLAGS.self_training_labels, seed=FLAGS.seed)
+        refinement = deep.RefineConfig(
+            method=FLAGS.refine, scales=[float(v) for v in FLAGS.refine_scales],
+            radius=FLAGS.refine_radius, eps=FLAGS.refine_eps,
+            iterations=FLAGS.refine_iterations, sure=FLAGS.refine_sure)
+        input_sizes = [int(v) for v in FLAGS.input_sizes] or FLAGS.image_size
         if FLAGS.encoder is not None:
             encoder = deep.FrozenEncoder.from_saved_model(FLAGS.encoder)
         else:
@@ -90,9 +120,21 @@ def main(argv):
         _, images, pseudo, provenance = deep.load_training_set(
             FLAGS.images_dir, pseudo_masks_dir=FLAGS.pseudo_masks_dir, limit=FLAGS.limit,
             seed=FLAGS.seed, conventional_params=conventional_params)
+        extra = []
+        for masks_dir in FLAGS.extra_pseudo_masks_dirs:
+            extra.append(deep.load_training_set(
+                FLAGS.images_dir, pseudo_masks_dir=masks_dir, limit=FLAGS.limit,
+                seed=FLAGS.seed, progress=False)[2])
+        if FLAGS.fuse_conventional:
+            sets, params = deep.conventional_mask_sets(images, FLAGS.fuse_conventional)
+            extra.extend(sets)
+            provenance["fused_conventional"] = params
+        if FLAGS.extra_pseudo_masks_dirs:
+            provenance["fused_pseudo_masks_dirs"] = [
+                os.path.abspath(d) for d in FLAGS.extra_pseudo_masks_dirs]
         model = deep.train_saliency_head(
-            encoder, images, pseudo, input_size=FLAGS.image_size, config=config,
-            threshold=FLAGS.threshold,
+            encoder, images, pseudo, input_size=input_sizes, config=config,
+            threshold=FLAGS.threshold, refinement=refinement, extra_pseudo_mask_sets=extra,
             batch_size=FLAGS.batch_size, provenance=provenance)
         model.save(FLAGS.output)
     except (ValueError, FileNotFoundError, FileExistsError) as e:  # encoder, images, output
@@ -102,7 +144,8 @@ def main(argv):
               f"labelled cells {entry['labelled_cell_fraction']:.1%}, IoU vs pseudo-masks "
               f"{entry['pseudo_mask_iou']:.4f}")
     print(f"wrote {os.path.abspath(FLAGS.output)} ({len(images)} images, grid "
-          f"{model.training['feature_grid']}, input {FLAGS.image_size} px)")
+          f"{model.training['feature_grid']}, input {'+'.join(map(str, model.input_sizes))} "
+          f"px, refinement {model.refinement.method})")
 
 
 def run():

@@ -12,23 +12,32 @@ features an unweighted head stays below 0.5 almost everywhere) plus ``l2 / 2 · 
 with Adam, on per-channel standardised features; the standardisation is folded back into
 ``k`` and ``b``, so the saved head is exactly a 1×1 convolution on the raw feature map.
 
+**Fused pseudo-labels** (``extra_pseudo_mask_sets``): with several pseudo-masks per image
+(e.g. the conventional method at several settings) a cell is labelled only where every
+set agrees (:func:`harl_tf.masks.deep.pseudo_labels.fused_cell_targets`).
+
 **Self-training** (``self_training_rounds``): each round relabels every cell of the
-training images with the head's own confident predictions (``p > confident_high`` → 1,
-``p < confident_low`` → 0, others ignored) and trains again from the current head.
+training images and trains again from the current head. ``self_training_labels =
+"confident"``: the head's own confident predictions (``p > confident_high`` → 1,
+``p < confident_low`` → 0, others ignored). ``"refined"``: the head's masks after the
+boundary refinement (:mod:`harl_tf.masks.deep.refine`), area-averaged to the grid with the
+same ignore band as the pseudo-masks — the refinement follows the image's edges, so its
+masks are sharper labels than the head's own cells.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from harl_tf.masks import quality
-from harl_tf.masks.deep import data
+from harl_tf.masks import quality, to_rgb_uint8
+from harl_tf.masks.deep import data, pseudo_labels, refine
 from harl_tf.masks.deep.encoder import FrozenEncoder
-from harl_tf.masks.deep.saliency_model import SaliencyHead, SaliencyModel
+from harl_tf.masks.deep.saliency_model import (SaliencyHead, SaliencyModel, input_sizes_of,
+                                               multiscale_features)
 from harl_tf.progress import progress as progress_bar
 
 
@@ -45,6 +54,7 @@ class TrainConfig:
     confident_low: float = 0.2     # self-training: p < confident_low → 0,
     confident_high: float = 0.8    # p > confident_high → 1, others ignored
     balance_classes: bool = True   # weigh foreground and background cells equally
+    self_training_labels: str = "confident"  # or "refined" (see the module docstring)
     seed: int = 0
 
     def __post_init__(self):
@@ -54,6 +64,9 @@ class TrainConfig:
         if not 0.0 <= self.confident_low <= 0.5 <= self.confident_high <= 1.0:
             raise ValueError("need 0 <= confident_low <= 0.5 <= confident_high <= 1, got "
                              f"{self.confident_low}, {self.confident_high}")
+        if self.self_training_labels not in ("confident", "refined"):
+            raise ValueError("self_training_labels must be 'confident' or 'refined', got "
+                             f"{self.self_training_labels!r}")
         if self.epochs < 1 or self.self_training_rounds < 0 or self.batch_cells < 1:
             raise ValueError(f"need epochs >= 1, self_training_rounds >= 0, batch_cells >= 1;"
                              f" got {self.epochs}, {self.self_training_rounds}, "
@@ -68,10 +81,7 @@ def cell_targets(masks: Sequence[np.ndarray], grid: Tuple[int, int], *, ignore_l
     fraction ``a``. Returns ``targets`` float32 ``[N, h, w]`` (``a >= 0.5``) and ``weights``
     float32 ``[N, h, w]``: 0 for ignored cells (``ignore_low < a < ignore_high``), else 1.
     """
-    fractions = np.zeros((len(masks),) + tuple(grid), np.float32)
-    for index, mask in enumerate(masks):
-        binary = (np.asarray(mask) > 0).astype(np.float32)[..., None]
-        fractions[index] = tf.image.resize(binary, grid, method="area").numpy()[..., 0]
+    fractions = pseudo_labels.cell_fractions(masks, grid)
     targets = (fractions >= 0.5).astype(np.float32)
     ignored = (fractions > ignore_low) & (fractions < ignore_high)
     return targets, (~ignored).astype(np.float32)
@@ -154,24 +164,31 @@ def fit_head(features: np.ndarray, targets: np.ndarray, weights: np.ndarray, *,
     return head, epoch_loss
 
 
-def compute_features(encoder: FrozenEncoder, images: Sequence[np.ndarray], input_size: int,
-                     *, batch_size: int = 32, progress: bool = True) -> np.ndarray:
+def compute_features(encoder: FrozenEncoder, images: Sequence[np.ndarray],
+                     input_size: Union[int, Sequence[int]], *, batch_size: int = 32,
+                     progress: bool = True) -> np.ndarray:
     """Frozen-encoder features of many images: float32 ``[N, h, w, C]`` (computed once,
-    so the head can train for many epochs without touching the encoder)."""
+    so the head can train for many epochs without touching the encoder). Several input
+    sizes give the multi-scale features of :func:`~harl_tf.masks.deep.saliency_model.
+    multiscale_features`."""
+    sizes = input_sizes_of(input_size)
     chunks = []
-    batched = data.batches(data.arrays_dataset(images, input_size), batch_size)
+    batched = data.batches(data.arrays_dataset(images, sizes[-1]), batch_size)
     total = -(-len(images) // batch_size)
     for batch, _ in progress_bar(batched, total=total, desc="encoder features", unit="batch",
                                  disable=not progress):
-        chunks.append(encoder(batch).numpy())
+        chunks.append(multiscale_features(encoder, batch, sizes).numpy())
     if not chunks:
         raise ValueError("no images to compute features of")
     return np.concatenate(chunks)
 
 
 def train_saliency_head(encoder: FrozenEncoder, images: Sequence[np.ndarray],
-                        pseudo_masks: Sequence[np.ndarray], *, input_size: int,
+                        pseudo_masks: Sequence[np.ndarray], *,
+                        input_size: Union[int, Sequence[int]],
                         config: Optional[TrainConfig] = None, threshold: float = 0.5,
+                        refinement: Optional[refine.RefineConfig] = None,
+                        extra_pseudo_mask_sets: Sequence[Sequence[np.ndarray]] = (),
                         batch_size: int = 32,
                         progress: bool = True,
                         provenance: Optional[Dict[str, Any]] = None,
@@ -181,27 +198,38 @@ def train_saliency_head(encoder: FrozenEncoder, images: Sequence[np.ndarray],
     self-training (see the module docstring).
 
     ``images``: uint8 RGB (grey / RGBA accepted) of any sizes; ``pseudo_masks``: ``{0, 1}``
-    ``[H_i, W_i]`` at each image's size. ``provenance`` (JSON-able, e.g. where the
-    pseudo-masks came from) is recorded. The returned model's ``training["history"]`` holds,
-    per round, the loss, the labelled fraction of cells, and the mean IoU of the model's
-    masks against the pseudo-masks. ``on_round(round, head)`` is called after every round
-    (e.g. to evaluate each round's head).
+    ``[H_i, W_i]`` at each image's size; ``extra_pseudo_mask_sets``: more pseudo-masks of
+    the same images, fused with them (cells where all agree). ``input_size``: one encoder
+    input size, or several (multi-scale features). ``refinement`` (default none, the
+    paper's) is recorded in the model and used by ``"refined"`` self-training.
+    ``provenance`` (JSON-able, e.g. where the pseudo-masks came from) is recorded. The
+    returned model's ``training["history"]`` holds, per round, the loss, the labelled
+    fraction of cells, and the mean IoU of the model's (refined) masks against the
+    pseudo-masks. ``on_round(round, head)`` is called after every round (e.g. to evaluate
+    each round's head).
     """
     config = config or TrainConfig()
-    if len(images) != len(pseudo_masks):
-        raise ValueError(f"{len(images)} images but {len(pseudo_masks)} pseudo-masks")
-    for index, (image, mask) in enumerate(zip(images, pseudo_masks)):
-        if np.shape(image)[:2] != np.shape(mask)[:2]:
-            raise ValueError(f"image {index}: size {np.shape(image)[:2]} but its pseudo-mask "
-                             f"is {np.shape(mask)[:2]}")
+    refinement = refinement or refine.RefineConfig()
+    for masks in [pseudo_masks, *extra_pseudo_mask_sets]:
+        if len(images) != len(masks):
+            raise ValueError(f"{len(images)} images but {len(masks)} pseudo-masks")
+        for index, (image, mask) in enumerate(zip(images, masks)):
+            if np.shape(image)[:2] != np.shape(mask)[:2]:
+                raise ValueError(f"image {index}: size {np.shape(image)[:2]} but its "
+                                 f"pseudo-mask is {np.shape(mask)[:2]}")
     features = compute_features(encoder, images, input_size, batch_size=batch_size,
                                 progress=progress)
     grid = features.shape[1:3]
-    targets, weights = cell_targets(pseudo_masks, grid, ignore_low=config.ignore_low,
-                                    ignore_high=config.ignore_high)
-    head, history = None, []
+    targets, weights = pseudo_labels.fused_cell_targets(
+        [pseudo_masks, *extra_pseudo_mask_sets], grid, ignore_low=config.ignore_low,
+        ignore_high=config.ignore_high)
+    images = [to_rgb_uint8(image) for image in images]
+    head, history, masks = None, [], None
     for round_index in range(config.self_training_rounds + 1):
-        if round_index > 0:
+        if round_index > 0 and config.self_training_labels == "refined":
+            targets, weights = cell_targets(masks, grid, ignore_low=config.ignore_low,
+                                            ignore_high=config.ignore_high)
+        elif round_index > 0:
             targets, weights = confident_targets(
                 _cell_probabilities(head, features), low=config.confident_low,
                 high=config.confident_high)
@@ -210,12 +238,12 @@ def train_saliency_head(encoder: FrozenEncoder, images: Sequence[np.ndarray],
                               batch_cells=config.batch_cells, l2=config.l2,
                               balance_classes=config.balance_classes,
                               seed=config.seed + round_index, init=head, progress=progress)
-        probabilities = _cell_probabilities(head, features)
-        masks = [data.upsample(p, *np.shape(m)[:2]) > threshold
-                 for p, m in zip(probabilities, pseudo_masks)]
+        masks = refine.refined_masks(images, _cell_probabilities(head, features), refinement,
+                                     threshold)
         history.append({
             "round": round_index,
-            "labels": "pseudo_masks" if round_index == 0 else "self_training",
+            "labels": ("pseudo_masks" if round_index == 0
+                       else "self_training_" + config.self_training_labels),
             "loss": loss,
             "labelled_cell_fraction": float(weights.mean()),
             "pseudo_mask_iou": quality.evaluate_arrays(masks, pseudo_masks).mean_iou,
@@ -223,11 +251,12 @@ def train_saliency_head(encoder: FrozenEncoder, images: Sequence[np.ndarray],
         if on_round is not None:
             on_round(round_index, head)
     training = {"config": dataclasses.asdict(config), "num_images": len(images),
-                "feature_grid": list(grid), "history": history}
+                "feature_grid": list(grid), "history": history,
+                "pseudo_mask_sets": 1 + len(extra_pseudo_mask_sets)}
     if provenance:
         training["provenance"] = dict(provenance)
     return SaliencyModel(encoder, head, input_size=input_size, threshold=threshold,
-                         training=training)
+                         training=training, refinement=refinement)
 
 
 def _cell_probabilities(head: SaliencyHead, features: np.ndarray,

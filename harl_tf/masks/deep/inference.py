@@ -2,7 +2,9 @@
 
 :class:`DeepSaliencyMasks` masks one image per call, or many: ``predict_arrays`` and
 ``predict_files`` batch through ``tf.data`` with a progress bar; every image is resized to
-``input_size`` (aspect ratio not kept, as in training) and its mask is resized back to the
+``input_size`` (aspect ratio not kept, as in training); its cell map is refined as the
+model says (:mod:`harl_tf.masks.deep.refine`: none, Felzenszwalb segments, guided filter or
+GrabCut, at the conventional working resolution) and the mask is resized back to the
 image's own size. There is no fallback: an image with no salient cell gets an empty mask
 (``MaskResult.fallback`` is always ``None``).
 """
@@ -15,7 +17,8 @@ import numpy as np
 import tensorflow as tf
 
 from harl_tf.masks import MaskResult, to_rgb_uint8
-from harl_tf.masks.deep import data
+from harl_tf.masks import folder
+from harl_tf.masks.deep import data, refine
 from harl_tf.masks.deep.saliency_model import SaliencyModel
 from harl_tf.progress import progress as progress_bar
 
@@ -49,19 +52,20 @@ class DeepSaliencyMasks:
             "model_path": self.model.path,
             "threshold": self.threshold,
             "input_size": self.model.input_size,
+            "input_sizes": list(self.model.input_sizes),
+            "refinement": self.model.refinement.to_json(),
             "encoder": self.model.encoder.description.get("path"),
         }
         self.last_fallback: Optional[str] = None
 
-    def _masks(self, probabilities: np.ndarray, sizes) -> List[np.ndarray]:
-        return [(data.upsample(p, int(h), int(w)) > self.threshold).astype(np.uint8)
-                for p, (h, w) in zip(probabilities, sizes)]
+    def _mask(self, image: np.ndarray, cells: np.ndarray) -> np.ndarray:
+        return refine.refined_mask(image, cells, self.model.refinement, self.threshold)
 
     def compute(self, image: np.ndarray) -> MaskResult:
         image = to_rgb_uint8(image)
         batch = data.encoder_input(image, self.model.input_size)[None]
         probabilities = self.model.probabilities(batch).numpy()
-        mask = self._masks(probabilities, [image.shape[:2]])[0]
+        mask = self._mask(image, probabilities[0])
         self.last_fallback = None
         return MaskResult(mask, None, {"foreground_fraction": float(mask.mean()),
                                        "max_probability": float(probabilities.max())})
@@ -69,16 +73,22 @@ class DeepSaliencyMasks:
     def __call__(self, image: np.ndarray) -> np.ndarray:
         return self.compute(image).mask
 
-    def _run(self, dataset: tf.data.Dataset, count: int) -> Iterator[np.ndarray]:
+    def _run(self, dataset: tf.data.Dataset, originals: Iterator[np.ndarray],
+             count: int) -> Iterator[np.ndarray]:
+        """``originals``: the images at their own size, in the dataset's order (the
+        refinement follows their edges)."""
         total = -(-count // self.batch_size)
-        for images, sizes in progress_bar(data.batches(dataset, self.batch_size), total=total,
-                                          desc="deep masks", unit="batch",
-                                          disable=not self.progress):
-            yield from self._masks(self.model.probabilities(images).numpy(), sizes.numpy())
+        for images, _ in progress_bar(data.batches(dataset, self.batch_size), total=total,
+                                      desc="deep masks", unit="batch",
+                                      disable=not self.progress):
+            for cells in self.model.probabilities(images).numpy():
+                yield self._mask(next(originals), cells)
 
     def predict_arrays(self, images: Sequence[np.ndarray]) -> List[np.ndarray]:
         """Masks ``uint8 {0, 1} [H_i, W_i]`` of many images (any sizes), batched."""
-        return list(self._run(data.arrays_dataset(images, self.model.input_size), len(images)))
+        originals = (to_rgb_uint8(image) for image in images)
+        return list(self._run(data.arrays_dataset(images, self.model.input_size), originals,
+                              len(images)))
 
     def predict_files(self, paths: Sequence[str]) -> Iterator[Tuple[str, np.ndarray]]:
         """Yields ``(path, mask uint8 {0, 1} [H, W])`` for image files, in order, batched
@@ -87,7 +97,11 @@ class DeepSaliencyMasks:
         if missing:
             raise FileNotFoundError(f"deep mask: {len(missing)} image file(s) not found, "
                                     f"e.g. {missing[0]}")
-        masks = self._run(data.files_dataset(paths, self.model.input_size), len(paths))
+        # The files are read twice (tf.data for the encoder, here for the refinement):
+        # decoding a small image costs far less than the encoder.
+        originals = (folder.read_image(path) for path in paths)
+        masks = self._run(data.files_dataset(paths, self.model.input_size), originals,
+                          len(paths))
         yield from zip(paths, masks)
 
     def __repr__(self) -> str:

@@ -1,11 +1,18 @@
 """The trained deep mask model: a frozen encoder and a 1×1 saliency head, and the
 directory it is saved as.
 
+**Features.** The encoder runs on the image resized to each of ``input_sizes`` (one size:
+the paper's configuration; several: a multi-scale hypercolumn). The feature map of every
+size is bilinearly resized to the grid of the largest and the maps are concatenated along
+channels, ``C = Σ_s C_s``; images are given at the largest size and shrunk (antialiased)
+for the others.
+
 **Saved model** (a directory, written atomically: a temporary sibling, then renamed):
-``saliency_head.json`` (format, encoder path and config, input size, threshold, training
-parameters and history), ``head_weights.npz`` (``kernel`` ``[1, 1, C, 1]``, ``bias``
-``[1]``), and ``encoder/`` (a SavedModel) when the encoder was an in-memory model. An
-encoder given by path is recorded by its absolute path and not copied.
+``saliency_head.json`` (format, encoder path and config, input sizes, threshold,
+refinement, training parameters and history), ``head_weights.npz`` (``kernel``
+``[1, 1, C, 1]``, ``bias`` ``[1]``), and ``encoder/`` (a SavedModel) when the encoder was an
+in-memory model. An encoder given by path is recorded by its absolute path and not copied.
+Version 1 directories (one input size, no refinement) load unchanged.
 """
 from __future__ import annotations
 
@@ -13,16 +20,18 @@ import dataclasses
 import json
 import os
 import shutil
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence, Union
 
 import numpy as np
 import tensorflow as tf
 
 from harl_tf import atomic
 from harl_tf.masks.deep.encoder import FrozenEncoder
+from harl_tf.masks.deep.refine import RefineConfig
 
 FORMAT = "harl_tf.saliency_head"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 CONFIG_FILE = "saliency_head.json"
 WEIGHTS_FILE = "head_weights.npz"
 ENCODER_DIR = "encoder"
@@ -49,29 +58,62 @@ class SaliencyHead:
         return tf.sigmoid(logits)[..., 0]
 
 
-class SaliencyModel:
-    """Frozen encoder + 1×1 head, at a fixed square encoder ``input_size``, with its default
-    mask ``threshold``.
+def input_sizes_of(input_size: Union[int, Sequence[int]]) -> tuple:
+    """An input size or several → the sorted tuple of distinct sizes (each >= 1)."""
+    sizes = (input_size,) if isinstance(input_size, (int, np.integer)) else tuple(input_size)
+    if not sizes or any(int(s) < 1 for s in sizes):
+        raise ValueError(f"input sizes must be >= 1, got {input_size!r}")
+    return tuple(sorted({int(s) for s in sizes}))
 
-    ``probabilities(images float32 [B, S, S, 3])`` → cell foregroundness ``[B, h, w]``.
+
+def multiscale_features(encoder: FrozenEncoder, images, input_sizes: Sequence[int]
+                        ) -> tf.Tensor:
+    """Images float32 ``[B, S, S, 3]`` (``S = max(input_sizes)``) → the encoder's feature
+    maps at every input size, resized (bilinear) to the largest size's grid and concatenated:
+    float32 ``[B, h, w, Σ C_s]`` (one size: the feature map itself)."""
+    images = tf.convert_to_tensor(images, tf.float32)
+    largest = encoder(images)
+    maps = []
+    for size in input_sizes:
+        if size == images.shape[1]:
+            maps.append(largest)
+            continue
+        small = tf.image.resize(images, (size, size), method="bilinear", antialias=True)
+        features = encoder(tf.clip_by_value(small, 0.0, 1.0))
+        maps.append(tf.image.resize(features, tf.shape(largest)[1:3], method="bilinear"))
+    return maps[0] if len(maps) == 1 else tf.concat(maps, axis=-1)
+
+
+class SaliencyModel:
+    """Frozen encoder + 1×1 head at square encoder ``input_size`` (or several
+    ``input_sizes``: a multi-scale hypercolumn), with its default mask ``threshold`` and its
+    boundary ``refinement`` (:class:`RefineConfig`; ``"none"``: the paper's configuration).
+
+    ``probabilities(images float32 [B, S, S, 3])`` (``S = input_size``, the largest) → cell
+    foregroundness ``[B, h, w]``.
     """
 
-    def __init__(self, encoder: FrozenEncoder, head: SaliencyHead, *, input_size: int,
-                 threshold: float = 0.5, training: Optional[Dict[str, Any]] = None,
-                 path: Optional[str] = None):
-        if int(input_size) < 1:
-            raise ValueError(f"input_size must be >= 1, got {input_size}")
+    def __init__(self, encoder: FrozenEncoder, head: SaliencyHead, *,
+                 input_size: Union[int, Sequence[int]], threshold: float = 0.5,
+                 training: Optional[Dict[str, Any]] = None, path: Optional[str] = None,
+                 refinement: Optional[RefineConfig] = None):
         if not 0.0 <= float(threshold) <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {threshold!r}")
         self.encoder = encoder
         self.head = head
-        self.input_size = int(input_size)
+        self.input_sizes = input_sizes_of(input_size)
+        self.input_size = self.input_sizes[-1]  # what images are resized to
         self.threshold = float(threshold)
+        self.refinement = refinement or RefineConfig()
         self.training = dict(training or {})
         self.path = path
 
+    def features(self, images) -> tf.Tensor:
+        """``[B, S, S, 3]`` → the head's input ``[B, h, w, C]`` (:func:`multiscale_features`)."""
+        return multiscale_features(self.encoder, images, self.input_sizes)
+
     def probabilities(self, images) -> tf.Tensor:
-        features = self.encoder(images)
+        features = self.features(images)
         if features.shape[-1] != self.head.feature_dim:
             raise ValueError(
                 f"the encoder gives {features.shape[-1]} channels but the saliency head "
@@ -106,7 +148,9 @@ class SaliencyModel:
                 "encoder": encoder,
                 "feature_dim": self.head.feature_dim,
                 "input_size": self.input_size,
+                "input_sizes": list(self.input_sizes),
                 "threshold": self.threshold,
+                "refinement": self.refinement.to_json(),
                 "head": {"weights": WEIGHTS_FILE, "kernel_shape": list(self.head.kernel.shape)},
                 "training": self.training,
             }
@@ -122,14 +166,29 @@ class SaliencyModel:
         if not os.path.isfile(config_path):
             raise FileNotFoundError(f"mask model {path}: no {CONFIG_FILE}; expected a "
                                     "directory written by tools/train_saliency_head.py")
-        with open(config_path) as f:
-            config = json.load(f)
-        if config.get("format") != FORMAT or config.get("version") != FORMAT_VERSION:
-            raise ValueError(f"{config_path}: format {config.get('format')!r} version "
-                             f"{config.get('version')!r}; expected {FORMAT!r} version "
-                             f"{FORMAT_VERSION}")
-        with np.load(os.path.join(path, config["head"]["weights"])) as weights:
-            head = SaliencyHead(weights["kernel"], weights["bias"])
+        try:
+            with open(config_path) as f:
+                config = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"mask model {config_path}: not readable JSON ({e})") from None
+        if (not isinstance(config, dict) or config.get("format") != FORMAT
+                or config.get("version") not in READABLE_VERSIONS):
+            found = config if not isinstance(config, dict) else (
+                config.get("format"), config.get("version"))
+            raise ValueError(f"{config_path}: format/version {found!r}; expected {FORMAT!r} "
+                             f"version {' or '.join(map(str, READABLE_VERSIONS))}")
+        try:
+            weights_path = os.path.join(path, config["head"]["weights"])
+            with np.load(weights_path) as weights:
+                head = SaliencyHead(weights["kernel"], weights["bias"])
+            input_sizes = config.get("input_sizes", config["input_size"])
+            refinement = RefineConfig.from_json(config.get("refinement", {}))
+        except (OSError, KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"mask model {path}: incomplete or corrupt ({type(e).__name__}: "
+                             f"{e}); retrain it with tools/train_saliency_head.py") from None
+        if head.feature_dim != config.get("feature_dim", head.feature_dim):
+            raise ValueError(f"mask model {path}: {WEIGHTS_FILE} has {head.feature_dim} "
+                             f"channels but {CONFIG_FILE} says {config['feature_dim']}")
         if encoder is None:
             recorded = config["encoder"]
             encoder_path = os.path.join(path, recorded["path"])  # absolute paths stay
@@ -139,5 +198,5 @@ class SaliencyModel:
                     "explicitly if the export directory moved")
             encoder = FrozenEncoder.from_saved_model(encoder_path)
             encoder.description = dict(recorded, path=recorded["path"])
-        return cls(encoder, head, input_size=config["input_size"],
-                   threshold=config["threshold"], training=config.get("training"), path=path)
+        return cls(encoder, head, input_size=input_sizes, threshold=config["threshold"],
+                   training=config.get("training"), path=path, refinement=refinement)
