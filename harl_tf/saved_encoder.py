@@ -15,6 +15,14 @@ lives here, below all of them. An export directory holds:
                       trainable; BatchNorm moving statistics not), so the model can be
                       fine-tuned after ``tf.saved_model.load`` or through
                       ``keras.layers.TFSMLayer``.
+                      Signature ``object_embeddings`` (HARL's object embedding): inputs
+                      ``images`` as above and ``masks`` float32 ``[batch, height, width,
+                      1]`` in ``[0, 1]`` (1 = foreground; the images' height and width)
+                      -> ``foreground``, ``background``, ``global`` float32 ``[batch, C]``
+                      and ``foreground_fraction`` float32 ``[batch]``
+                      (:func:`region_embeddings`). The restored function
+                      ``loaded.object_embeddings(images=..., masks=...)`` also takes
+                      ``[batch, height, width]`` masks and uint8 ``{0, 1}`` masks.
 ``encoder.weights.h5``  Keras weights of :class:`harl_tf.models.resnet.ResNet`; rebuild
                       the encoder from ``harl_export.json`` and load them for Keras-native
                       fine-tuning (:mod:`harl_tf.downstream.encoder_source`).
@@ -27,9 +35,11 @@ BatchNorm runs in inference mode in the serving signature (moving statistics) un
 ``batchnorm_training=True``, in which case batch statistics are used (and the moving
 statistics are updated on every call).
 
-The output stride is chosen at export (SPEC section 3): the stride of the last stages only
-changes the sampling grid, not the weight shapes, so an encoder pretrained at output stride
-16 exports as a standard stride-32 encoder by default.
+The output stride is chosen at export (SPEC section 3). By default it is the one the
+encoder was pretrained at (its evaluation during training saw that feature map); another
+stride is an explicit choice: the stride of the last stages only changes the sampling grid,
+not the weight shapes, so an encoder pretrained at output stride 16 or 8 also exports as a
+standard stride-32 one (``output_stride=32``), with a smaller feature map.
 
 Writes are atomic (:mod:`harl_tf.atomic`): everything is written into a temporary sibling
 directory which is renamed onto ``export_dir`` only when complete, so a half-written export
@@ -51,18 +61,27 @@ import tensorflow as tf
 import harl_tf
 from harl_tf import atomic
 from harl_tf.errors import HarlError
-from harl_tf.models import resnet
+from harl_tf.models import pooling, resnet
 
 METADATA_FILE = "harl_export.json"
 WEIGHTS_FILE = "encoder.weights.h5"
 ONNX_FILE = "encoder.onnx"
 SIGNATURE = "serving_default"
 INPUT_NAME = "images"
+MASKED_SIGNATURE = "object_embeddings"
+MASK_NAME = "masks"
+# The pooled regions of the masked signature and of ``finetune --embedding``.
+REGIONS = ("global", "foreground", "background")
 FORMAT_VERSION = 1
 
 
 class ExportError(HarlError):
     """An export cannot be written or read (names the directory and what is wrong)."""
+
+
+class MaskError(HarlError):
+    """Masks that do not fit their images: another batch size, height or width (names
+    both shapes), another rank, or values outside [0, 1]."""
 
 
 def versions() -> Dict[str, str]:
@@ -127,24 +146,135 @@ def serving_function(encoder: keras.Model, *, batchnorm_training: bool = False):
 INPUT_SIGNATURE = [tf.TensorSpec([None, None, None, 3], tf.float32, name=INPUT_NAME)]
 
 
-def saved_model_root(encoder: keras.Model, serve) -> tf.__internal__.tracking.AutoTrackable:
+# The object embedding: the feature map pooled over a mask ---------------------------------
+
+
+def checked_masks(images: tf.Tensor, masks) -> tf.Tensor:
+    """``masks`` ([B, H, W, 1] or [B, H, W], float or integer, values in [0, 1]) as
+    float32 [B, H, W, 1], checked against ``images`` [B, H, W, 3].
+
+    Where the shapes are static (eager calls) a batch size, height or width that differs
+    from the images' is a :class:`MaskError` naming both shapes, and so are values outside
+    [0, 1] (a 0/255 mask); inside a graph of unknown sizes (the served signature) the same
+    checks are ``tf.debugging`` assertions with the same message.
+    """
+    masks = tf.convert_to_tensor(masks)
+    layout = "masks must be [batch, height, width] or [batch, height, width, 1]"
+    size = ("masks must have the batch size, height and width of the images (masks "
+            "[B, H, W, 1] or [B, H, W] for images [B, H, W, 3])")
+    values = "masks must hold values in [0, 1] (1 = foreground); divide a 0/255 mask by 255"
+    rank = masks.shape.rank
+    if rank == 3:
+        masks = masks[..., tf.newaxis]
+    elif rank is not None and (rank != 4 or masks.shape[-1] not in (1, None)):
+        raise MaskError(f"{layout}, got shape {masks.shape}.")
+    if masks.shape.rank is not None:
+        known = masks.shape[:3].is_fully_defined() and images.shape[:3].is_fully_defined()
+        if known and masks.shape[:3] != images.shape[:3]:
+            raise MaskError(f"{size}; got masks {masks.shape} for images {images.shape}.")
+    masks = tf.cast(masks, tf.float32)
+    if tf.executing_eagerly():
+        if tf.size(masks) > 0 and not (tf.reduce_min(masks) >= 0.0
+                                       and tf.reduce_max(masks) <= 1.0):
+            raise MaskError(values + ".")
+        return masks
+    checks = []
+    if rank is None:  # the restored function's any-rank trace
+        shape = tf.shape(masks)
+        checks.append(tf.debugging.Assert(
+            tf.logical_and(tf.logical_or(tf.rank(masks) == 3, tf.rank(masks) == 4),
+                           tf.size(masks) == tf.reduce_prod(shape[:3])),
+            [layout + "; got shape", shape]))
+        with tf.control_dependencies(checks):
+            masks = tf.reshape(masks, tf.concat([shape[:3], [1]], axis=0))
+        masks.set_shape([None, None, None, 1])
+    checks += [tf.debugging.assert_equal(
+                   tf.shape(masks)[:3], tf.shape(images)[:3],
+                   message=f"{size}; [B, H, W] of the masks (x) and of the images (y):"),
+               tf.debugging.assert_greater_equal(masks, 0.0, message=values),
+               tf.debugging.assert_less_equal(masks, 1.0, message=values)]
+    with tf.control_dependencies(checks):
+        return tf.identity(masks)
+
+
+def region_embeddings(feature_map: tf.Tensor, masks: tf.Tensor) -> Dict[str, tf.Tensor]:
+    """HARL's pooled regions of a feature map (SPEC section 4, :mod:`harl_tf.models.pooling`).
+
+    The mask is area-averaged to the feature grid, m ∈ [0, 1]^{h×w}, then
+    h_fg = Σ h·m / (Σ m + ε), h_bg = Σ h·(1 − m) / (Σ (1 − m) + ε), h_glob = mean of h.
+
+    Args:
+      feature_map: [B, h, w, C] (any float dtype; pooled in float32).
+      masks: float32 [B, H, W, 1] in [0, 1] at image resolution (:func:`checked_masks`).
+    Returns:
+      {"foreground", "background", "global": float32 [B, C], "foreground_fraction":
+      float32 [B], the area fraction (1/hw) Σ m}. An empty region pools to the zero vector
+      (foreground_fraction 0 or 1 says which).
+    """
+    size = tuple(feature_map.shape[1:3])
+    if None in size:  # served at any image size
+        size = (tf.shape(feature_map)[1], tf.shape(feature_map)[2])
+    soft = pooling.downsample_mask(masks, size)
+    return {"foreground": pooling.foreground_pool(feature_map, soft),
+            "background": pooling.background_pool(feature_map, soft),
+            "global": pooling.global_pool(feature_map),
+            "foreground_fraction": tf.reduce_mean(soft, axis=[1, 2, 3])}
+
+
+def object_embeddings(encoder: keras.Model, images, masks, *,
+                      training: bool = False) -> Dict[str, tf.Tensor]:
+    """``encoder(images)`` pooled over ``masks`` (:func:`region_embeddings`); ``images``
+    float32 [B, H, W, 3] in [0, 1], ``masks`` as :func:`checked_masks` takes them. The
+    computation of the export's ``object_embeddings`` signature."""
+    images = tf.convert_to_tensor(images, tf.float32)
+    masks = checked_masks(images, masks)
+    return region_embeddings(encoder(images, training=training), masks)
+
+
+MASKED_INPUT_SIGNATURE = [
+    tf.TensorSpec([None, None, None, 3], tf.float32, name=INPUT_NAME),
+    tf.TensorSpec([None, None, None, 1], tf.float32, name=MASK_NAME)]
+# Also traced for the restored function: masks of any rank (3 or 4), float32 or uint8 (a
+# signature has a single spec).
+_OTHER_MASK_SPECS = [tf.TensorSpec(None, tf.float32), tf.TensorSpec(None, tf.uint8)]
+
+
+def saved_model_root(encoder: keras.Model, serve, *,
+                     batchnorm_training: bool = False
+                     ) -> tf.__internal__.tracking.AutoTrackable:
     """The object written by ``tf.saved_model.save``: the encoder, its variable lists (as
     Keras' ExportArchive has them, so ``loaded.trainable_variables`` works after
-    ``tf.saved_model.load``) and the ``serving_default`` tf.function."""
+    ``tf.saved_model.load``), the ``serving_default`` tf.function and the
+    ``object_embeddings`` one (traced for float32 / uint8 masks with and without the
+    channel axis)."""
     root = tf.__internal__.tracking.AutoTrackable()
     root.encoder = encoder
     root.variables = list(encoder.variables)
     root.trainable_variables = list(encoder.trainable_variables)
     root.non_trainable_variables = list(encoder.non_trainable_variables)
     root.serving_default = tf.function(serve, input_signature=INPUT_SIGNATURE)
+
+    def masked(images, masks):
+        return object_embeddings(encoder, images, masks, training=batchnorm_training)
+    root.object_embeddings = tf.function(masked)
+    root.object_embeddings.get_concrete_function(*MASKED_INPUT_SIGNATURE)
+    for spec in _OTHER_MASK_SPECS:
+        root.object_embeddings.get_concrete_function(MASKED_INPUT_SIGNATURE[0], spec)
     return root
+
+
+def signatures_of(root) -> Dict[str, Any]:
+    """The SavedModel signatures of a :func:`saved_model_root`."""
+    return {SIGNATURE: root.serving_default,
+            MASKED_SIGNATURE: root.object_embeddings.get_concrete_function(
+                *MASKED_INPUT_SIGNATURE)}
 
 
 # Export --------------------------------------------------------------------------------------
 
 
 def export_encoder(encoder: keras.Model, export_dir: str, *,
-                   encoder_config: Dict[str, Any], output_stride: Optional[int] = 32,
+                   encoder_config: Dict[str, Any], output_stride: Optional[int] = None,
                    batchnorm_training: bool = False, overwrite: bool = False,
                    source: Optional[Dict[str, Any]] = None, onnx: bool = False,
                    onnx_opset: int = 17) -> Dict[str, Any]:
@@ -155,8 +285,8 @@ def export_encoder(encoder: keras.Model, export_dir: str, *,
       encoder: a built :class:`ResNet`.
       export_dir: target directory; must not exist unless ``overwrite``.
       encoder_config: the encoder's ``.config``.
-      output_stride: output stride of the exported encoder (32, 16, 8; ``None`` keeps
-        the pretraining one).
+      output_stride: output stride of the exported encoder: ``None`` (default) keeps the
+        pretraining one; 32, 16 or 8 converts it.
       batchnorm_training: serve with BatchNorm in training mode (batch statistics).
       source: where the weights came from (``model_dir``, ``checkpoint``, ``step``).
       onnx: also write ``encoder.onnx`` and check it with onnxruntime (needs the
@@ -187,6 +317,12 @@ def export_encoder(encoder: keras.Model, export_dir: str, *,
                                   "pooling": "global average"},
                     "feature_map": {"dtype": "float32",
                                     "shape": [None, None, None, encoder.feature_dim]}},
+        MASKED_SIGNATURE: {  # inputs: images as above, masks [B, H, W, 1] in [0, 1]
+            "inputs": {MASK_NAME: {"dtype": "float32", "shape": [None, None, None, 1],
+                                   "range": [0.0, 1.0], "foreground": 1}},
+            "outputs": ["foreground", "background", "global", "foreground_fraction"],
+            "pooling": "m = mask area-averaged to the feature grid; foreground = "
+                       "sum(h*m) / (sum(m) + 1e-6), background with 1 - m, global = mean(h)"},
         "normalization": {"mean": list(resnet.IMAGENET_MEAN), "std": list(resnet.IMAGENET_STD),
                           "applied_inside": True,
                           "note": "feed [0, 1] RGB images; do not normalise"},
@@ -197,8 +333,8 @@ def export_encoder(encoder: keras.Model, export_dir: str, *,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     with atomic.atomic_directory(export_dir, overwrite=overwrite) as tmp:
-        root = saved_model_root(encoder, serve)
-        tf.saved_model.save(root, tmp, signatures={SIGNATURE: root.serving_default})
+        root = saved_model_root(encoder, serve, batchnorm_training=batchnorm_training)
+        tf.saved_model.save(root, tmp, signatures=signatures_of(root))
         encoder.save_weights(os.path.join(tmp, WEIGHTS_FILE))
         if onnx:
             from harl_tf.downstream import onnx_export
@@ -240,7 +376,8 @@ def restore_encoder_from_model_dir(model_dir: str, step: Optional[int] = None):
 
 
 def export_from_model_dir(model_dir: str, export_dir: str, *, step: Optional[int] = None,
-                          output_stride: Optional[int] = 32, batchnorm_training: bool = False,
+                          output_stride: Optional[int] = None,
+                          batchnorm_training: bool = False,
                           overwrite: bool = False, onnx: bool = False) -> Dict[str, Any]:
     """Restores the online encoder of a pretraining ``model_dir`` (latest checkpoint or
     ``step``) and exports it with :func:`export_encoder`; returns the metadata."""

@@ -167,9 +167,10 @@ def test_weights_load_identically_from_export_and_checkpoint(tmp_path):
     make_model_dir(tmp_path / "run", steps=(5,))
     saved_encoder.export_from_model_dir(str(tmp_path / "run"), str(tmp_path / "export"))
     from_export = encoder_source.load_encoder(str(tmp_path / "export"))
-    from_checkpoint = encoder_source.load_encoder(str(tmp_path / "run"), output_stride=32)
+    from_checkpoint = encoder_source.load_encoder(str(tmp_path / "run"))
     assert from_export.kind == "export" and from_checkpoint.kind == "model_dir"
     assert from_export.config == from_checkpoint.config
+    assert from_export.config["output_stride"] == 16  # both as pretrained
     a = {v.path: v.numpy() for v in from_export.encoder.variables}
     b = {v.path: v.numpy() for v in from_checkpoint.encoder.variables}
     assert a.keys() == b.keys() and len(a) == 100
