@@ -1,0 +1,114 @@
+"""The benchmarks as a package: modules run from the repository root (``python -m
+bench.<name>``) with no import-path edits, and recipes read from flagfiles only — the
+learning benchmark's runs get exactly the pretraining flags they got when the budget was
+declared as the benchmark's own options."""
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from harl_tf import config
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# The budget bench_learning spelled out flag by flag before it read flags/bench_cutouts_base.cfg
+# (its defaults then: --steps=200 --batch_size=64 --image_size=64 ... --lambda_base=0.7).
+FORMER_CUTOUTS_BUDGET = [
+    "--image_size=64", "--depth=18", "--width_multiplier=1.0", "--small_stem=false",
+    "--output_stride=16", "--projector_hidden_dim=1024", "--projection_dim=256",
+    "--predictor_hidden_dim=1024", "--alpha_base=0.7", "--alpha_schedule=cosine",
+    "--lambda_base=0.7", "--lambda_schedule=cosine", "--batch_size=64", "--train_steps=200",
+    "--base_learning_rate=0.5", "--warmup_epochs=1.0", "--weight_decay=1e-06",
+    "--trust_coefficient=0.001", "--tau_base=0.99", "--probe_learning_rate=0.001"]
+# The sweep's former BASE dict, as bench_learning turned it into flags.
+FORMER_SWEEP_BUDGET = [
+    "--image_size=32", "--depth=18", "--width_multiplier=0.5", "--small_stem=false",
+    "--output_stride=8", "--projector_hidden_dim=1024", "--projection_dim=256",
+    "--predictor_hidden_dim=1024", "--alpha_base=0.7", "--alpha_schedule=cosine",
+    "--lambda_base=0.7", "--lambda_schedule=cosine", "--batch_size=128", "--train_steps=400",
+    "--base_learning_rate=1.0", "--warmup_epochs=1.0", "--weight_decay=1e-05",
+    "--trust_coefficient=0.02", "--tau_base=0.99", "--probe_learning_rate=0.001"]
+
+# One method's pretraining flags as bench_learning builds them (nothing is run).
+_PRETRAIN_FLAGS = """
+import json, sys
+from absl import flags
+from bench import bench_learning
+flags.FLAGS(["bench_learning", *json.loads(sys.argv[1])])
+bench_learning._num_train = lambda: int(sys.argv[2])  # instead of reading a manifest
+print(json.dumps(bench_learning.pretrain_flags("hybrid_conventional")))
+"""
+_SWEEP_COMMAND = """
+import json, sys
+from absl import flags
+from bench import sweep_learning
+flags.FLAGS(["sweep_learning", "--records_dir=/tmp/r", "--work_dir=/tmp/w"])
+print(json.dumps(sweep_learning.command(sys.argv[1])))
+"""
+
+
+def _python(code, *args):
+    done = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _values(argv):
+    """{flag: value} harl_tf.pretrain would run with (flagfiles resolved from the root)."""
+    return config.parse_argv(config.PretrainConfig, [
+        a.replace("--flagfile=flags/", f"--flagfile={ROOT}/flags/") for a in argv]).flag_values()
+
+
+def _run_flags(work, records, loss_mode, num_train, num_classes, seed, checkpoint_every):
+    return [f"--train_files={records}/train-*.tfrecord",
+            f"--model_dir={work}/runs/hybrid_conventional", f"--loss_mode={loss_mode}",
+            f"--num_train_examples={num_train}", f"--num_classes={num_classes}",
+            f"--shuffle_buffer={num_train}", f"--seed={seed}", "--deterministic",
+            "--strategy=default", f"--checkpoint_every_steps={checkpoint_every}",
+            "--keep_checkpoints=1", "--log_every_steps=10", "--image_summaries=0"]
+
+
+def test_no_import_path_edits():
+    offenders = [str(path.relative_to(ROOT)) for folder in ("bench", "tools", "harl_tf")
+                 for path in (ROOT / folder).rglob("*.py") if "sys.path" in path.read_text()]
+    assert offenders == []
+    for package in ("bench", "bench/experiments", "bench/common"):
+        assert (ROOT / package / "__init__.py").is_file(), package
+
+
+@pytest.mark.parametrize("args, budget, seed, checkpoint_every", [
+    ([], FORMER_CUTOUTS_BUDGET, 0, 100),
+    # --steps=600 --output_stride=8 --alpha_base=1.0 --seed=1 before
+    (["--extra_pretrain_flags=--train_steps=600 --output_stride=8 --alpha_base=1.0",
+      "--seed=1"],
+     FORMER_CUTOUTS_BUDGET + ["--train_steps=600", "--output_stride=8", "--alpha_base=1.0"],
+     1, 300)])
+def test_bench_learning_runs_the_former_cutouts_budget(tmp_path, args, budget, seed,
+                                                       checkpoint_every):
+    work = tmp_path / "work"
+    argv = _python(_PRETRAIN_FLAGS, json.dumps([f"--work_dir={work}", *args]), "3000")
+    assert argv[0] == f"--flagfile={ROOT}/flags/bench_cutouts_base.cfg"
+    former = budget + _run_flags(work, f"{work}/records/cutouts_conventional", "hybrid", 3000,
+                                 8, seed, checkpoint_every)
+    assert _values(argv) == _values(former)
+
+
+def test_sweep_configuration_runs_the_former_flags():
+    name = "hybrid_solo_64os8_noblur_crop025_1000_bf16"
+    command = _python(_SWEEP_COMMAND, name)
+    assert command[1:3] == ["-m", "bench.bench_learning"]
+    argv = _python(_PRETRAIN_FLAGS, json.dumps(command[3:]), "8000")
+    work = f"/tmp/w/{name}"
+    former = (FORMER_SWEEP_BUDGET
+              + ["--image_size=64", "--output_stride=8", "--train_steps=1000"]
+              + _run_flags(work, "/tmp/r/fmnist_scenes_validation_conventional", "hybrid",
+                           8000, 10, 0, 500)
+              + ["--blur_prob_scale=0", "--min_crop_area=0.25",
+                 "--mixed_precision=mixed_bfloat16"])
+    values = _values(argv)
+    assert values == _values(former)
+    assert (values["train_steps"], values["image_size"], values["mixed_precision"]) == (
+        1000, 64, "mixed_bfloat16")
