@@ -9,8 +9,8 @@ their value differently: ``--encoder_config`` (a JSON object, JSON file or expor
 directory for a dict), ``--output_stride`` (``keep`` for None) and ``--weight_decay_grid``
 (a comma-separated string for a tuple; the binary chooses whether it applies from which
 flags were given, ``finetune.weight_decay_grid``). Enum choices come from the registries
-that use them (:data:`MODES`, :data:`EVAL_BACKGROUNDS` here; ``config.OUTPUT_STRIDES``,
-``distribute.STRATEGIES``).
+that use them (:data:`MODES`, :data:`EVAL_BACKGROUNDS`, :data:`EMBEDDINGS` here;
+``config.OUTPUT_STRIDES``, ``distribute.STRATEGIES``).
 
 This is a module of its own, not a section of :mod:`harl_tf.config`: the finetune flags
 are another binary's flags (``--batch_size``, ``--epochs``, ``--seed`` mean other things
@@ -27,6 +27,8 @@ from harl_tf.config import OUTPUT_STRIDES, ConfigError, check_fields, option
 
 MODES = ("linear", "finetune", "knn")
 EVAL_BACKGROUNDS = ("original", "mixed_rand", "both")
+# --embedding: the pooled region of the feature map a classifier reads (SPEC section 4).
+EMBEDDINGS = ("global", "foreground", "background")
 RANDOM = "random"  # --encoder=random: a randomly initialised encoder (the baseline)
 KEEP = "keep"      # --output_stride=keep: the stride the encoder was exported with
 DEFAULT_VALIDATION_FRACTION = 0.2
@@ -115,6 +117,13 @@ class EvaluationConfig:
     standardize_features: bool = option(
         True, "Linear mode on precomputed features: standardise each feature channel with "
         "the train split's mean and std before the linear layer.")
+    embedding: str = option(
+        "global", "What linear, finetune and knn classify: global = the mean of the "
+        "feature map; foreground / background = the feature map pooled over the records' "
+        "masks, sum(h*m) / (sum(m) + 1e-6) with m the mask area-averaged to the feature "
+        "grid (foreground: HARL's object embedding). The masks are the records' own: "
+        "heuristic, or exact when the records were built with exact masks.",
+        choices=EMBEDDINGS)
     knn_k: int = option(20, "k of the k-NN classifier.", low=1)
     knn_temperature: float = option(0.07, "Temperature T of the exp(cos / T) votes.",
                                     low=0, open_low=True)
@@ -165,5 +174,8 @@ class EvaluationConfig:
         if list_files is not None:
             for flag in ("train_files", "eval_files"):
                 list_files(getattr(self, flag), caller=f"--{flag}")
+        if self.embedding != "global" and self.mode not in ("linear", "finetune", "knn"):
+            raise ConfigError(f"--embedding={self.embedding} applies to --mode=linear, "
+                              f"finetune and knn, not --mode={self.mode}.")
         if self.encoder == RANDOM and not self.encoder_config:
             raise ConfigError("--encoder=random needs --encoder_config.")

@@ -70,8 +70,6 @@ SIGNATURE = "serving_default"
 INPUT_NAME = "images"
 MASKED_SIGNATURE = "object_embeddings"
 MASK_NAME = "masks"
-# The pooled regions of the masked signature and of ``finetune --embedding``.
-REGIONS = ("global", "foreground", "background")
 FORMAT_VERSION = 1
 
 

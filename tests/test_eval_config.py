@@ -47,7 +47,7 @@ def test_every_field_is_a_finetune_flag_with_its_declared_default_and_help():
     info = json.loads(out.strip().splitlines()[-1])
     defined = info["flags"]
     fields = {f.name: f for f in dataclasses.fields(EvaluationConfig)}
-    assert set(defined) == set(fields) and len(fields) == 31
+    assert set(defined) == set(fields) and "embedding" in fields
     assert defined["knn_k"]["default"] == fields["knn_k"].default == 20
     assert defined["knn_k"]["help"] == fields["knn_k"].metadata["help"] == \
         "k of the k-NN classifier."
@@ -55,7 +55,10 @@ def test_every_field_is_a_finetune_flag_with_its_declared_default_and_help():
     assert defined["weight_decay_grid"]["default"] == "0,1e-4,1e-3,1e-2,1e-1,1"
     assert eval_config.parse_grid(defined["weight_decay_grid"]["default"]) == (
         0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0) == eval_config.DEFAULT_GRID
-    assert defined["mode"]["enum"] == ["linear", "finetune", "knn"]
+    assert defined["mode"]["enum"][:3] == ["linear", "finetune", "knn"]
+    assert defined["mode"]["enum"] == list(eval_config.MODES)
+    assert defined["embedding"]["enum"] == ["global", "foreground", "background"]
+    assert defined["embedding"]["default"] == "global"  # what every probe read before
     assert defined["eval_background"]["enum"] == list(eval_config.EVAL_BACKGROUNDS)
     assert defined["strategy"]["enum"] == list(distribute.STRATEGIES)
     assert defined["output_stride"]["enum"] == ["keep", "32", "16", "8"]
@@ -89,7 +92,8 @@ def test_parsed_flags_build_the_config_the_field_names_build():
 @pytest.mark.parametrize("change, message", [
     (dict(knn_k=0), "--knn_k must be >= 1, got 0."),
     (dict(label_fraction=1.5), "--label_fraction must be in (0, 1], got 1.5."),
-    (dict(mode="bogus"), "--mode must be one of 'linear', 'finetune', 'knn'; got 'bogus'."),
+    (dict(mode="bogus"), "--mode must be one of "
+     f"{', '.join(repr(m) for m in eval_config.MODES)}; got 'bogus'."),
     (dict(output_stride=4), "--output_stride must be one of 8, 16, 32; got 4."),
     (dict(learning_rate=0.0), "--learning_rate must be positive, got 0.0."),
     (dict(encoder=""), "--encoder is required (the encoder to evaluate)."),
@@ -100,6 +104,11 @@ def test_parsed_flags_build_the_config_the_field_names_build():
      "value must be < 1"),
     (dict(weight_decay_grid=(0.0,), validation_fraction=1.0),
      "--validation_fraction must be in (0, 1), got 1.0."),
+    (dict(embedding="middle"),
+     "--embedding must be one of 'global', 'foreground', 'background'; got 'middle'."),
+    (dict(mode="segmentation", weight_decay_grid=(), embedding="foreground"),
+     "--embedding=foreground applies to --mode=linear, finetune and knn, not "
+     "--mode=segmentation."),
 ])
 def test_validate_names_the_flag_in_one_line(change, message):
     good = dict(encoder="random", encoder_config={"depth": 18}, train_files="train",
@@ -136,9 +145,12 @@ def test_the_binary_rejects_bad_values_with_one_line_naming_the_flag(tmp_path):
     cases = {
         "--knn_k must be >= 1, got 0.": ok + ["--mode=knn", "--knn_k=0"],
         "--label_fraction must be in (0, 1], got 1.5.": ok + ["--label_fraction=1.5"],
-        "flag --mode=bogus: value should be one of <linear|finetune|knn>": ok + ["--mode=bogus"],
+        f"flag --mode=bogus: value should be one of <{'|'.join(eval_config.MODES)}>":
+            ok + ["--mode=bogus"],
         "flag --output_stride=4: value should be one of <keep|32|16|8>":
             ok + ["--output_stride=4"],
+        "flag --embedding=middle: value should be one of <global|foreground|background>":
+            ok + ["--embedding=middle"],
         "--weight_decay_grid applies to --mode=linear on precomputed features only (not "
         "--linear_augmentation); pass --weight_decay_grid= and a fixed --weight_decay.":
             ok + ["--mode=knn", "--weight_decay_grid=0,1e-3"],

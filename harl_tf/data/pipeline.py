@@ -313,12 +313,14 @@ def train_classifier_dataset(file_pattern: str, batch_size: int, image_size: int
                              shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
                              crop_area=(0.08, 1.0), flip_prob: float = 0.5,
                              fused_crop: bool = DEFAULT_FUSED_CROP,
-                             repeat: bool = True, start_example: int = 0) -> tf.data.Dataset:
+                             repeat: bool = True, start_example: int = 0,
+                             with_mask: bool = False) -> tf.data.Dataset:
     """Training batches for linear evaluation / fine-tuning (SPEC §8): Inception crop
     (area ``crop_area``, aspect 3/4–4/3) and horizontal flip, no colour.
 
-    Returns a dataset of {"image": float32 [B, S, S, 3] in [0, 1], "label": int64 [B]};
-    arguments as in :func:`pretrain_dataset`.
+    Returns a dataset of {"image": float32 [B, S, S, 3] in [0, 1], "label": int64 [B]},
+    and with ``with_mask`` "mask": float32 [B, S, S, 1] in {0, 1} (the record's mask, same
+    crop and flip); arguments as in :func:`pretrain_dataset`.
     """
     config = augment.ViewConfig(crop_area=tuple(crop_area),
                                 flip_prob=flip_prob).geometry_only()
@@ -326,8 +328,11 @@ def train_classifier_dataset(file_pattern: str, batch_size: int, image_size: int
     def make_view(serialized, example_seed):
         parsed = schema.parse_example(serialized)
         (view,) = augment.record_views(parsed, example_seed, [config], image_size,
-                                       fused_crop=fused_crop, with_mask=False)
-        return {"image": view.image, "label": parsed["label"]}
+                                       fused_crop=fused_crop, with_mask=with_mask)
+        batch = {"image": view.image, "label": parsed["label"]}
+        if with_mask:
+            batch["mask"] = view.mask
+        return batch
 
     return _augmented_batches(
         "train_classifier_dataset", file_pattern, make_view, batch_size, image_size,
@@ -338,17 +343,19 @@ def train_classifier_dataset(file_pattern: str, batch_size: int, image_size: int
 def eval_dataset(file_pattern: str, batch_size: int, image_size: int, *,
                  crop_fraction: float = 0.875,
                  input_context: Optional[tf.distribute.InputContext] = None,
-                 fused_crop: bool = DEFAULT_FUSED_CROP) -> tf.data.Dataset:
+                 fused_crop: bool = DEFAULT_FUSED_CROP,
+                 with_mask: bool = False) -> tf.data.Dataset:
     """Evaluation batches: one pass, in file order (sorted file names, then record order),
     no augmentation. Each image is cut to its central square of side
-    ``floor(crop_fraction · min(H, W))`` and resized (bicubic) to S × S.
+    ``floor(crop_fraction · min(H, W))`` and resized (bicubic) to S × S; with
+    ``with_mask`` its mask too (same window, nearest neighbour).
 
     With ``input_context``, pipeline i keeps records i, i + n, ... (records, not files, so
     that every record is seen exactly once whatever the number of files). The last batch
     may be smaller.
 
     Returns a dataset of {"image": float32 [B, S, S, 3] in [0, 1], "label": int64 [B],
-    "id": string [B]}.
+    "id": string [B]} and with ``with_mask`` "mask": float32 [B, S, S, 1] in {0, 1}.
     """
     caller = "eval_dataset"
     _check_sizes(caller, batch_size, image_size)
@@ -363,12 +370,23 @@ def eval_dataset(file_pattern: str, batch_size: int, image_size: int, *,
     @tf.autograph.experimental.do_not_convert
     def center(serialized):
         parsed = schema.parse_example(serialized)
-        (cropped,), _, _ = augment.decode_and_crop(
+        (cropped,), (window,), shape = augment.decode_and_crop(
             parsed["image"], [lambda shape: augment.central_crop_window(shape, crop_fraction)],
             fused=fused_crop)
         image = augment.resize_image(cropped, image_size, "bicubic")
         image.set_shape([image_size, image_size, 3])
-        return {"image": image, "label": parsed["label"], "id": parsed["id"]}
+        batch = {"image": image, "label": parsed["label"], "id": parsed["id"]}
+        if with_mask:
+            mask = schema.decode_mask(parsed)
+            check = tf.debugging.Assert(  # the window was drawn on the image's shape
+                tf.reduce_all(tf.equal(tf.shape(mask)[:2], shape[:2])),
+                ["harl-tf record: the mask and the image differ in size (rebuild the "
+                 "record); id, mask shape, image shape:", parsed["id"], tf.shape(mask), shape])
+            with tf.control_dependencies([check]):
+                mask = augment.resize_mask(augment.crop(mask, window), image_size)
+            mask.set_shape([image_size, image_size, 1])
+            batch["mask"] = mask
+        return batch
 
     dataset = dataset.map(center, num_parallel_calls=AUTOTUNE, deterministic=True)
     dataset = dataset.batch(int(batch_size), drop_remainder=False)

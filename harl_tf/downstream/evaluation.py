@@ -19,6 +19,12 @@ for the final score. ``eval_background``: ``original`` (the records as they are)
 another class, :mod:`harl_tf.data.background_shift`; the shifted records are written to
 ``output_dir/eval_mixed_rand``) or ``both`` (and the gap between the two top-1s).
 
+``embedding`` (linear, finetune, knn): what the classifier reads, the global average of
+the feature map or its foreground / background pooled over the records' masks with the
+same crop (HARL's object embedding; :func:`linear.pooled_embedding`). The masks are the
+records' own, heuristic unless the records were built with exact ones; the results name
+the records' mask methods and how many examples had an empty region (pooled to zero).
+
 With ``label_fraction < 1`` the training split is reduced to a deterministic,
 class-balanced subset (:mod:`subsets`); training ids that also occur in the evaluation
 split are never used, whatever the fraction. The ids trained on are written to
@@ -33,10 +39,12 @@ import os
 import time
 from typing import Any, Dict, Optional
 
+import numpy as np
 import tensorflow as tf
 
 from harl_tf import atomic, distribute, saved_encoder
 from harl_tf.config import ConfigError
+from harl_tf.errors import HarlError
 from harl_tf.data import background_shift, pipeline
 from harl_tf.downstream import encoder_source, knn, linear, probe_selection, subsets
 # The config is declared TensorFlow-free in eval_config (the finetune flags are made from
@@ -92,6 +100,14 @@ def _evaluate(config: EvaluationConfig,
     # The shifted evaluation records come before the encoder: an empty mask fails fast.
     eval_sets = _evaluation_sets(config)
 
+    masked = config.embedding != "global"
+    mask_methods = None
+    if masked:  # every split has masks, checked before the encoder loads
+        splits = {"train": (train_files, "train_files"),
+                  **{f"eval_{k}": (v, "eval_files") for k, v in eval_sets.items()}}
+        mask_methods = {name: record_mask_methods(files, flag=flag, embedding=config.embedding)
+                        for name, (files, flag) in splits.items()}
+
     with strategy.scope():
         source = encoder_source.load_encoder(
             config.encoder, encoder_config=config.encoder_config, step=config.step,
@@ -100,19 +116,25 @@ def _evaluate(config: EvaluationConfig,
 
     def centre_crops(files):
         return pipeline.eval_dataset(files, config.eval_batch_size, config.image_size,
-                                     crop_fraction=config.crop_fraction)
+                                     crop_fraction=config.crop_fraction, with_mask=masked)
+
+    def features_of(files, desc):
+        return linear.extract_features(encoder, centre_crops(files), desc=desc,
+                                       embedding=config.embedding)
 
     def eval_features(name, files):
-        return linear.extract_features(encoder, centre_crops(files),
-                                       desc=f"eval features ({name})")
+        queries = features_of(files, f"eval features ({name})")
+        empty_regions[f"eval_{name}"] = _empty_regions(queries)
+        return queries
 
     details: Dict[str, Any] = {}
     selection = None
     weight_decay = config.weight_decay
     scores: Dict[str, Dict[str, float]] = {}  # eval background -> {"top1", "top5"}
+    empty_regions: Dict[str, Optional[int]] = {}  # split -> examples pooled over no pixel
     if config.mode == "knn" or (config.mode == "linear" and not config.linear_augmentation):
-        train_features = linear.extract_features(encoder, centre_crops(train_files),
-                                                 desc="train features")
+        train_features = features_of(train_files, "train features")
+        empty_regions["train"] = _empty_regions(train_features)
         if config.mode == "knn":
             for name, files in eval_sets.items():
                 queries = eval_features(name, files)
@@ -151,10 +173,11 @@ def _evaluate(config: EvaluationConfig,
     else:
         with strategy.scope():
             model = linear.Classifier(encoder, num_classes,
-                                      freeze_encoder=config.mode == "linear")
+                                      freeze_encoder=config.mode == "linear",
+                                      embedding=config.embedding)
         train_dataset = pipeline.train_classifier_dataset(
             train_files, config.batch_size, config.image_size, seed=config.seed,
-            crop_area=(config.min_crop_area, 1.0))
+            crop_area=(config.min_crop_area, 1.0), with_mask=masked)
         steps_per_epoch = max(1, len(chosen) // config.batch_size)
         linear.fit_classifier(model, train_dataset, epochs=config.epochs,
                               steps_per_epoch=steps_per_epoch,
@@ -182,6 +205,8 @@ def _evaluate(config: EvaluationConfig,
         "train_ids_file": TRAIN_IDS_FILE,
         "encoder": {"kind": source.kind, "config": source.config, **source.description},
         "details": details,
+        "embedding": {"name": config.embedding, "mask_methods": mask_methods,
+                      "empty_regions": empty_regions or None},
         "weight_decay": weight_decay,
         "weight_decay_selection": selection,
         "background": _background_summary(config, scores),
@@ -191,6 +216,46 @@ def _evaluate(config: EvaluationConfig,
     }
     atomic.write_json_atomic(os.path.join(config.output_dir, RESULTS_FILE), results)
     return results
+
+
+class MissingMasksError(HarlError):
+    """A foreground or background embedding on records without masks."""
+
+
+_MASK_FEATURES = {
+    "id": tf.io.FixedLenFeature([], tf.string, default_value=b""),
+    "mask/encoded": tf.io.FixedLenFeature([], tf.string, default_value=b""),
+    "mask/method": tf.io.FixedLenFeature([], tf.string, default_value=b""),
+}
+
+
+def record_mask_methods(file_pattern: str, *, flag: str, embedding: str) -> Dict[str, int]:
+    """``{mask method: number of records}`` of the records (``mask/method``: heuristic
+    ones such as ``conventional``, exact ones such as ``ground_truth``), reading no image;
+    a record without a mask is a :class:`MissingMasksError` naming the flag, the file and
+    the record."""
+    methods: Dict[str, int] = {}
+    for path in pipeline.list_files(file_pattern, caller=f"--{flag}"):
+        dataset = tf.data.TFRecordDataset(path).batch(4096).map(
+            lambda s: tf.io.parse_example(s, _MASK_FEATURES))
+        for batch in dataset:
+            missing = tf.strings.length(batch["mask/encoded"]).numpy() == 0
+            if missing.any():
+                raise MissingMasksError(
+                    f"--embedding={embedding} pools the feature map over the records' masks, "
+                    f"but --{flag}: {path} has records without a mask (e.g. id "
+                    f"{batch['id'].numpy()[missing.argmax()].decode()!r}); build them with a "
+                    "mask method (tools/build_tfrecords.py) or use --embedding=global.")
+            for method in batch["mask/method"].numpy():
+                methods[method.decode()] = methods.get(method.decode(), 0) + 1
+    return methods
+
+
+def _empty_regions(features: linear.Features) -> Optional[int]:
+    """Examples whose pooled region covers no pixel (they pool to the zero vector)."""
+    if features.region_fractions is None:
+        return None
+    return int(np.sum(features.region_fractions <= 0.0))
 
 
 def _evaluation_sets(config: EvaluationConfig) -> Dict[str, str]:

@@ -19,7 +19,8 @@ Full fine-tuning (semi-supervised 1 % / 10 %, transfer fine-tuning) trains the s
 
 Optimiser everywhere: SGD with Nesterov momentum 0.9 and a cosine-decayed learning rate
 (no warm-up), optional decoupled weight decay. The classifier is ``logits = W x + b``
-on the global-average-pooled feature map x ``[B, C]``.
+on the pooled feature map x ``[B, C]``: its global average, or (``embedding``) its
+foreground or background pooled over the records' masks (:func:`pooled_embedding`).
 """
 from __future__ import annotations
 
@@ -27,12 +28,14 @@ import dataclasses
 import logging
 import math
 import os
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from harl_tf import saved_encoder
+from harl_tf.eval_config import EMBEDDINGS
 from harl_tf.progress import progress
 
 
@@ -55,26 +58,62 @@ def topk_accuracy(scores: np.ndarray, labels: np.ndarray,
 
 @dataclasses.dataclass
 class Features:
-    """Pooled features ``[N, C]`` float32, labels ``[N]`` int64 and ids ``[N]`` str."""
+    """Pooled features ``[N, C]`` float32, labels ``[N]`` int64 and ids ``[N]`` str;
+    ``region_fractions`` ``[N]``: the area fraction of the pooled mask region (foreground
+    or background embeddings; None for global ones), 0 where the region is empty."""
     features: np.ndarray
     labels: np.ndarray
     ids: np.ndarray
+    region_fractions: Optional[np.ndarray] = None
 
     def __len__(self):
         return len(self.labels)
 
 
-def extract_features(encoder: keras.Model, dataset: tf.data.Dataset, *,
-                     desc: str = "features") -> Features:
-    """Global-average-pooled features of every batch of ``dataset`` ({"image", "label",
-    "id"}, as ``pipeline.eval_dataset``), with the encoder in inference mode."""
-    @tf.function(reduce_retracing=True)
-    def embed(images):
-        return tf.reduce_mean(encoder(images, training=False), axis=[1, 2])
+def check_embedding(embedding: str) -> None:
+    """ValueError naming --embedding unless it is one of ``eval_config.EMBEDDINGS``."""
+    if embedding not in EMBEDDINGS:
+        raise ValueError(f"--embedding must be one of {', '.join(EMBEDDINGS)}; got "
+                         f"{embedding!r}.")
 
-    features, labels, ids = [], [], []
+
+def pooled_embedding(feature_map: tf.Tensor, masks: Optional[tf.Tensor],
+                     embedding: str = "global") -> Tuple[tf.Tensor, Optional[tf.Tensor]]:
+    """``(features [B, C], region fraction [B] or None)`` of a feature map ``[B, h, w, C]``.
+
+    ``global``: the mean over all positions. ``foreground`` / ``background``: HARL's
+    pooling over ``masks`` float32 ``[B, H, W, 1]`` in [0, 1] at image resolution
+    (:func:`harl_tf.saved_encoder.region_embeddings`: m = the mask area-averaged to the
+    feature grid, Σ h·m / (Σ m + ε), and 1 − m for the background); the fraction is the
+    region's area, (1/hw) Σ m or 1 − that.
+    """
+    check_embedding(embedding)
+    if embedding == "global":
+        return tf.reduce_mean(feature_map, axis=[1, 2]), None
+    if masks is None:
+        raise ValueError(f"--embedding={embedding} pools over masks, but the batches have "
+                         "none (make them with with_mask=True).")
+    regions = saved_encoder.region_embeddings(feature_map, masks)
+    fraction = regions["foreground_fraction"]
+    return regions[embedding], fraction if embedding == "foreground" else 1.0 - fraction
+
+
+def extract_features(encoder: keras.Model, dataset: tf.data.Dataset, *,
+                     desc: str = "features", embedding: str = "global") -> Features:
+    """Pooled features (:func:`pooled_embedding`) of every batch of ``dataset`` ({"image",
+    "label", "id"} and, for a foreground or background ``embedding``, "mask", as
+    ``pipeline.eval_dataset``), with the encoder in inference mode."""
+    @tf.function(reduce_retracing=True)
+    def embed(images, masks):
+        return pooled_embedding(encoder(images, training=False), masks, embedding)
+
+    check_embedding(embedding)
+    features, labels, ids, fractions = [], [], [], []
     for batch in progress(dataset, desc=desc, unit=" batches", leave=False):
-        features.append(embed(batch["image"]).numpy())
+        pooled, fraction = embed(batch["image"], batch.get("mask"))
+        features.append(pooled.numpy())
+        if fraction is not None:
+            fractions.append(fraction.numpy())
         labels.append(batch["label"].numpy())
         ids.append(batch["id"].numpy() if "id" in batch else
                    np.full(len(labels[-1]), b""))
@@ -82,11 +121,15 @@ def extract_features(encoder: keras.Model, dataset: tf.data.Dataset, *,
         raise ValueError(f"{desc}: the dataset is empty.")
     return Features(np.concatenate(features).astype(np.float32),
                     np.concatenate(labels).astype(np.int64),
-                    np.asarray([i.decode() for i in np.concatenate(ids)], dtype=object))
+                    np.asarray([i.decode() for i in np.concatenate(ids)], dtype=object),
+                    np.concatenate(fractions) if fractions else None)
 
 
 class Classifier(keras.Model):
-    """``logits = Dense(num_classes)(mean_hw(encoder(images)))``.
+    """``logits = Dense(num_classes)(pooled(encoder(images)))``, pooled as
+    :func:`pooled_embedding` with ``embedding`` (global: the mean of the feature map; a
+    foreground or background embedding takes ``(images, masks)`` as its input, see
+    :meth:`inputs_of`, and the gradient flows through the mask pooling into the encoder).
 
     With ``freeze_encoder`` the encoder's weights are not trained and it always runs in
     inference mode (linear probe); otherwise it is fine-tuned with BatchNorm in training
@@ -94,12 +137,22 @@ class Classifier(keras.Model):
     """
 
     def __init__(self, encoder: keras.Model, num_classes: int, *,
-                 freeze_encoder: bool = True, name: str = "classifier", **kwargs):
+                 freeze_encoder: bool = True, embedding: str = "global",
+                 name: str = "classifier", **kwargs):
         super().__init__(name=name, **kwargs)
+        check_embedding(embedding)
         self.encoder = encoder
         self.freeze_encoder = bool(freeze_encoder)
+        self.embedding = embedding
         self.encoder.trainable = not self.freeze_encoder
         self.head = keras.layers.Dense(num_classes, kernel_initializer="zeros", name="head")
+
+    def inputs_of(self, batch):
+        """The model's input from a batch {"image", "mask", ...}: the images, or
+        ``(images, masks)`` for a foreground or background embedding."""
+        if self.embedding == "global":
+            return batch["image"]
+        return batch["image"], batch["mask"]
 
     def build(self, input_shape=(None, None, None, 3)):
         """Creates the head's variables (the encoder is built already)."""
@@ -108,10 +161,11 @@ class Classifier(keras.Model):
         self.head.build((None, self.encoder.feature_dim))
         self.built = True
 
-    def call(self, images, training=None):
+    def call(self, inputs, training=None):
+        images, masks = (inputs, None) if self.embedding == "global" else inputs
         encoder_training = False if self.freeze_encoder else training
         features = self.encoder(images, training=encoder_training)
-        return self.head(tf.reduce_mean(features, axis=[1, 2]))
+        return self.head(pooled_embedding(features, masks, self.embedding)[0])
 
 
 def sgd(learning_rate: float, total_steps: int, *, momentum: float = 0.9,
@@ -222,7 +276,7 @@ def fit_classifier(model: Classifier, train_dataset: tf.data.Dataset, *, epochs:
         compile_classifier(model, sgd(learning_rate, steps_per_epoch * epochs,
                                       momentum=momentum, weight_decay=weight_decay),
                            model.head.units)
-    pairs = train_dataset.map(lambda b: (b["image"], b["label"]))
+    pairs = train_dataset.map(lambda b: (model.inputs_of(b), b["label"]))
     history = model.fit(pairs, epochs=epochs, steps_per_epoch=steps_per_epoch,
                         shuffle=False,  # the input pipeline shuffles
                         callbacks=_callbacks(output_dir), verbose=verbose)
@@ -234,13 +288,14 @@ def fit_classifier(model: Classifier, train_dataset: tf.data.Dataset, *, epochs:
 def predict_scores(model: keras.Model, dataset: tf.data.Dataset, *,
                    desc: str = "evaluate"):
     """``(logits [N, num_classes], labels [N])`` of a :class:`Classifier` over
-    ``dataset`` ({"image", "label", ...}, one pass), in inference mode."""
+    ``dataset`` ({"image", "label", ...}, and "mask" for a foreground or background
+    embedding; one pass), in inference mode."""
     @tf.function(reduce_retracing=True)
-    def logits_of(images):
-        return model(images, training=False)
+    def logits_of(inputs):
+        return model(inputs, training=False)
 
     logits, labels = [], []
     for batch in progress(dataset, desc=desc, unit=" batches", leave=False):
-        logits.append(logits_of(batch["image"]).numpy())
+        logits.append(logits_of(model.inputs_of(batch)).numpy())
         labels.append(batch["label"].numpy())
     return np.concatenate(logits), np.concatenate(labels).astype(np.int64)
