@@ -1,20 +1,31 @@
-"""Deep masks (frozen encoder + 1×1 head) vs conventional masks on ../shared/data/cutouts.
+"""Deep masks (frozen encoder + saliency head) beside conventional masks, on the test split
+of an image folder with exact masks (../shared/data/fmnist-scenes or ../shared/data/cutouts).
+
+Nothing of the test split chooses anything. The train split is cut (seeded) into a head
+part (``--train_limit`` images) and a disjoint SELECTION part (``--select_limit`` images):
 
 1. Encoder: ``--encoder`` (an export SavedModel), or else a RANDOMLY INITIALISED ResNet
-   (``--encoder_config``, default ResNet-18 at output stride 8) exported to a temporary
-   SavedModel through :mod:`harl_tf.saved_encoder`, so both cases run the same
-   SavedModel path. A random encoder is a baseline, labelled as such in the output.
-2. Train the head on a seeded subset of ``--train_limit`` TRAIN images whose pseudo-masks
-   are the CONVENTIONAL masks (``get_method("conventional")``, computed here; no labels).
-3. On a seeded subset of ``--test_limit`` TEST images: mean IoU against the ground-truth
-   masks of the deep masks after every training round and of the conventional masks of
-   the same images; deep inference speed (images/s: JPEG decode, resize, encoder, head,
-   upsampling, threshold; batched through ``predict_files``) and conventional speed.
+   (``--encoder_config``) exported to a temporary SavedModel (a baseline, labelled so).
+2. Pseudo-masks of the head part: the CONVENTIONAL masks (``--pseudo_masks_dir``, a folder
+   from tools/generate_masks.py, or computed here); no exact mask is used in training.
+3. Settings: every combination of ``--input_sizes_grid`` × ``--fusion_grid`` (round-0
+   heads), then ``--refine_grid`` × ``--threshold_grid`` on the best, then
+   ``--self_training_grid`` (rounds on refined masks), each scored by mean IoU on the
+   SELECTION part against its exact masks (``--select_against=exact``; held-out TRAIN
+   images, never test) or against its conventional masks (``=conventional``, label-free).
+4. The chosen settings are retrained through ``train_saliency_head`` (the saved model's
+   code path) and scored on ``--test_limit`` TEST images (0 = all) beside the paper's
+   configuration (``--paper_input_size``, no fusion, no refinement, no self-training,
+   threshold 0.5) and the conventional masks of the same images; images/s for each
+   (deep: JPEG decode, encoder, head, refinement, threshold through ``predict_files``).
 
-Writes ``bench/results/bench_masks_deep.json``.
+Writes ``bench/results/<--results_name>.json``; prints the train_saliency_head flags of the
+chosen settings.
 
-    python -m bench.bench_masks_deep [--train_limit 400] [--test_limit 400]
-        [--image_size 128] [--epochs 20] [--self_training_rounds 1] [--encoder DIR]
+    python -m bench.bench_masks_deep --data=../shared/data/fmnist-scenes \
+        --encoder=/work/runs/m8_s0/exports/hybrid_conventional \
+        --pseudo_masks_dir=/work/runs/records/fmnist_scenes_folders/conventional_masks/train \
+        --results_name=bench_masks_deep_fmnist_scenes
 """
 from __future__ import annotations
 
@@ -30,38 +41,188 @@ from absl import app, flags  # noqa: E402
 
 from bench import common  # noqa: E402
 from harl_tf.masks import deep, folder, get_method, quality  # noqa: E402
+from harl_tf.masks.deep import head_training, refine  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("data", "../shared/data/cutouts", "cutouts dataset root.")
+flags.DEFINE_string("data", "../shared/data/fmnist-scenes", "Dataset root (train/ and test/ "
+                    "with images/ and masks/).")
 flags.DEFINE_string("encoder", None, "Encoder SavedModel export dir (default: a randomly "
                     "initialised ResNet of --encoder_config).")
-flags.DEFINE_string("encoder_config", '{"depth": 18, "output_stride": 8}',
+flags.DEFINE_string("encoder_config",
+                    '{"depth": 18, "width_multiplier": 0.5, "output_stride": 8}',
                     "ResNet config (JSON) of the random encoder without --encoder.")
-flags.DEFINE_integer("train_limit", 400, "Train images the head learns from (seeded subset).")
-flags.DEFINE_integer("test_limit", 400, "Test images scored (seeded subset).")
-flags.DEFINE_integer("image_size", 128, "Head input side, px.")
+flags.DEFINE_string("pseudo_masks_dir", None, "Conventional masks of the TRAIN images "
+                    "(default: computed here).")
+flags.DEFINE_integer("train_limit", 1500, "Train images the head learns from (seeded).")
+flags.DEFINE_integer("select_limit", 300, "Held-out train images scoring the settings.")
+flags.DEFINE_enum("select_against", "exact", ["exact", "conventional"],
+                  "What the selection images are scored against (both are train images).")
+flags.DEFINE_integer("test_limit", 0, "Test images scored (seeded subset; 0 = all).")
+flags.DEFINE_integer("paper_input_size", 0, "Encoder input of the paper's configuration "
+                     "(0 = the images' own size).")
+flags.DEFINE_list("input_sizes_grid", ["64", "128", "64+128"], "Encoder input size(s) "
+                  "candidates ('+' joins multi-scale sizes).")
+flags.DEFINE_list("fusion_grid", ["none", "sigma0.4+no_grabcut"], "Pseudo-label fusion "
+                  "candidates: conventional settings ('+'-joined) fused with the "
+                  "pseudo-masks, or none.")
+flags.DEFINE_list("refine_grid", ["none", "segments", "guided", "grabcut"],
+                  "Refinement candidates (harl_tf.masks.deep.refine methods).")
+flags.DEFINE_list("threshold_grid", ["0.4", "0.5", "0.6"], "Threshold candidates.")
+flags.DEFINE_list("self_training_grid", ["0", "1", "2"], "Self-training rounds candidates "
+                  "(labels: the refined masks).")
 flags.DEFINE_integer("epochs", 20, "Head training epochs per round.")
-flags.DEFINE_integer("self_training_rounds", 1, "Self-training rounds (each relabels the cells "
-                     "with the head's own masks, then trains again).")
-flags.DEFINE_bool("balance_classes", True, "Weigh foreground and background cells "
-                  "equally in the head's loss.")
-flags.DEFINE_integer("batch_size", 32, "Batch size (training and inference).")
+flags.DEFINE_integer("batch_size", 32, "Batch size (features and inference).")
 flags.DEFINE_integer("seed", 0, "Seed of the subsets and the head.")
-flags.DEFINE_string("output", os.path.join(common.RESULTS_DIR, "bench_masks_deep.json"),
-                    "Results file.")
+flags.DEFINE_string("results_name", "bench_masks_deep", "bench/results/<name>.json")
+
+# Refinement presets of --refine_grid (guided: a window of 4 working px, eps 0.02).
+REFINEMENTS = {"none": deep.RefineConfig("none"), "segments": deep.RefineConfig("segments"),
+               "guided": deep.RefineConfig("guided", radius=4, eps=0.02),
+               "grabcut": deep.RefineConfig("grabcut")}
 
 
-def subset(paths, limit, seed):
-    if 0 < limit < len(paths):
-        chosen = np.random.default_rng(seed).choice(len(paths), limit, replace=False)
-        paths = [paths[i] for i in sorted(chosen)]
-    return paths
+def split_train(relative, train_limit, select_limit, seed):
+    """Disjoint seeded head / selection parts of the train split."""
+    order = np.random.default_rng(seed).permutation(len(relative))
+    head = sorted(relative[i] for i in order[:train_limit])
+    select = sorted(relative[i] for i in order[train_limit:train_limit + select_limit])
+    return head, select
+
+
+def read(data, split, relative, masks_dir=None):
+    images = [folder.read_image(os.path.join(data, split, "images", rel)) for rel in relative]
+    masks_dir = masks_dir or os.path.join(data, split, "masks")
+    masks = [quality.read_mask(os.path.join(masks_dir, folder.mask_relpath(rel)))
+             for rel in relative]
+    return images, masks
+
+
+def sizes_of(text):
+    return [int(v) for v in text.split("+")]
+
+
+def mean_iou(predicted, reference):
+    return quality.evaluate_arrays(predicted, reference).mean_iou
+
+
+def choose(encoder, head_images, pseudo, select_images, reference):
+    """The settings search of step 3; returns (chosen dict, every trial)."""
+    trials, features, fused = [], {}, {}
+    config = deep.TrainConfig(epochs=FLAGS.epochs, seed=FLAGS.seed)
+    for fusion in FLAGS.fusion_grid:
+        if fusion != "none":
+            fused[fusion] = deep.conventional_mask_sets(head_images, fusion.split("+"))[0]
+    best = None
+    for sizes in FLAGS.input_sizes_grid:
+        t0 = time.time()
+        train_f = head_training.compute_features(encoder, head_images, sizes_of(sizes),
+                                                 batch_size=FLAGS.batch_size, progress=False)
+        select_f = head_training.compute_features(encoder, select_images, sizes_of(sizes),
+                                                  batch_size=FLAGS.batch_size, progress=False)
+        features[sizes] = (train_f, select_f)
+        for fusion in FLAGS.fusion_grid:
+            targets, weights = deep.fused_cell_targets(
+                [pseudo] + fused.get(fusion, []), train_f.shape[1:3],
+                ignore_low=config.ignore_low, ignore_high=config.ignore_high)
+            head, _ = deep.fit_head(train_f, targets, weights, epochs=config.epochs,
+                                    balance_classes=True, seed=config.seed)
+            cells = head(select_f).numpy()
+            score = mean_iou(refine.refined_masks(select_images, cells, REFINEMENTS["none"]),
+                             reference)
+            trials.append({"stage": "features", "input_sizes": sizes, "fusion": fusion,
+                           "refine": "none", "threshold": 0.5, "self_training_rounds": 0,
+                           "select_iou": score, "seconds": time.time() - t0})
+            print(trials[-1], flush=True)
+            if best is None or score > best[0]:
+                best = (score, sizes, fusion, head, targets, weights)
+    _, sizes, fusion, head, targets, weights = best
+    train_f, select_f = features[sizes]
+    cells = head(select_f).numpy()
+    best_refine = None
+    for name in FLAGS.refine_grid:
+        for threshold in map(float, FLAGS.threshold_grid):
+            score = mean_iou(refine.refined_masks(select_images, cells, REFINEMENTS[name],
+                                                  threshold), reference)
+            trials.append({"stage": "refine", "input_sizes": sizes, "fusion": fusion,
+                           "refine": name, "threshold": threshold, "self_training_rounds": 0,
+                           "select_iou": score})
+            print(trials[-1], flush=True)
+            if best_refine is None or score > best_refine[0]:
+                best_refine = (score, name, threshold)
+    score, name, threshold = best_refine
+    chosen = {"input_sizes": sizes, "fusion": fusion, "refine": name, "threshold": threshold,
+              "self_training_rounds": 0, "select_iou": score}
+    # Self-training on the refined masks of the head images, from the chosen head.
+    rounds = sorted(int(r) for r in FLAGS.self_training_grid)
+    current = head
+    for round_index in range(1, max(rounds, default=0) + 1):
+        masks = refine.refined_masks(head_images, current(train_f).numpy(), REFINEMENTS[name],
+                                     threshold)
+        targets, weights = deep.cell_targets(masks, train_f.shape[1:3])
+        current, _ = deep.fit_head(train_f, targets, weights, epochs=config.epochs,
+                                   balance_classes=True, seed=config.seed + round_index,
+                                   init=current)
+        if round_index not in rounds:
+            continue
+        score = mean_iou(refine.refined_masks(select_images, current(select_f).numpy(),
+                                              REFINEMENTS[name], threshold), reference)
+        trials.append(dict(chosen, stage="self_training", self_training_rounds=round_index,
+                           select_iou=score))
+        print(trials[-1], flush=True)
+        if score > chosen["select_iou"]:
+            chosen.update(self_training_rounds=round_index, select_iou=score)
+    return chosen, trials
+
+
+def score_test(method, paths, truth, classes):
+    """Masks of the test images by ``method`` (a deep or conventional registry object):
+    mean IoU, class-mean IoU, mean foreground and images/s."""
+    t0 = time.time()
+    if isinstance(method, deep.DeepSaliencyMasks):
+        method.predict_arrays([folder.read_image(paths[0])])  # warm-up (tracing)
+        t0 = time.time()
+        predicted = [mask for _, mask in method.predict_files(paths)]
+    else:
+        predicted = [method(folder.read_image(path)) for path in paths]
+    seconds = time.time() - t0
+    report = quality.evaluate_arrays(predicted, truth, classes)
+    return {"mean_iou": report.mean_iou, "class_mean_iou": report.class_mean_iou,
+            "mean_foreground": float(np.mean([m.mean() for m in predicted])),
+            "images_per_second": len(paths) / seconds,
+            "per_class_iou": {c: v["iou"] for c, v in report.per_class().items()}}
+
+
+def train_chosen(encoder, images, pseudo, chosen, pseudo_provenance):
+    fusion = [] if chosen["fusion"] == "none" else chosen["fusion"].split("+")
+    extra = deep.conventional_mask_sets(images, fusion)[0] if fusion else []
+    return deep.train_saliency_head(
+        encoder, images, pseudo, input_size=sizes_of(chosen["input_sizes"]),
+        config=deep.TrainConfig(epochs=FLAGS.epochs, seed=FLAGS.seed,
+                                self_training_rounds=chosen["self_training_rounds"],
+                                self_training_labels="refined"),
+        threshold=chosen["threshold"], refinement=REFINEMENTS[chosen["refine"]],
+        extra_pseudo_mask_sets=extra, batch_size=FLAGS.batch_size, progress=False,
+        provenance=pseudo_provenance)
+
+
+def flags_line(chosen, refinement) -> str:
+    parts = [f"--input_sizes={chosen['input_sizes'].replace('+', ',')}",
+             f"--threshold={chosen['threshold']}", f"--refine={refinement.method}",
+             f"--self_training_rounds={chosen['self_training_rounds']}",
+             "--self_training_labels=refined", f"--epochs={FLAGS.epochs}"]
+    if chosen["fusion"] != "none":
+        parts.append(f"--fuse_conventional={chosen['fusion'].replace('+', ',')}")
+    if refinement.method == "guided":
+        parts += [f"--refine_radius={refinement.radius}", f"--refine_eps={refinement.eps}"]
+    if refinement.method == "segments":
+        parts.append("--refine_scales=" + ",".join(f"{s:g}" for s in refinement.scales))
+    return " ".join(parts)
 
 
 def main(argv) -> None:
     del argv
     started = time.time()
-
+    data = FLAGS.data
     with tempfile.TemporaryDirectory() as workdir:
         if FLAGS.encoder:
             encoder_path, encoder_label = FLAGS.encoder, "export " + os.path.abspath(FLAGS.encoder)
@@ -72,84 +233,92 @@ def main(argv) -> None:
             encoder_label = f"RANDOMLY INITIALISED ResNet {config} (not pretrained)"
         encoder = deep.FrozenEncoder.from_saved_model(encoder_path)
 
-        # Train on conventional pseudo-masks of TRAIN images.
+        # Head and selection parts of TRAIN; their conventional (pseudo-)masks.
         t0 = time.time()
-        _, train_images, pseudo, provenance = deep.load_training_set(
-            os.path.join(FLAGS.data, "train", "images"), limit=FLAGS.train_limit,
-            seed=FLAGS.seed)
+        head_rel, select_rel = split_train(folder.list_images(os.path.join(data, "train",
+                                                                           "images")),
+                                           FLAGS.train_limit, FLAGS.select_limit, FLAGS.seed)
+        if FLAGS.pseudo_masks_dir:
+            head_images, pseudo = read(data, "train", head_rel, FLAGS.pseudo_masks_dir)
+            select_images, select_conventional = read(data, "train", select_rel,
+                                                      FLAGS.pseudo_masks_dir)
+            provenance = {"pseudo_masks_dir": os.path.abspath(FLAGS.pseudo_masks_dir)}
+        else:
+            conventional = get_method("conventional")
+            head_images, _ = read(data, "train", head_rel)
+            select_images, _ = read(data, "train", select_rel)
+            pseudo = [conventional(image) for image in head_images]
+            select_conventional = [conventional(image) for image in select_images]
+            provenance = {"pseudo_masks": "conventional (computed)",
+                          "conventional_params": conventional.params}
+        select_exact = read(data, "train", select_rel)[1]
+        reference = select_exact if FLAGS.select_against == "exact" else select_conventional
         pseudo_seconds = time.time() - t0
-        heads = {}
+
         t0 = time.time()
-        model = deep.train_saliency_head(
-            encoder, train_images, pseudo, input_size=FLAGS.image_size,
-            config=deep.TrainConfig(epochs=FLAGS.epochs,
-                                    self_training_rounds=FLAGS.self_training_rounds,
-                                    balance_classes=FLAGS.balance_classes, seed=FLAGS.seed),
-            batch_size=FLAGS.batch_size, provenance=provenance,
-            on_round=lambda r, head: heads.__setitem__(r, head))
+        chosen, trials = choose(encoder, head_images, pseudo, select_images, reference)
+        select_seconds = time.time() - t0
+        t0 = time.time()
+        model = train_chosen(encoder, head_images, pseudo, chosen, provenance)
         train_seconds = time.time() - t0
+        paper_size = FLAGS.paper_input_size or int(head_images[0].shape[0])
+        paper = deep.train_saliency_head(
+            encoder, head_images, pseudo, input_size=paper_size,
+            config=deep.TrainConfig(epochs=FLAGS.epochs, seed=FLAGS.seed),
+            batch_size=FLAGS.batch_size, progress=False, provenance=provenance)
 
-        # Evaluate on TEST images against ground truth.
-        images_dir = os.path.join(FLAGS.data, "test", "images")
-        masks_dir = os.path.join(FLAGS.data, "test", "masks")
-        relative = subset(folder.list_images(images_dir), FLAGS.test_limit, FLAGS.seed)
-        paths = [os.path.join(images_dir, rel) for rel in relative]
-        truth = [quality.read_mask(os.path.join(masks_dir, folder.mask_relpath(rel)))
-                 for rel in relative]
-        classes = [rel.split("/")[0] for rel in relative]
-        method = deep.DeepSaliencyMasks(model=model, batch_size=FLAGS.batch_size)
-        method.predict_arrays([folder.read_image(paths[0])])  # warm-up (tracing)
-        rounds = []
-        for r, head in sorted(heads.items()):
-            method.model.head = head
-            t0 = time.time()
-            predicted = [mask for _, mask in method.predict_files(paths)]
-            seconds = time.time() - t0
-            report = quality.evaluate_arrays(predicted, truth, classes)
-            rounds.append({"round": r, "test_mean_iou": report.mean_iou,
-                           "test_class_mean_iou": report.class_mean_iou,
-                           "test_mean_foreground": float(np.mean([m.mean() for m in predicted])),
-                           "train_pseudo_mask_iou": model.training["history"][r]["pseudo_mask_iou"],
-                           "inference_images_per_second": len(paths) / seconds})
-        conventional = get_method("conventional")
-        t0 = time.time()
-        conventional_masks = [conventional(folder.read_image(p)) for p in paths]
-        conventional_seconds = time.time() - t0
-        conventional_report = quality.evaluate_arrays(conventional_masks, truth, classes)
-
-    final = rounds[-1]
+        # TEST split: deep (chosen), deep (paper's configuration), conventional.
+        test_rel = folder.list_images(os.path.join(data, "test", "images"))
+        if 0 < FLAGS.test_limit < len(test_rel):
+            chosen_index = np.random.default_rng(FLAGS.seed).choice(
+                len(test_rel), FLAGS.test_limit, replace=False)
+            test_rel = [test_rel[i] for i in sorted(chosen_index)]
+        paths = [os.path.join(data, "test", "images", rel) for rel in test_rel]
+        truth = [
+            quality.read_mask(os.path.join(data, "test", "masks", folder.mask_relpath(rel)))
+            for rel in test_rel]
+        classes = [rel.split("/")[0] for rel in test_rel]
+        test = {
+            "images": len(paths),
+            "deep": score_test(deep.DeepSaliencyMasks(model=model, batch_size=FLAGS.batch_size,
+                                                      progress=False), paths, truth, classes),
+            "deep_paper": score_test(deep.DeepSaliencyMasks(
+                model=paper, batch_size=FLAGS.batch_size, progress=False), paths, truth,
+                classes),
+            "conventional": score_test(get_method("conventional"), paths, truth, classes),
+        }
+    test["deep_minus_conventional"] = test["deep"]["mean_iou"] - test["conventional"]["mean_iou"]
     result = {
-        "benchmark": "bench_masks_deep",
+        "benchmark": FLAGS.results_name,
         "command": common.command_line(),
+        "data": os.path.abspath(data),
         "encoder": encoder_label,
         "encoder_random_init": not FLAGS.encoder,
         "args": {name: FLAGS[name].value for name in (
-            "data", "encoder", "encoder_config", "train_limit", "test_limit", "image_size",
-            "epochs", "self_training_rounds", "balance_classes", "batch_size", "seed",
-            "output")},
-        "train": {"images": len(train_images), "pseudo_masks": "conventional",
-                  "pseudo_mask_seconds": pseudo_seconds, "train_seconds": train_seconds,
+            "data", "encoder", "encoder_config", "pseudo_masks_dir", "train_limit",
+            "select_limit", "select_against", "test_limit", "paper_input_size",
+            "input_sizes_grid", "fusion_grid", "refine_grid", "threshold_grid",
+            "self_training_grid", "epochs", "batch_size", "seed")},
+        "selection": {"train_images": len(head_images), "select_images": len(select_images),
+                      "against": FLAGS.select_against, "chosen": chosen, "trials": trials,
+                      "select_conventional_iou": mean_iou(select_conventional, select_exact),
+                      "seconds": select_seconds},
+        "train_saliency_head_flags": flags_line(chosen, model.refinement),
+        "train": {"pseudo_mask_seconds": pseudo_seconds, "train_seconds": train_seconds,
                   "feature_grid": model.training["feature_grid"],
-                  "history": model.training["history"]},
-        "test": {"images": len(paths), "rounds": rounds,
-                 "deep_mean_iou": final["test_mean_iou"],
-                 "conventional_mean_iou": conventional_report.mean_iou,
-                 "conventional_class_mean_iou": conventional_report.class_mean_iou,
-                 "conventional_mean_foreground": float(np.mean([m.mean()
-                                                                for m in conventional_masks])),
-                 "deep_images_per_second": final["inference_images_per_second"],
-                 "conventional_images_per_second": len(paths) / conventional_seconds,
-                 "deep_per_class_iou": {c: v["iou"] for c, v in quality.evaluate_arrays(
-                     predicted, truth, classes).per_class().items()},
-                 "conventional_per_class_iou": {c: v["iou"] for c, v in
-                                                conventional_report.per_class().items()}},
+                  "history": model.training["history"],
+                  "paper_feature_grid": paper.training["feature_grid"]},
+        "test": test,
         "paper_reference": {"deep": 0.485, "conventional": 0.398,
                             "note": "Pixel-ImageNet subset, pretrained ResNet-50"},
         "machine": common.machine_info(),
         "seconds": time.time() - started,
     }
-    print(json.dumps({k: result[k] for k in ("encoder", "test", "machine")}, indent=2))
-    common.write_json_atomic(FLAGS.output, result)
+    print(json.dumps({k: result[k] for k in ("encoder", "train_saliency_head_flags")}, indent=2))
+    for name in ("deep", "deep_paper", "conventional"):
+        row = test[name]
+        print(f"{name:14s} mean IoU {row['mean_iou']:.4f}  {row['images_per_second']:.1f} img/s")
+    common.write_result(FLAGS.results_name, result)
 
 
 if __name__ == "__main__":
