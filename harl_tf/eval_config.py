@@ -25,7 +25,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from harl_tf import distribute
 from harl_tf.config import OUTPUT_STRIDES, ConfigError, check_fields, option
 
-MODES = ("linear", "finetune", "knn")
+MODES = ("linear", "finetune", "knn", "segmentation")
+SEGMENTATION_HEADS = ("probe", "fcn", "aspp")  # --segmentation_head
 EVAL_BACKGROUNDS = ("original", "mixed_rand", "both")
 # --embedding: the pooled region of the feature map a classifier reads (SPEC section 4).
 EMBEDDINGS = ("global", "foreground", "background")
@@ -73,7 +74,9 @@ def _output_stride_from_flag(text: str) -> Optional[int]:
 class EvaluationConfig:
     """Arguments of ``evaluation.evaluate`` (one field per ``harl_tf.finetune`` flag)."""
     mode: str = option("linear", "linear: frozen encoder + linear head; finetune: train "
-                       "everything; knn: weighted k-NN on frozen features.", choices=MODES)
+                       "everything; knn: weighted k-NN on frozen features; segmentation: "
+                       "per-pixel classes from the records' masks and labels "
+                       "(--segmentation_head).", choices=MODES)
     encoder: Optional[str] = option(None, "Export directory, pretraining model_dir, or "
                                     "'random'.", required="the encoder to evaluate")
     train_files: Optional[str] = option(None, "Glob(s) of labelled training TFRecords.",
@@ -127,6 +130,10 @@ class EvaluationConfig:
     knn_k: int = option(20, "k of the k-NN classifier.", low=1)
     knn_temperature: float = option(0.07, "Temperature T of the exp(cos / T) votes.",
                                     low=0, open_low=True)
+    segmentation_head: str = option(
+        "probe", "--mode=segmentation: probe (frozen encoder, 1x1 conv on the feature map), "
+        "fcn (two 3x3 convs) or aspp (DeepLabv3 ASPP), fcn and aspp trained with the "
+        "encoder.", choices=SEGMENTATION_HEADS)
     seed: int = option(0, "Random seed.")
     verbose: int = option(1, "Keras fit verbosity (0, 1, 2).")
     weight_decay_grid: Tuple[float, ...] = option(

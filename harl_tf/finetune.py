@@ -1,4 +1,5 @@
-r"""Downstream evaluation of a pretrained encoder: linear probe, fine-tuning, k-NN.
+r"""Downstream evaluation of a pretrained encoder: linear probe, fine-tuning, k-NN,
+segmentation.
 
     python -m harl_tf.finetune --flagfile=flags/linear_eval_imagenet.cfg \
         --encoder=/exports/harl_r50 --output_dir=/evals/harl_r50_linear
@@ -6,6 +7,7 @@ r"""Downstream evaluation of a pretrained encoder: linear probe, fine-tuning, k-
         --train_files='/data/train-*' --eval_files='/data/val-*' --output_dir=/evals/knn
     python -m harl_tf.finetune --mode=finetune --encoder=random \
         --encoder_config='{"depth": 50}' ...          # supervised-from-scratch baseline
+    python -m harl_tf.finetune --mode=segmentation --segmentation_head=fcn ...  # mean IoU
 
 ``--encoder`` is an export directory (python -m harl_tf.export), a pretraining model_dir
 (online encoder of the latest checkpoint, or ``--step``) or ``random``. Training and
@@ -58,8 +60,9 @@ def main(argv):
         results = evaluation.evaluate(c)  # on the --strategy the config names
     except subsets.MissingLabelsError as e:   # the records' problem, not a bug
         raise config.ConfigError(str(e)) from None
-    print(json.dumps({k: results[k] for k in ("mode", "top1", "top5", "num_train",
-                                              "num_eval", "weight_decay", "background")}))
+    summary = ("mode", "top1", "top5", "mean_iou", "pixel_accuracy", "num_train",
+               "num_eval", "weight_decay", "background")  # segmentation: no top-k
+    print(json.dumps({k: results[k] for k in summary if k in results}))
 
 
 def evaluation_config() -> EvaluationConfig:

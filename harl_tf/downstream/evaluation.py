@@ -10,6 +10,8 @@
 - ``finetune``: encoder and linear head trained together on random crops + flips
   (semi-supervised 1 % / 10 %, transfer fine-tuning).
 - ``knn``: weighted k-NN on frozen centre-crop features (:mod:`harl_tf.downstream.knn`).
+- ``segmentation``: per-pixel classes from the records' masks and labels, a frozen-encoder
+  probe or a fine-tuned decoder; mean IoU (:mod:`harl_tf.downstream.segmentation`).
 
 ``weight_decay_grid`` (linear mode on precomputed features): the probe's weight decay is
 chosen on a validation split of the training features (:mod:`probe_selection`), then the
@@ -99,6 +101,11 @@ def _evaluate(config: EvaluationConfig,
 
     # The shifted evaluation records come before the encoder: an empty mask fails fast.
     eval_sets = _evaluation_sets(config)
+    if config.mode == "segmentation":  # dense: its own model, metrics and results
+        from harl_tf.downstream import segmentation  # imported here: it imports this module
+        return segmentation.evaluate(config, strategy, train_files=train_files,
+                                     eval_sets=eval_sets, num_classes=num_classes,
+                                     num_train=len(chosen), started=started)
 
     masked = config.embedding != "global"
     mask_methods = None
