@@ -10,7 +10,9 @@ minus the cost of passing the same inputs through an identity map; min and media
 windows, crop + resize of the image, crop + resize (+ flip) of the mask, flip of the
 image, colour jitter (its probability and random order included), grayscale, blur,
 solarize, final clip, batching; then the whole map function end to end, to compare with
-the sum. With ``--simclr_dir``, SimCLR-tf2's matching stages too (decode and convert,
+the sum. Beside them, not in the sum: the jitter's ops and the grayscale one by one on
+every view (``colour_op/*``), with TensorFlow's saturation and grayscale kernels, which
+the closed forms of :mod:`harl_tf.data.colour` replace, for comparison (``*_tf``). With ``--simclr_dir``, SimCLR-tf2's matching stages too (decode and convert,
 crop + resize, flip, colour jitter + grayscale, blur), on the same JPEGs.
 
     python -m bench.bench_input_stages [--records_dir DIR] [--examples 128] [--repeats 5]
@@ -33,7 +35,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import tensorflow as tf  # noqa: E402
 
 from bench import common  # noqa: E402
-from harl_tf.data import augment, pipeline, schema  # noqa: E402
+from harl_tf.data import augment, colour, pipeline, schema  # noqa: E402
 
 RESULTS = os.path.join(common.RESULTS_DIR, "bench_input_stages.json")
 _fold_in = tf.random.experimental.stateless_fold_in
@@ -132,6 +134,7 @@ def harl_stages(serialized: tf.data.Dataset, count: int, image_size: int,
 
     report("flip_image", stage_cost(resized, lambda x, v, c: flip(x, c), count, repeats))
     images = _cached(resized.map(lambda x, v, c: (flip(x, c), v, c)))
+    colour_op_stages(images, configs, count, repeats, report)
     for name, step in augment.COLOUR_STEPS:
         def run(x, v, c, step=step):
             return tuple(step(x[k], v[k], c[k], configs[k], image_size) for k in range(2))
@@ -158,6 +161,29 @@ def harl_stages(serialized: tf.data.Dataset, count: int, image_size: int,
                      (total * PASSES))
     report("batching_64", {"min": round(min(costs), 3),
                            "median": round(statistics.median(costs), 3)})
+
+
+def colour_op_stages(images: tf.data.Dataset, configs, count: int, repeats: int,
+                     report) -> None:
+    """The colour jitter's ops one by one, and the grayscale, on both views of every
+    example (always, not with their probabilities), each with its clip; the view's own
+    jitter factors. Beside the closed-form saturation and the one-product grayscale,
+    TensorFlow's kernels they replace (``*_tf`` stages), on the same inputs."""
+    with_factors = _cached(images.map(lambda x, v, c: (x, tuple(
+        augment.view_jitter_draws(v[k], configs[k])[0] for k in range(2)))))
+    ops = colour.jitter_ops
+    stages = {
+        "brightness": lambda x, f: ops(f)[0](x),
+        "contrast": lambda x, f: ops(f)[1](x),
+        "saturation": lambda x, f: ops(f)[2](x),
+        "saturation_tf": lambda x, f: tf.image.adjust_saturation(x, f[2]),
+        "hue": lambda x, f: ops(f)[3](x),
+        "grayscale": lambda x, f: colour.to_grayscale(x),
+        "grayscale_tf": lambda x, f: tf.image.grayscale_to_rgb(tf.image.rgb_to_grayscale(x)),
+    }
+    for name, op in stages.items():
+        report(f"colour_op/{name}", stage_cost(with_factors, lambda x, f, op=op: tuple(
+            tf.clip_by_value(op(x[k], f[k]), 0.0, 1.0) for k in range(2)), count, repeats))
 
 
 def simclr_stages(images: list, data_util, image_size: int, repeats: int, report) -> None:
@@ -225,7 +251,8 @@ def main(argv=None) -> dict:
             images = common.jpeg_bytes(pattern)[:args.examples]
             simclr_stages(images, data_util, args.image_size, args.repeats, report)
 
-    parts = [name for name in stages if not name.startswith("simclr/") and
+    # Stages with a "/" are the peer's, or the colour ops one by one (in colour_jitter).
+    parts = [name for name in stages if "/" not in name and
              name not in ("end_to_end_map", "batching_64")]
     result = {
         "benchmark": "CPU ms per two-view example of each input-pipeline stage, in "

@@ -90,10 +90,3 @@ def test_grayscale_equals_tf_rgb_to_grayscale_on_three_channels():
     np.testing.assert_allclose(out, expected, atol=1e-6)
     np.testing.assert_allclose(colour.to_grayscale(tf.constant(images[1])), expected[1],
                                atol=1e-6)
-
-
-def test_clip_unit_is_clip_by_value_bit_for_bit():
-    x = np.random.default_rng(5).normal(0.5, 1.0, size=(9, 7, 3)).astype(np.float32)
-    x[0, :4, 0] = [0.0, 1.0, -0.0, np.nextafter(np.float32(1), 2)]
-    np.testing.assert_array_equal(colour.clip_unit(tf.constant(x)),
-                                  tf.clip_by_value(x, 0.0, 1.0))

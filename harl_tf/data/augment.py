@@ -280,7 +280,8 @@ def resize_image(image: tf.Tensor, image_size: int, method: str = "bicubic") -> 
     """uint8 or float [h, w, 3] (uint8 read as /255) → float32 [S, S, 3] in [0, 1]."""
     if image.dtype == tf.uint8:
         image = tf.cast(image, tf.float32) / 255.0
-    return colour.clip_unit(tf.image.resize(image, [image_size, image_size], method=method))
+    image = tf.image.resize(image, [image_size, image_size], method=method)
+    return tf.clip_by_value(image, 0.0, 1.0)
 
 
 def nearest_indices(in_size: tf.Tensor, out_size: int) -> tf.Tensor:
@@ -339,10 +340,17 @@ def _maybe(coin: tf.Tensor, probability: float, fn: Callable[[tf.Tensor], tf.Ten
 # Steps 3–6 of a view, in order. Each maps (image float32 [S, S, 3], the view's seed, its
 # coins from view_coins, its config, S) to the next image; the stage benchmark
 # (bench/bench_input_stages.py) times them one by one.
+def view_jitter_draws(seed: tf.Tensor, config: ViewConfig) -> Tuple[tf.Tensor, tf.Tensor]:
+    """The colour jitter's factors float32 [4] and order int32 [4] of the view whose seed
+    is ``seed`` (:func:`colour.jitter_draws` with the view's jitter seed)."""
+    return colour.jitter_draws(op_seed(seed, _JITTER), brightness=config.brightness,
+                               contrast=config.contrast, saturation=config.saturation,
+                               hue=config.hue)
+
+
 def _jitter_step(image, seed, coins, config, image_size):
-    return _maybe(coins["jitter"], config.jitter_prob, lambda x: colour.color_jitter(
-        x, op_seed(seed, _JITTER), brightness=config.brightness, contrast=config.contrast,
-        saturation=config.saturation, hue=config.hue), image)
+    return _maybe(coins["jitter"], config.jitter_prob, lambda x: colour.jitter_in_order(
+        x, *view_jitter_draws(seed, config)), image)
 
 
 def _grayscale_step(image, seed, coins, config, image_size):
@@ -378,7 +386,7 @@ def finish_view(cropped: tf.Tensor, cropped_mask: Optional[tf.Tensor], seed: tf.
                                                          coins["flip"])
     for _, step in COLOUR_STEPS:
         image = step(image, seed, coins, config, image_size)
-    image = colour.clip_unit(image)
+    image = tf.clip_by_value(image, 0.0, 1.0)
     image.set_shape([image_size, image_size, 3])
     if mask is not None:
         mask.set_shape([image_size, image_size, 1])

@@ -9,9 +9,7 @@ gives the same numbers up to float rounding (the same augmentation; issue 28):
   :func:`adjust_saturation` does the same in RGB (about 2× cheaper on the CPU);
 * hue: ``tf.image.adjust_hue``. An exact RGB form exists (:func:`adjust_saturation`'s
   docstring has the idea, a rotation of the hue on the max / mid / min channels) and
-  matched TF's kernel to 1e-6, but took 1.2–1.3× TF's time, so TF's kernel stays;
-* every clip to [0, 1] is one ``ClipByValue`` kernel rather than ``tf.clip_by_value``'s
-  minimum then maximum: the same values, one pass.
+  matched TF's kernel to 1e-6, but took 1.2–1.3× TF's time, so TF's kernel stays.
 
 Grayscale is one matrix product with a 3 × 3 matrix of luma weights, which writes the
 luma to all three channels at once (about 3× cheaper than slices, products and a concat).
@@ -29,13 +27,6 @@ LUMA_WEIGHTS = (0.2989, 0.5870, 0.1140)
 def scaled_uniform(unit: tf.Tensor, low: float, high: float) -> tf.Tensor:
     """A uniform in [0, 1) mapped onto [low, high), as ``stateless_uniform`` maps it."""
     return unit * (high - low) + low
-
-
-def clip_unit(image: tf.Tensor) -> tf.Tensor:
-    """``tf.clip_by_value(image, 0, 1)``, the same values, as one kernel: the public
-    function runs a minimum and a maximum, two passes over the image."""
-    return tf.raw_ops.ClipByValue(t=image, clip_value_min=tf.constant(0.0, image.dtype),
-                                  clip_value_max=tf.constant(1.0, image.dtype))
 
 
 def _repeat_channels(plane: tf.Tensor) -> tf.Tensor:
@@ -221,7 +212,7 @@ def jitter_in_order(image: tf.Tensor, factors: tf.Tensor, order: tf.Tensor) -> t
     for position in range(4):
         image = tf.switch_case(order[position],
                                [lambda f=f, x=image: f(x) for f in branches])
-        image = clip_unit(image)
+        image = tf.clip_by_value(image, 0.0, 1.0)
     return image
 
 
