@@ -2,7 +2,7 @@
 
 Every error the library raises for bad input, a bad flag or a bad file derives from
 :class:`HarlError` (itself a ``ValueError``, so older ``except ValueError`` still works):
-``schema.SchemaError``, ``sources.SourceError``, ``builder.BuildError``,
+``schema.SchemaError``, ``sources.SourceError``, :class:`BuildError` (the TFRecord builder),
 ``saved_encoder.ExportError``, ``atomic.DestinationExistsError``.
 
 Binaries (``harl_tf.pretrain``, ``harl_tf.export``, ``harl_tf.finetune`` and every tool
@@ -22,6 +22,11 @@ USAGE_EXIT_STATUS = 2
 
 class HarlError(ValueError):
     """Bad input, flag or file: the message names it, says what was expected and found."""
+
+
+class BuildError(HarlError):
+    """The TFRecord build cannot go on (:mod:`harl_tf.data.builder`): names the file(s),
+    flag or record, what was expected and what was found."""
 
 
 def one_line(message: object) -> str:

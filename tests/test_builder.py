@@ -9,7 +9,8 @@ import tensorflow as tf
 from PIL import Image
 
 from harl_tf import masks
-from harl_tf.data import builder, schema, sources, synthetic
+from harl_tf.data import builder, example_encoding, schema, sources, synthetic
+from harl_tf.data.shards import sha256_file
 
 
 def _write_image(path, array, **save_kwargs):
@@ -55,7 +56,7 @@ def test_encoder_bytes_equal_tensorflows_and_parse_back():
     fields = dict(image_bytes=b"\xff\xd8jpeg", image_format="jpeg", height=7, width=9,
                   mask_png=b"\x89PNGmask", label=-1, example_id="a/b.jpg",
                   mask_method="conventional", mask_params={"sigma": 0.8, "k": 3})
-    ours = builder.encode_example(**fields, schema_version=schema.SCHEMA_VERSION)
+    ours = example_encoding.encode_example(**fields, schema_version=schema.SCHEMA_VERSION)
     theirs = tf.train.Example.FromString(schema.serialize_example(**fields))
     assert ours == theirs.SerializeToString(deterministic=True)
     parsed = schema.parse_example(tf.constant(ours))
@@ -82,7 +83,7 @@ def test_folder_round_trip_keeps_the_original_jpeg_bytes(tmp_path):
     assert [s["file"] for s in shards] == ["train-00000-of-00002.tfrecord",
                                            "train-00001-of-00002.tfrecord"]
     for shard in shards:
-        assert shard["sha256"] == builder._sha256(str(tmp_path / "out" / shard["file"]))
+        assert shard["sha256"] == sha256_file(str(tmp_path / "out" / shard["file"]))
 
 
 def test_corrupt_images_are_skipped_and_counted_or_stop_a_strict_build(tmp_path):

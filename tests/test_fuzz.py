@@ -5,7 +5,7 @@ Seeded loops of byte flips, overwrites, insertions and truncations of
 - serialized records (``schema.record_to_python``, what ``schema.read_examples`` runs on
   every record): each case parses, or raises :class:`schema.SchemaError`;
 - the JPEG / PNG image and the PNG mask of an example, through the builder's per-example
-  work (``builder._Processor``, the function its worker processes run): each case is
+  work (``example_processing.ExampleProcessor``, the function its worker processes run): each case is
   stored, skipped as an unreadable image, or raises :class:`builder.BuildError`. A stored
   record must then decode with TensorFlow — PIL is more lenient than TensorFlow's decoders
   (PNG CRCs, JPEG marker lengths, a missing end marker), and a record PIL accepted but
@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from harl_tf.data import builder, schema, sources, synthetic
+from harl_tf.data import builder, example_processing, schema, sources, synthetic
 from harl_tf.errors import HarlError
 
 PARSER_CASES = 800
@@ -53,10 +53,10 @@ def mutate(data: bytes, rng: np.random.Generator) -> bytes:
 
 
 def _processor():
-    return builder._Processor(None, mask_method=None, mask_params={},
-                              given_mask_method="ground_truth", resize_masks=False,
-                              max_pixels=builder.DEFAULT_MAX_PIXELS,
-                              schema_version=schema.SCHEMA_VERSION)
+    return example_processing.ExampleProcessor(
+        None, mask_method=None, mask_params={}, given_mask_method="ground_truth",
+        resize_masks=False, max_pixels=builder.DEFAULT_MAX_PIXELS,
+        schema_version=schema.SCHEMA_VERSION)
 
 
 def _examples(image_format, count=6, size=40):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from harl_tf.data import sources, synthetic
+from harl_tf.data import shards, sources, synthetic
 
 
 def _jpeg(path, height=12, width=16, value=100):
@@ -147,7 +147,7 @@ def test_tfds_source_reads_mock_mnist_without_download(tmp_path):
 
 
 def test_shard_bounds_cover_every_example_once():
-    bounds = sources.shard_bounds(10, 3)
+    bounds = shards.shard_bounds(10, 3)
     assert bounds == [(0, 3), (3, 6), (6, 10)]
-    assert sources.estimate_num_shards(1 << 20, 1000, target_shard_mb=100, min_shards=1) == 10
-    assert sources.estimate_num_shards(10, 5, target_shard_mb=100, min_shards=8) == 5
+    assert shards.estimate_num_shards(1 << 20, 1000, target_shard_mb=100, min_shards=1) == 10
+    assert shards.estimate_num_shards(10, 5, target_shard_mb=100, min_shards=8) == 5

@@ -6,12 +6,12 @@ runner (DirectRunner here; Dataflow, Flink, Spark at scale). Needs the ``beam`` 
     splits ─ListAndPlan─▶ shards (ids only) ─Reshuffle─▶ WriteShards ─ToList─▶ WriteManifest
 
 - *ListAndPlan* lists each split and cuts it into shards with the builder's own
-  :func:`~harl_tf.data.builder.plan_split` (sorted ids, ``shuffle_seed`` permutation,
+  :func:`~harl_tf.data.shards.plan_split` (sorted ids, ``shuffle_seed`` permutation,
   contiguous runs, fingerprints), so the plan is the local builder's, shard for shard.
   One worker lists one split; only ids travel (a few hundred bytes per example).
 - *WriteShards* builds one shard per element with the builder's per-example code
-  (``_Processor``: read, check, compute or validate the mask, serialise with the one
-  schema) and its shard writer. Image bytes never cross a shuffle: a worker reads, encodes
+  (``example_processing.ExampleProcessor``: read, check, compute or validate the mask,
+  serialise with the one schema) and its shard writer. Image bytes never cross a shuffle: a worker reads, encodes
   and writes its shard, so worker memory is one shard's ids plus one example. The shards
   are therefore byte-identical to a local build's. Workers write the TFRecord framing
   themselves (CRC32C from ``google-crc32c``) and never import TensorFlow unless the mask
@@ -53,7 +53,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from harl_tf import atomic
-from harl_tf.data import builder
+from harl_tf.data import builder, example_processing, shards
 from harl_tf.data.sources import Source
 from harl_tf.errors import HarlError
 from harl_tf.masks import folder
@@ -109,7 +109,7 @@ def record_writer_factory():
 
 
 def _plan(split: str, source: Source, options: Dict[str, Any], plan_kwargs: Dict[str, Any]):
-    yield from builder.plan_split(source, split, options, **plan_kwargs)
+    yield from shards.plan_split(source, split, options, **plan_kwargs)
 
 
 class _WriteShard(beam.DoFn):
@@ -122,15 +122,15 @@ class _WriteShard(beam.DoFn):
         self._output_dir, self._strict = output_dir, strict
 
     def setup(self):
-        self._processor = builder._Processor(self._source, **self._kwargs)
+        self._processor = example_processing.ExampleProcessor(self._source, **self._kwargs)
         self._writer = record_writer_factory()
 
     def process(self, shard):
-        if builder._is_finished(self._output_dir, shard):
+        if shards.is_finished(self._output_dir, shard):
             yield shard.without_refs(), False, 0
             return
-        with builder._naming_write_errors(self._output_dir):
-            processed = builder._build_shards(
+        with builder.naming_write_errors(self._output_dir):
+            processed = builder.build_shards(
                 self._source, self._output_dir, [shard], self._kwargs, self._processor,
                 num_workers=1, strict=self._strict, progress=False, total=shard.size,
                 writer_factory=self._writer)
@@ -142,7 +142,7 @@ def _write_manifest(results: List[tuple], source: Source, splits: List[str],
                     runner: str) -> None:
     plan = {split: sorted((shard for shard, _, _ in results if shard.split == split),
                           key=lambda shard: shard.index) for split in splits}
-    manifest = builder._manifest(output_dir, source, plan, options, options["mask"],
+    manifest = shards.manifest(output_dir, source, plan, options, options["mask"],
                                  num_partitions=1, partition_index=0)
     seconds = time.time() - started
     processed = sum(count for _, _, count in results)
@@ -150,7 +150,7 @@ def _write_manifest(results: List[tuple], source: Source, splits: List[str],
         "runner": runner, "shards_built": sum(1 for _, built, _ in results if built),
         "images_processed": processed, "seconds": round(seconds, 3),
         "images_per_second": round(processed / seconds, 2) if seconds > 0 else None}
-    atomic.write_json_atomic(os.path.join(output_dir, builder.MANIFEST_NAME), manifest)
+    atomic.write_json_atomic(os.path.join(output_dir, shards.MANIFEST_NAME), manifest)
 
 
 def build_dataset_beam(source: Source, output_dir: str, *,
@@ -182,8 +182,8 @@ def build_dataset_beam(source: Source, output_dir: str, *,
                                   given_mask_method=given_mask_method,
                                   num_shards=num_shards, resize_masks=resize_masks,
                                   max_pixels=max_pixels)
-    os.makedirs(os.path.join(output_dir, builder.SIDECAR_DIR), exist_ok=True)
-    manifest_path = os.path.join(output_dir, builder.MANIFEST_NAME)
+    os.makedirs(os.path.join(output_dir, shards.SIDECAR_DIR), exist_ok=True)
+    manifest_path = os.path.join(output_dir, shards.MANIFEST_NAME)
     with contextlib.suppress(FileNotFoundError):  # a stale manifest must not look current
         os.remove(manifest_path)
     plan_kwargs = dict(need_masks=setup.need_masks, num_shards=num_shards,

@@ -34,9 +34,8 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import math
 import os
-from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence
 
 import numpy as np
 
@@ -540,17 +539,3 @@ def make_source(kind: str, **kwargs: Any) -> Source:
     if kind not in classes:
         raise SourceError(f"--source must be one of {sorted(classes)}, got {kind!r}")
     return classes[kind](**kwargs)
-
-
-def shard_bounds(num_examples: int, num_shards: int) -> List[Tuple[int, int]]:
-    """Contiguous ``[start, stop)`` of each shard; sizes differ by at most one."""
-    return [(k * num_examples // num_shards, (k + 1) * num_examples // num_shards)
-            for k in range(num_shards)]
-
-
-def estimate_num_shards(mean_bytes: float, num_examples: int, target_shard_mb: float,
-                        min_shards: int) -> int:
-    """``ceil(total / target)``, at least ``min_shards``, at most one shard per example."""
-    total = mean_bytes * num_examples
-    wanted = max(math.ceil(total / (target_shard_mb * 2 ** 20)), min_shards, 1)
-    return int(min(wanted, num_examples))
