@@ -5,9 +5,9 @@ Seeded loops of byte flips, overwrites, insertions and truncations of
 - serialized records (``schema.record_to_python``, what ``schema.read_examples`` runs on
   every record): each case parses, or raises :class:`schema.SchemaError`;
 - the JPEG / PNG image and the PNG mask of an example, through the builder's per-example
-  work (``example_processing.ExampleProcessor``, the function its worker processes run): each case is
-  stored, skipped as an unreadable image, or raises :class:`builder.BuildError`. A stored
-  record must then decode with TensorFlow — PIL is more lenient than TensorFlow's decoders
+  work (``example_processing.ExampleProcessor``, the function its worker processes run):
+  each case is stored, skipped as an unreadable image, or raises
+  :class:`builder.BuildError`. A stored record must then decode with TensorFlow — PIL is more lenient than TensorFlow's decoders
   (PNG CRCs, JPEG marker lengths, a missing end marker), and a record PIL accepted but
   TensorFlow refuses would stop training mid-epoch.
 

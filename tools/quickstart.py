@@ -41,7 +41,7 @@ flags.DEFINE_enum("synthetic_style", "upright", ["upright", "shapes"],
                   "cluttered shapes.")
 flags.DEFINE_integer("data_seed", 0, "Seed of the synthetic set. Another seed draws an "
                      "independent sample of the same distribution: recipes are compared on "
-                     "one (bench/sweep_quickstart.py) without reading the default set.")
+                     "one (bench.experiments.sweep_quickstart) without reading the default set.")
 flags.DEFINE_string("pretrain_flagfile", os.path.join(ROOT, "flags", "quickstart.cfg"),
                     "Pretraining flagfile.")
 flags.DEFINE_string("linear_flagfile", os.path.join(ROOT, "flags", "quickstart_linear.cfg"),
@@ -168,9 +168,9 @@ def main(argv):
         pre, rnd = summary[f"{mode}_top1_pretrained"], summary[f"{mode}_top1_random_init"]
         print(f"  {label:<28} {pre:>15.3f} {rnd:>13.3f} {pre - rnd:>+6.3f}")
     print("  (same architecture and probe for both encoders; one short run on 2,000 "
-          "images, so a few points\n   either way are noise: bench/bench_quickstart_variants.py "
-          "and the fmnist-scenes benchmark\n   in BENCHMARKS.md measure learning with seeds "
-          "and larger budgets.)")
+          "images, so a few points\n   either way are noise: "
+          "python -m bench.experiments.bench_quickstart_variants and the fmnist-scenes\n"
+          "   benchmark in docs/results.md measure learning with seeds and larger budgets.)")
     print(f"total time: {summary['seconds']['total']:.0f} s")
     for name, path in summary["paths"].items():
         print(f"  {name:<20} {path}")

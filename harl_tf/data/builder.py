@@ -13,8 +13,8 @@ shards, and hands the examples of the shards still to build to worker processes
 (``spawn``; the workers never import TensorFlow). A worker reads the image bytes, checks
 them by decoding with PIL (corrupt files, the pixel cap), reads/validates or computes the
 mask, encodes the mask as PNG and serialises the ``tf.train.Example`` with the small
-protobuf encoder of :mod:`harl_tf.data.example_encoding` (byte-for-byte what ``schema.serialize_example`` gives with sorted
-map keys). The parent writes the records in order with ``tf.io.TFRecordWriter`` (C++
+protobuf encoder of :mod:`harl_tf.data.example_encoding` (byte-for-byte what
+``schema.serialize_example`` gives with sorted map keys). The parent writes the records in order with ``tf.io.TFRecordWriter`` (C++
 framing and CRC32C): no CRC32C package is installed, and a table-driven pure-python
 CRC32C measured ~20 ms per 30 kB record here, six times the whole per-image work (~3.5 ms
 CPU for a 500x375 JPEG with its mask).
@@ -231,8 +231,8 @@ def build_dataset(source: Source, output_dir: str, *, splits: Optional[Sequence[
                                 progress=progress, total=total,
                                 writer_factory=tf.io.TFRecordWriter)
         seconds = time.time() - started
-        manifest = shard_files.manifest(output_dir, source, plan, options, mask_info, num_partitions,
-                             partition_index)
+        manifest = shard_files.manifest(output_dir, source, plan, options, mask_info,
+                                        num_partitions, partition_index)
         manifest["last_run"] = {
             "shards_built": len(pending), "images_processed": written,
             "seconds": round(seconds, 3), "num_workers": int(num_workers),

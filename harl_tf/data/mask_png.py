@@ -5,7 +5,7 @@ decoder. Every row but the first uses PNG's "Up" filter (the difference to the r
 all zeros where a mask row repeats) and the data is deflated at zlib level 1. Any PNG
 reader gives the same pixels as from any other writer; on 500×375 masks
 ``tf.io.decode_png`` takes 0.16 ms against 0.41 for ``tf.io.encode_png``'s output and 0.26
-for OpenCV's at level 3, for 2.7 kB against 1.4–2.2 kB (BENCHMARKS.md, "Input pipeline").
+for OpenCV's at level 3, for 2.7 kB against 1.4–2.2 kB (bench/LOG.md, input pipeline).
 
 NumPy and zlib only: the TFRecord builder's worker processes never import TensorFlow.
 """

@@ -31,7 +31,7 @@ AUTOTUNE = tf.data.AUTOTUNE
 # worker.
 DEFAULT_SHUFFLE_BUFFER = 10_000
 # Full decode then crop: two views need two crops, and two cropped JPEG decodes cost more
-# CPU than one full decode (bench/bench_input_pipeline.py, 500x375 JPEGs, decode-and-crop
+# CPU than one full decode (bench.bench_input_pipeline, 500x375 JPEGs, decode-and-crop
 # step: 0.86 vs 1.16 CPU ms per example; end to end 5.2 vs 5.7 CPU ms).
 DEFAULT_FUSED_CROP = False
 _MAX_CYCLE_LENGTH = 16
@@ -121,7 +121,7 @@ def _options(deterministic: bool, sharded_by_us: bool) -> tf.data.Options:
     options.deterministic = deterministic
     # One thread per op inside the map functions: the map already runs examples in
     # parallel, and splitting each small image op over the cores as well cost about
-    # 1 CPU ms of 6 per two-view example in thread hand-offs (bench/bench_input_stages.py).
+    # 1 CPU ms of 6 per two-view example in thread hand-offs (bench.bench_input_stages).
     options.threading.max_intra_op_parallelism = 1
     if sharded_by_us:
         options.experimental_distribute.auto_shard_policy = (

@@ -40,7 +40,7 @@ OBJECT_COLOURS = ("random", "class")
 # low-contrast gradient with a faint texture and 1-3 distractor blobs. In "upright" the
 # only changes within a class are position, scale and colours, which the pretraining
 # augmentations (crops, colour distortion) cover, so a few minutes of pretraining learn
-# it measurably (bench/bench_quickstart_variants.py); the quickstart uses it.
+# it measurably (python -m bench.experiments.bench_quickstart_variants); the quickstart uses it.
 STYLES = ("shapes", "upright")
 
 
@@ -169,7 +169,7 @@ def _render_upright(index: int, height: int, width: int, seed: int, object_fill,
                     object_colour: str, clutter: bool = True):
     """The ``"upright"`` style (see :data:`STYLES`). ``clutter=False`` leaves out the
     background texture and blobs (and their random draws): the plain-gradient variant
-    that ``bench/bench_quickstart_variants.py`` compares against."""
+    that ``bench.experiments.bench_quickstart_variants`` compares against."""
     side = float(min(height, width))
     label = label_for(index, seed)
     rng = np.random.default_rng([seed, index, 77])
