@@ -18,7 +18,7 @@ def test_onnx_export_matches_tensorflow_at_any_size(tmp_path):
     encoder = resnet.build_encoder(dict(TINY_CONFIG, name="encoder"))
     randomize(encoder, seed=3)
     export_dir = tmp_path / "harl"
-    metadata = saved_encoder.export_encoder(encoder, str(export_dir),
+    metadata = saved_encoder.export_encoder(encoder, str(export_dir), output_stride=32,
                                             encoder_config=encoder.config, onnx=True)
     assert metadata["onnx"]["max_abs_diff"] <= 1e-4
     with open(export_dir / "harl_export.json") as f:
@@ -29,7 +29,7 @@ def test_onnx_export_matches_tensorflow_at_any_size(tmp_path):
     assert [i.name for i in session.get_inputs()] == ["images"]
     assert sorted(o.name for o in session.get_outputs()) == ["embedding", "feature_map"]
     stride32 = resnet.build_encoder(dict(encoder.config, output_stride=32))
-    saved_encoder.copy_weights(encoder, stride32)  # the export's default output stride
+    saved_encoder.copy_weights(encoder, stride32)  # the stride the export converted to
     for shape in ((1, 40, 56, 3), (3, 32, 32, 3)):
         images = np.random.default_rng(shape[1]).random(shape, dtype=np.float32)
         got = dict(zip([o.name for o in session.get_outputs()],
