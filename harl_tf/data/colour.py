@@ -162,6 +162,11 @@ def adjust_saturation(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
     S is 0 there and any factor leaves it). f = 0 gives M on every channel (S = 0),
     and f >= M/(M − m) gives the fully saturated colour, min channel 0 (S = 1).
 
+    One difference, TF's: where red is the max and blue exceeds green by less than about
+    2e-7 of the range, TF's hue rounds to 1.0, falls in no sextant, and its kernel returns
+    the min channel on all three ((1, 0, 1e-9) turns black even at f = 1). Here such a
+    pixel keeps its colour. Decoded 8-bit images never have one.
+
     Hue rotation has a closed form on RGB as well (the max and min channels stay, the
     mid one moves, and the channels' roles permute as the hue crosses a sextant); it was
     measured slower than TF's kernel and is not used (module docstring).
