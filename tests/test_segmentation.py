@@ -100,6 +100,23 @@ def test_aspp_rates_scale_deeplab_rates_to_the_map():
     assert segmentation.aspp_rates(2) == (1, 1, 1)
 
 
+@pytest.mark.parametrize("head", ["probe", "fcn", "aspp"])
+def test_every_head_gives_logits_per_pixel_of_the_image(head):
+    encoder = encoder_source.random_encoder(TINY, seed=0).encoder
+    model = segmentation.SegmentationModel(encoder, 9, head=head, map_side=SIZE // 8)
+    images = tf.random.stateless_uniform([2, SIZE, SIZE, 3], seed=[0, 1])
+    assert model(images, training=False).shape == (2, SIZE, SIZE, 9)
+    # The probe trains its 1x1 classifier only (standardisation has no trainable weights);
+    # the decoders train with the encoder: conv kernel + BatchNorm gamma, beta per conv
+    # (2 convs in fcn; 1x1, 3 rates, pooling and fusion in aspp).
+    parts = [model.classifier] + ([] if head == "probe" else [encoder, *model.decoder])
+    expected = {id(v) for part in parts for v in part.trainable_variables}
+    assert {id(v) for v in model.trainable_variables} == expected
+    decoder_variables = {"probe": 0, "fcn": 6, "aspp": 18}[head]
+    encoder_variables = 0 if head == "probe" else len(encoder.trainable_variables)
+    assert len(expected) == 2 + decoder_variables + encoder_variables
+
+
 def _config(root, out, **overrides):
     values = dict(mode="segmentation", encoder="random", encoder_config=TINY,
                   train_files=str(root / "train.tfrecord"),
@@ -128,7 +145,8 @@ def test_fine_tuned_fcn_segments_far_better_than_all_background(records, tmp_pat
     assert on_disk["details"]["encoder_trainable"] is True
 
 
-def test_probe_trains_the_head_only(records, tmp_path, monkeypatch):
+def test_probe_trains_the_head_only_and_scores_mixed_rand_too(records, tmp_path,
+                                                               monkeypatch):
     root, _ = records
     captured = {}
     original = segmentation.fit_segmentation
@@ -140,9 +158,15 @@ def test_probe_trains_the_head_only(records, tmp_path, monkeypatch):
 
     monkeypatch.setattr(segmentation, "fit_segmentation", fit_and_keep)
     reference = encoder_source.random_encoder(TINY, seed=0).encoder
-    results = evaluation.evaluate(_config(root, tmp_path, epochs=1, batch_size=128))
+    results = evaluation.evaluate(_config(root, tmp_path, epochs=1, batch_size=128,
+                                          eval_background="both"))
     model = captured["model"]
     assert results["details"]["encoder_trainable"] is False
+    shifted = results["background"]  # the same probe on the mixed_rand eval records
+    assert shifted["original"]["mean_iou"] == results["mean_iou"]
+    assert shifted["gap_mean_iou"] == pytest.approx(
+        results["mean_iou"] - shifted["mixed_rand"]["mean_iou"])
+    assert results["mask_methods"]["mixed_rand"] == {"ground_truth": 64}
     assert not model.encoder.trainable_weights and model.trainable_weights
     for got, want in zip(model.encoder.variables, reference.variables):  # stats too
         np.testing.assert_array_equal(got.numpy(), want.numpy())
