@@ -43,6 +43,7 @@ CONSOLE_SCRIPTS = [
     "harl-build-tfrecords = harl_tf.cli.build_tfrecords:run",
     "harl-generate-masks = harl_tf.cli.generate_masks:run",
     "harl-train-saliency-head = harl_tf.cli.train_saliency_head:run",
+    "harl-bootstrap-masks = harl_tf.cli.bootstrap_masks:run",
     "harl-mask-quality = harl_tf.cli.mask_quality:run",
     "harl-preview = harl_tf.cli.preview:run",
     "harl-export-torchvision = harl_tf.cli.export_torchvision:run",
