@@ -68,8 +68,9 @@ flags.DEFINE_list("fusion_grid", ["none", "sigma0.4+no_grabcut"], "Pseudo-label 
 flags.DEFINE_list("refine_grid", ["none", "segments", "guided", "grabcut"],
                   "Refinement candidates (harl_tf.masks.deep.refine methods).")
 flags.DEFINE_list("threshold_grid", ["0.4", "0.5", "0.6"], "Threshold candidates.")
-flags.DEFINE_list("self_training_grid", ["0", "1", "2"], "Self-training rounds candidates "
-                  "(labels: the refined masks).")
+flags.DEFINE_list("self_training_grid", ["0", "1", "2"], "Self-training rounds candidates.")
+flags.DEFINE_list("self_training_labels_grid", ["refined", "refined_and_pseudo"],
+                  "Self-training label candidates (TrainConfig.self_training_labels).")
 flags.DEFINE_integer("epochs", 20, "Head training epochs per round.")
 flags.DEFINE_integer("batch_size", 32, "Batch size (features and inference).")
 flags.DEFINE_integer("seed", 0, "Seed of the subsets and the head.")
@@ -151,26 +152,32 @@ def choose(encoder, head_images, pseudo, select_images, reference):
                 best_refine = (score, name, threshold)
     score, name, threshold = best_refine
     chosen = {"input_sizes": sizes, "fusion": fusion, "refine": name, "threshold": threshold,
-              "self_training_rounds": 0, "select_iou": score}
-    # Self-training on the refined masks of the head images, from the chosen head.
+              "self_training_rounds": 0, "self_training_labels": "refined",
+              "select_iou": score}
+    # Self-training from the chosen head, labels from its refined masks of the head images
+    # (alone, or where they agree with the pseudo-masks), as train_saliency_head does.
     rounds = sorted(int(r) for r in FLAGS.self_training_grid)
-    current = head
-    for round_index in range(1, max(rounds, default=0) + 1):
-        masks = refine.refined_masks(head_images, current(train_f).numpy(), REFINEMENTS[name],
-                                     threshold)
-        targets, weights = deep.cell_targets(masks, train_f.shape[1:3])
-        current, _ = deep.fit_head(train_f, targets, weights, epochs=config.epochs,
-                                   balance_classes=True, seed=config.seed + round_index,
-                                   init=current)
-        if round_index not in rounds:
-            continue
-        score = mean_iou(refine.refined_masks(select_images, current(select_f).numpy(),
-                                              REFINEMENTS[name], threshold), reference)
-        trials.append(dict(chosen, stage="self_training", self_training_rounds=round_index,
-                           select_iou=score))
-        print(trials[-1], flush=True)
-        if score > chosen["select_iou"]:
-            chosen.update(self_training_rounds=round_index, select_iou=score)
+    for labels in FLAGS.self_training_labels_grid:
+        current = head
+        for round_index in range(1, max(rounds, default=0) + 1):
+            masks = refine.refined_masks(head_images, current(train_f).numpy(),
+                                         REFINEMENTS[name], threshold)
+            sets = [masks] + ([pseudo] + fused.get(fusion, [])
+                              if labels == "refined_and_pseudo" else [])
+            targets, weights = deep.fused_cell_targets(sets, train_f.shape[1:3])
+            current, _ = deep.fit_head(train_f, targets, weights, epochs=config.epochs,
+                                       balance_classes=True, seed=config.seed + round_index,
+                                       init=current)
+            if round_index not in rounds:
+                continue
+            score = mean_iou(refine.refined_masks(select_images, current(select_f).numpy(),
+                                                  REFINEMENTS[name], threshold), reference)
+            trials.append(dict(chosen, stage="self_training", self_training_rounds=round_index,
+                               self_training_labels=labels, select_iou=score))
+            print(trials[-1], flush=True)
+            if score > chosen["select_iou"]:
+                chosen.update(self_training_rounds=round_index, self_training_labels=labels,
+                              select_iou=score)
     return chosen, trials
 
 
@@ -199,7 +206,7 @@ def train_chosen(encoder, images, pseudo, chosen, pseudo_provenance):
         encoder, images, pseudo, input_size=sizes_of(chosen["input_sizes"]),
         config=deep.TrainConfig(epochs=FLAGS.epochs, seed=FLAGS.seed,
                                 self_training_rounds=chosen["self_training_rounds"],
-                                self_training_labels="refined"),
+                                self_training_labels=chosen["self_training_labels"]),
         threshold=chosen["threshold"], refinement=REFINEMENTS[chosen["refine"]],
         extra_pseudo_mask_sets=extra, batch_size=FLAGS.batch_size, progress=False,
         provenance=pseudo_provenance)
@@ -209,7 +216,8 @@ def flags_line(chosen, refinement) -> str:
     parts = [f"--input_sizes={chosen['input_sizes'].replace('+', ',')}",
              f"--threshold={chosen['threshold']}", f"--refine={refinement.method}",
              f"--self_training_rounds={chosen['self_training_rounds']}",
-             "--self_training_labels=refined", f"--epochs={FLAGS.epochs}"]
+             f"--self_training_labels={chosen['self_training_labels']}",
+             f"--epochs={FLAGS.epochs}", f"--limit={FLAGS.train_limit}"]
     if chosen["fusion"] != "none":
         parts.append(f"--fuse_conventional={chosen['fusion'].replace('+', ',')}")
     if refinement.method == "guided":
@@ -298,7 +306,8 @@ def main(argv) -> None:
             "data", "encoder", "encoder_config", "pseudo_masks_dir", "train_limit",
             "select_limit", "select_against", "test_limit", "paper_input_size",
             "input_sizes_grid", "fusion_grid", "refine_grid", "threshold_grid",
-            "self_training_grid", "epochs", "batch_size", "seed")},
+            "self_training_grid", "self_training_labels_grid", "epochs", "batch_size",
+            "seed")},
         "selection": {"train_images": len(head_images), "select_images": len(select_images),
                       "against": FLAGS.select_against, "chosen": chosen, "trials": trials,
                       "select_conventional_iou": mean_iou(select_conventional, select_exact),

@@ -141,3 +141,21 @@ def test_tool_error_is_one_line(layout):
     assert bad.returncode != 0
     assert [line for line in bad.stderr.splitlines() if "error:" in line] == [
         f"bootstrap_masks: error: bootstrap: data_dir {layout / 'nowhere'} does not exist"]
+
+
+@pytest.mark.parametrize("module,flagfile,expect", [
+    ("harl_tf.cli.bootstrap_masks", "bootstrap_fmnist_scenes",
+     {"rounds": 2, "recipe_flagfile": "flags/fmnist_scenes_harl_8x8.cfg"}),
+    ("harl_tf.cli.train_saliency_head", "saliency_fmnist_scenes_paper",
+     {"refine": "none", "threshold": 0.5, "input_sizes": []}),
+])
+def test_shipped_flagfiles_parse(module, flagfile, expect):
+    # A fresh process each: absl flags are process-global and the two tools share names.
+    script = (f"import json, sys; from {module} import FLAGS\n"
+              "FLAGS(['tool', '--flagfile=' + sys.argv[1]])\n"
+              f"print(json.dumps({{k: FLAGS[k].value for k in {sorted(expect)!r}}}))\n")
+    out = subprocess.run([sys.executable, "-c", script,
+                          os.path.join("flags", flagfile + ".cfg")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == expect

@@ -65,8 +65,10 @@ flags.DEFINE_float("refine_eps", 0.01, "guided: regulariser.")
 flags.DEFINE_integer("refine_iterations", 1, "grabcut: iterations.")
 flags.DEFINE_float("refine_sure", 0.0, "grabcut: pixels with p < sure or p > 1 - sure are "
                    "fixed.")
-flags.DEFINE_enum("self_training_labels", "confident", ["confident", "refined"],
-                  "Self-training labels: the head's confident cells, or its refined masks.")
+flags.DEFINE_enum("self_training_labels", "confident",
+                  ["confident", "refined", "refined_and_pseudo"],
+                  "Self-training labels: the head's confident cells, its refined masks, or "
+                  "the cells where its refined masks and the pseudo-masks agree.")
 flags.DEFINE_integer("limit", 0, "Train on a seeded random subset of this many images "
                      "(0 = all).")
 flags.DEFINE_integer("batch_size", 32, "Images per encoder call.")

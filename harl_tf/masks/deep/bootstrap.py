@@ -24,9 +24,9 @@ After the last round, ``round<rounds>/masks`` and its ``quality`` record the las
 encoder's masks. Every step is a child process with its log in ``work_dir/logs/`` and a
 *marker*, the file it writes last (``summary.json``, ``manifest.json``,
 ``harl_export.json``, ``results.json``, ``saliency_head.json``; for the pretraining, a
-stamp written when it exits with status 0): a step whose marker exists is skipped, so a stopped run resumes where it stopped (pretraining resumes from its
-own checkpoints). :func:`summarize` collects every round's figures into
-``work_dir/bootstrap.json``.
+stamp written when it exits with status 0): a step whose marker exists is skipped, so a
+stopped run resumes where it stopped (pretraining resumes from its own checkpoints).
+:func:`summarize` collects every round's figures into ``work_dir/bootstrap.json``.
 """
 from __future__ import annotations
 

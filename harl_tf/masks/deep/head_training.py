@@ -22,7 +22,9 @@ training images and trains again from the current head. ``self_training_labels =
 ``p < confident_low`` → 0, others ignored). ``"refined"``: the head's masks after the
 boundary refinement (:mod:`harl_tf.masks.deep.refine`), area-averaged to the grid with the
 same ignore band as the pseudo-masks — the refinement follows the image's edges, so its
-masks are sharper labels than the head's own cells.
+masks are sharper labels than the head's own cells. ``"refined_and_pseudo"``: only the
+cells on which the refined masks and every pseudo-mask set agree (DeepUSPS's fusion, with
+the head's own refined masks as one more method).
 """
 from __future__ import annotations
 
@@ -41,6 +43,9 @@ from harl_tf.masks.deep.saliency_model import (SaliencyHead, SaliencyModel, inpu
 from harl_tf.progress import progress as progress_bar
 
 
+SELF_TRAINING_LABELS = ("confident", "refined", "refined_and_pseudo")
+
+
 @dataclasses.dataclass
 class TrainConfig:
     """Head training parameters (all recorded in ``saliency_head.json``)."""
@@ -54,7 +59,7 @@ class TrainConfig:
     confident_low: float = 0.2     # self-training: p < confident_low → 0,
     confident_high: float = 0.8    # p > confident_high → 1, others ignored
     balance_classes: bool = True   # weigh foreground and background cells equally
-    self_training_labels: str = "confident"  # or "refined" (see the module docstring)
+    self_training_labels: str = "confident"  # see SELF_TRAINING_LABELS and the docstring
     seed: int = 0
 
     def __post_init__(self):
@@ -64,9 +69,9 @@ class TrainConfig:
         if not 0.0 <= self.confident_low <= 0.5 <= self.confident_high <= 1.0:
             raise ValueError("need 0 <= confident_low <= 0.5 <= confident_high <= 1, got "
                              f"{self.confident_low}, {self.confident_high}")
-        if self.self_training_labels not in ("confident", "refined"):
-            raise ValueError("self_training_labels must be 'confident' or 'refined', got "
-                             f"{self.self_training_labels!r}")
+        if self.self_training_labels not in SELF_TRAINING_LABELS:
+            raise ValueError(f"self_training_labels must be one of {SELF_TRAINING_LABELS}, "
+                             f"got {self.self_training_labels!r}")
         if self.epochs < 1 or self.self_training_rounds < 0 or self.batch_cells < 1:
             raise ValueError(f"need epochs >= 1, self_training_rounds >= 0, batch_cells >= 1;"
                              f" got {self.epochs}, {self.self_training_rounds}, "
@@ -226,9 +231,11 @@ def train_saliency_head(encoder: FrozenEncoder, images: Sequence[np.ndarray],
     images = [to_rgb_uint8(image) for image in images]
     head, history, masks = None, [], None
     for round_index in range(config.self_training_rounds + 1):
-        if round_index > 0 and config.self_training_labels == "refined":
-            targets, weights = cell_targets(masks, grid, ignore_low=config.ignore_low,
-                                            ignore_high=config.ignore_high)
+        if round_index > 0 and config.self_training_labels != "confident":
+            sets = [masks] + ([pseudo_masks, *extra_pseudo_mask_sets]
+                              if config.self_training_labels == "refined_and_pseudo" else [])
+            targets, weights = pseudo_labels.fused_cell_targets(
+                sets, grid, ignore_low=config.ignore_low, ignore_high=config.ignore_high)
         elif round_index > 0:
             targets, weights = confident_targets(
                 _cell_probabilities(head, features), low=config.confident_low,
