@@ -148,6 +148,9 @@ def test_tool_error_is_one_line(layout):
      {"rounds": 2, "recipe_flagfile": "flags/fmnist_scenes_harl_8x8.cfg"}),
     ("harl_tf.cli.train_saliency_head", "saliency_fmnist_scenes_paper",
      {"refine": "none", "threshold": 0.5, "input_sizes": []}),
+    ("harl_tf.cli.train_saliency_head", "saliency_fmnist_scenes",
+     {"refine": "grabcut", "input_sizes": ["64", "128"],
+      "fuse_conventional": ["sigma0.4", "no_grabcut"]}),
 ])
 def test_shipped_flagfiles_parse(module, flagfile, expect):
     # A fresh process each: absl flags are process-global and the two tools share names.
