@@ -15,11 +15,19 @@
    shard, and with its ``--model_dir`` on a full 2 MB tmpfs (needs root): each must end
    with one error line (naming the file for the shard) and a non-zero status; reports
    what is left in the model_dir.
+5. ``multi_worker``: the rounds of tests/test_multiworker_faults.py (two workers of the
+   binary on 127.0.0.1), ``--mw_rounds`` times each with a random victim (chief or not)
+   and moment: SIGKILL one worker (the other exits within --collective_timeout_seconds,
+   status 3, one line naming the lost worker and the resume step; the rerun of both
+   ends with the weights of an uninterrupted run on both workers), and SIGTERM one (both
+   save the same step and exit 0; the rerun ends with the uninterrupted run's weights).
+   Reports the seconds from each SIGKILL to the survivor's exit.
 
 Writes ``bench/results/fault_injection.json``; exits 1 when a property fails.
 
     python -m bench.fault_injection [--kills 3] [--train_steps 24] [--fuzz_cases 20000]
-        [--parts pretrain,builder,fuzz,binary_faults] [--work_dir /tmp/harl_faults]
+        [--mw_rounds 2] [--parts pretrain,builder,fuzz,binary_faults,multi_worker]
+        [--work_dir /tmp/harl_faults]
 """
 from __future__ import annotations
 
@@ -307,13 +315,56 @@ def binary_faults(args, work):
     return out
 
 
+def multi_worker_soak(args, work):
+    """The SIGKILL and SIGTERM rounds of tests/test_multiworker_faults.py, repeated with a
+    random victim and moment, against one uninterrupted run."""
+    import test_multiworker_faults as mw
+    rng = random.Random(args.seed + 2)
+    records = mw.make_records(os.path.join(work, "records"))
+    statuses, straight = mw.run_straight(records, os.path.join(work, "straight"))
+    log(f"multi_worker: uninterrupted run: statuses {statuses}")
+    if straight is None:
+        return {"passed": False, "straight_statuses": statuses}
+    events, ok = [], True
+    for i in range(args.mw_rounds):
+        for kind in ("sigkill", "sigterm"):
+            victim = rng.randrange(2)
+            # SIGTERM no later than step STEPS - 3: the agreed stop must fall before the end.
+            at_step = rng.randint(3, mw.STEPS - (2 if kind == "sigkill" else 3))
+            folder = os.path.join(work, f"{kind}-{i}")
+            if kind == "sigkill":
+                observed = mw.sigkill_round(records, folder, victim=victim, at_step=at_step)
+                problems = mw.sigkill_problems(observed, straight)
+                event = {k: observed[k] for k in ("survivor_status", "seconds_to_exit",
+                                                  "error_lines", "resume_step")}
+            else:
+                observed = mw.sigterm_round(records, folder, victim=victim, at_step=at_step)
+                problems = mw.sigterm_problems(observed, straight)
+                event = {"statuses": observed["statuses"],
+                         "stopped_at": [s["final_step"] for s in observed["stopped"] or []]}
+            event.update(kind=kind, victim=victim, at_step=at_step,
+                         rerun_statuses=observed["rerun_statuses"], problems=problems)
+            events.append(event)
+            ok &= not problems
+            log(f"multi_worker {kind} round {i}: worker {victim} after step {at_step}: "
+                f"{'ok' if not problems else problems} "
+                f"{event.get('seconds_to_exit', '')}")
+    exits = sorted(e["seconds_to_exit"] for e in events if e["kind"] == "sigkill")
+    return {"passed": bool(ok), "events": events, "steps": mw.STEPS,
+            "collective_timeout_seconds": mw.TIMEOUT,
+            "sigkill_to_survivor_exit_seconds": {"min": exits[0], "max": exits[-1],
+                                                 "all": exits} if exits else {}}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=3)
     parser.add_argument("--train_steps", type=int, default=24)
     parser.add_argument("--fuzz_cases", type=int, default=20000)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--parts", default="pretrain,builder,fuzz,binary_faults")
+    parser.add_argument("--mw_rounds", type=int, default=2,
+                        help="multi_worker: rounds of (SIGKILL, SIGTERM)")
+    parser.add_argument("--parts", default="pretrain,builder,fuzz,binary_faults,multi_worker")
     parser.add_argument("--work_dir", default="")
     args = parser.parse_args()
     if args.kills < 3:
@@ -336,6 +387,8 @@ def main():
             results[part] = fuzz(args)
         elif part == "binary_faults":
             results[part] = binary_faults(args, folder)
+        elif part == "multi_worker":
+            results[part] = multi_worker_soak(args, folder)
         else:
             parser.error(f"unknown part {part!r}")
     results["seconds"] = round(time.time() - started, 1)

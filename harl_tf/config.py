@@ -241,6 +241,9 @@ class PretrainConfig:
     strategy: str = option("default", "Distribution strategy (multi_worker reads TF_CONFIG).",
                            choices=distribute.STRATEGIES)
     tpu_address: str = option("", "TPU name or address for --strategy=tpu.")
+    collective_timeout_seconds: float = option(
+        300.0, "multi_worker: seconds an all-reduce waits for the other workers before the "
+        "run stops as if a peer were lost (exit status 3); 0: no limit.", low=0)
     # Bookkeeping
     model_dir: str = option("", "Run directory: checkpoints, logs, JSON.",
                             required="where checkpoints and logs go")

@@ -9,6 +9,25 @@
 Keras 3 ``fit`` does not run under MultiWorkerMirroredStrategy (keras-team/keras#20585);
 ``training.py`` uses its custom ``strategy.run`` loop there (:func:`uses_custom_loop`).
 
+Faults of a multi-worker run (tests/test_multiworker_faults.py):
+- A lost peer (killed, crashed, unreachable, or hung past ``collective_timeout``) fails the
+  collective a survivor is in: a dead process at once (its connection resets), a frozen
+  one when it misses the coordination service's heartbeats (about 10 s), a live but stuck
+  one after ``collective_timeout`` seconds (``CommunicationOptions(timeout_seconds=...)``
+  on every all-reduce of the strategy; the initial broadcast of variables has none).
+  :func:`peer_fault_types` are those errors; :func:`lost_peer_message` turns one into a
+  line naming the task and the step a rerun resumes from (:class:`PeerLostError`; the
+  binary exits with :data:`PEER_LOST_EXIT_STATUS`).
+- Preemption (SIGTERM on any worker): :func:`stop_agreement` all-reduces each worker's
+  "signal received" flag after every step, so all workers save the same step and stop.
+  ``tf.distribute.experimental.PreemptionCheckpointHandler`` does the same through the
+  coordination service, but does not fit here (TF 2.21, failure_handling.py): its
+  behaviour depends on a platform probe (an HTTP request to the GCE metadata server at
+  start; on a GCE CPU VM it does nothing, on a GCE GPU VM it watches maintenance events
+  instead of SIGTERM), it restores checkpoints itself and adds its own run counter to
+  them beside our step, and the preempted worker waits for every peer's acknowledgement
+  without a timeout. One scalar all-reduce per step costs milliseconds against a step.
+
 TensorFlow is imported inside the functions that need it: :data:`STRATEGIES` (the
 ``--strategy`` choices) is read by the flags and the config before any heavy import.
 """
@@ -16,14 +35,25 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Optional, Sequence
 
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
 
+# Exit status of the pretraining binary when a peer worker is lost (2 is a usage error):
+# a scheduler restarts the whole job on it; the rerun resumes from the last checkpoint.
+PEER_LOST_EXIT_STATUS = 3
+
+
+class PeerLostError(RuntimeError):
+    """A multi-worker run cannot go on: a peer worker is gone, unreachable or hung. The
+    message is one line naming the peer (when known) and the step a rerun resumes from."""
+
 
 def make_strategy(name: str, *, devices: Optional[Sequence[str]] = None,
                   tpu_address: str = "",
-                  communication: str = "auto") -> tf.distribute.Strategy:
+                  communication: str = "auto",
+                  collective_timeout: float = 0.0) -> tf.distribute.Strategy:
     """Build a tf.distribute strategy by name.
 
     Args:
@@ -32,6 +62,8 @@ def make_strategy(name: str, *, devices: Optional[Sequence[str]] = None,
         CPUs); for "one_device", the device (default: first GPU, else "/cpu:0").
       tpu_address: for "tpu", the TPU name or grpc address ("" = local / from environment).
       communication: for "multi_worker", collective implementation "auto", "ring" or "nccl".
+      collective_timeout: for "multi_worker", seconds an all-reduce waits for the other
+        workers before it fails with DeadlineExceededError (0: no limit).
     Returns:
       the strategy.
     Raises:
@@ -68,7 +100,8 @@ def make_strategy(name: str, *, devices: Optional[Sequence[str]] = None,
             raise ValueError(f"--communication must be one of {sorted(implementations)}, "
                              f"got {communication!r}.")
         options = tf.distribute.experimental.CommunicationOptions(
-            implementation=implementations[communication])
+            implementation=implementations[communication],
+            timeout_seconds=float(collective_timeout) or None)
         return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
     if name == "tpu":
         resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu_address)
@@ -150,3 +183,77 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
     task_type, task_id = task_info(strategy)
     has_chief = "chief" in strategy.cluster_resolver.cluster_spec().as_dict()
     return task_type == "chief" or (not has_chief and task_type == "worker" and task_id == 0)
+
+
+# Faults of a multi-worker run -----------------------------------------------------------------
+
+def peer_fault_types() -> tuple:
+    """The TensorFlow errors a lost or hung peer raises in a survivor's collectives: a reset
+    connection or missed heartbeats (Unavailable), the collective timeout (DeadlineExceeded),
+    an aborted collective (Aborted)."""
+    import tensorflow as tf
+    return (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
+            tf.errors.AbortedError)
+
+
+_TASK = re.compile(r"/job:(\w+)/replica:\d+/task:(\d+)")
+_REASON = re.compile(r"aborted by: (?:Error reported from \S+: )?(.+)")
+
+
+def lost_peer_message(error: Exception, cluster: dict, this_task, *, resume_step: int,
+                      checkpoint_dir: str, collective_timeout: float) -> str:
+    """One line for a peer fault: which task was lost, why, and where a rerun resumes.
+
+    Args:
+      error: the TensorFlow error (one of :func:`peer_fault_types`).
+      cluster: the cluster spec as a dict, ``{"worker": ["host:port", ...], ...}``.
+      this_task: (task_type, task_id) of this process (never named as the lost one).
+      resume_step: the latest complete checkpoint's step (0: none yet).
+      checkpoint_dir: where that checkpoint is.
+      collective_timeout: the run's ``--collective_timeout_seconds``.
+    """
+    import tensorflow as tf
+    text = str(getattr(error, "message", "") or error)
+    peers = []
+    for job, task in _TASK.findall(text):
+        key = (job, int(task))
+        if key != tuple(this_task) and key not in peers:
+            peers.append(key)
+    names = []
+    for job, task in peers:
+        addresses = cluster.get(job, [])
+        address = (addresses.get(task) if isinstance(addresses, dict)
+                   else addresses[task] if task < len(addresses) else None)
+        names.append(f"{job} {task}" + (f" ({address})" if address else ""))
+    if isinstance(error, tf.errors.DeadlineExceededError):
+        what = (f"a peer worker did not join a collective within --collective_timeout_seconds="
+                f"{collective_timeout:g} (hung, or slower than that: raise the flag)")
+    else:
+        reason = _REASON.search(text)
+        why = reason.group(1).strip().rstrip(":") if reason else type(error).__name__
+        what = (f"lost {' and '.join(names) if names else 'a peer worker'} of the "
+                f"multi-worker job ({why})")
+    if resume_step:
+        where = f"to resume from step {resume_step} ({checkpoint_dir})"
+    else:
+        where = f"to start again from step 0 (no checkpoint in {checkpoint_dir} yet)"
+    return f"{what}; rerun every worker with the same flags {where}."
+
+
+def stop_agreement(strategy: tf.distribute.Strategy):
+    """``agree(requested: bool) -> bool``: True on every worker when any worker passes True.
+
+    One all-reduce of a 0/1 flag per call (a sum over replicas; > 0 means some worker asked).
+    Every worker calls it at the same point of the loop, after each step, so that all of
+    them save the same step and stop together.
+    """
+    import tensorflow as tf
+
+    @tf.function
+    def total(flag):
+        per_replica = strategy.run(lambda: tf.identity(flag))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+    def agree(requested: bool) -> bool:
+        return bool(total(tf.constant(1.0 if requested else 0.0)) > 0)
+    return agree

@@ -32,11 +32,14 @@ class StepHooks:
     """After every step: NaN check, logging + TensorBoard, checkpoints, SIGTERM.
 
     Returns True from :meth:`after_step` when training must stop (SIGTERM received; the state
-    has been saved). ``c`` is the run's PretrainConfig.
+    has been saved). ``c`` is the run's PretrainConfig. ``agree_to_stop`` (multi-worker:
+    ``distribute.stop_agreement``) turns this worker's "SIGTERM received" into "received by
+    any worker", the same on all of them, so that all save the same step and stop.
     """
 
-    def __init__(self, c, manager, writer, guard, model):
+    def __init__(self, c, manager, writer, guard, model, agree_to_stop=None):
         self.c, self.manager, self.writer, self.guard, self.model = c, manager, writer, guard, model
+        self.agree_to_stop = agree_to_stop
         self.last_metrics: Dict[str, float] = {}
         self.images_per_second = float("nan")
         self.stopped_by_signal = False
@@ -63,9 +66,13 @@ class StepHooks:
         if step % self.c.log_every_steps == 0 or step == self.c.total_steps:
             self._log(step)
         save_or_diverged(self.manager.maybe_save)
-        if self.guard.requested:
-            log.warning("signal %s received: saving step %d and stopping",
-                        self.guard.signal_received, step)
+        requested = self.guard.requested
+        if self.agree_to_stop is not None:
+            requested = self.agree_to_stop(requested)
+        if requested:
+            log.warning("%s: saving step %d and stopping",
+                        f"signal {self.guard.signal_received} received" if self.guard.requested
+                        else "a peer worker received a stop signal", step)
             save_or_diverged(self.manager.save)
             self.stopped_by_signal = True
             return True

@@ -7,15 +7,22 @@ Every field of ``harl_tf.config.PretrainConfig`` is a flag of the same name, wit
 default. Flags are validated before any heavy work: a bad value prints one line naming the
 flag and exits with status 2 (``errors.run_binary``). Relative --train_files / --model_dir
 are taken relative to --work_dir when given.
+
+Exit status: 0 done, or stopped by SIGTERM after saving (with --strategy=multi_worker a
+SIGTERM on any worker stops every worker after the same step, all saved); 2 bad flag,
+input or file, or training diverged; 3 (``distribute.PEER_LOST_EXIT_STATUS``) a peer
+worker was lost, unreachable or hung past --collective_timeout_seconds: one line names it
+and the checkpoint step that rerunning every worker with the same flags resumes from.
 """
 from __future__ import annotations
 
 import logging
 import os
+import sys
 
 from absl import app, flags
 
-from harl_tf import config, errors
+from harl_tf import config, distribute, errors
 
 FLAGS = flags.FLAGS
 
@@ -44,10 +51,24 @@ def main_with_flags(argv):
     c = config_from_flags()
     c.validate()                       # before TensorFlow is imported
     from harl_tf import training
-    summary = training.run_pretraining(c)
+    try:
+        summary = training.run_pretraining(c)
+    except distribute.PeerLostError as e:
+        _exit_now(f"pretrain: error: {errors.one_line(e)}", distribute.PEER_LOST_EXIT_STATUS)
     state = "done" if summary["completed"] else "stopped"
     print(f"pretrain: {state}: step {summary['final_step']}/{summary['total_steps']}, "
           f"{summary['images_per_second']:.1f} images/s, model_dir {c.model_dir}")
+
+
+def _exit_now(line: str, status: int):
+    """Print ``line`` on stderr and exit with ``status`` at once. After a lost peer nothing
+    is left to save (checkpoints are atomic), and TensorFlow's teardown would first wait
+    for the input pipeline's batches in flight (25-47 s measured on 2 loaded CPU cores)."""
+    print(line, file=sys.stderr)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def main():

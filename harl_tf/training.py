@@ -48,7 +48,8 @@ def run_pretraining(c: PretrainConfig) -> dict:
     from harl_tf import distribute
     try:
         c.validate(check_files=False)
-        strategy = distribute.make_strategy(c.strategy, tpu_address=c.tpu_address)
+        strategy = distribute.make_strategy(c.strategy, tpu_address=c.tpu_address,
+                                            collective_timeout=c.collective_timeout_seconds)
         distribute.check_global_batch(c.batch_size, strategy, flag="batch_size")
         chief = distribute.is_chief(strategy)
         if chief:
@@ -59,8 +60,24 @@ def run_pretraining(c: PretrainConfig) -> dict:
     keras.config.set_dtype_policy(c.mixed_precision or "float32")
     try:
         return _run(c, strategy, chief)
+    except distribute.peer_fault_types() as e:
+        if not distribute.is_multi_worker(strategy):
+            raise
+        raise distribute.PeerLostError(_lost_peer_message(c, strategy, e)) from None
     finally:
         keras.config.set_dtype_policy("float32")
+
+
+def _lost_peer_message(c: PretrainConfig, strategy, error) -> str:
+    """The one line of a lost peer: which task, why, and the step a rerun resumes from (the
+    latest complete checkpoint: saves are atomic, so one cut short does not count)."""
+    from harl_tf import checkpoints, distribute
+    steps = checkpoints.available_steps(c.model_dir)
+    return distribute.lost_peer_message(
+        error, strategy.cluster_resolver.cluster_spec().as_dict(),
+        distribute.task_info(strategy), resume_step=steps[-1] if steps else 0,
+        checkpoint_dir=checkpoints.checkpoint_dir(c.model_dir),
+        collective_timeout=c.collective_timeout_seconds)
 
 
 def _run(c: PretrainConfig, strategy, chief: bool) -> dict:
@@ -100,7 +117,10 @@ def _run(c: PretrainConfig, strategy, chief: bool) -> dict:
     remaining = c.total_steps - start_step
     t_start = time.time()
     with checkpoints.PreemptionGuard() as guard:
-        hooks = StepHooks(c, manager, writer, guard, model)
+        # Multi-worker: a SIGTERM on any worker stops all of them after the same step.
+        agree = (distribute.stop_agreement(strategy) if distribute.is_multi_worker(strategy)
+                 else None)
+        hooks = StepHooks(c, manager, writer, guard, model, agree_to_stop=agree)
         if remaining > 0:
             # A resumed run continues the data stream where the saved step left it (with
             # --deterministic: the batches the uninterrupted run would have seen).
@@ -117,9 +137,13 @@ def _run(c: PretrainConfig, strategy, chief: bool) -> dict:
                     step_fn = make_distributed_step(model, strategy,
                                                     jit_compile=c.jit_compile)
                     iterator = iter(dataset)
-                    for _ in range(remaining):
-                        if hooks.after_step(step_fn(next(iterator))):
-                            break
+                    try:
+                        for _ in range(remaining):
+                            if hooks.after_step(step_fn(next(iterator))):
+                                break
+                    except distribute.peer_fault_types():
+                        writer.flush()    # the scalars so far: the binary then exits at once
+                        raise
                 else:
                     # shuffle=False: the dataset is shuffled already (fit's default
                     # shuffle=True is ignored for a tf.data.Dataset, with a warning).

@@ -61,7 +61,7 @@ def test_every_config_field_is_a_flag_that_parses_back_to_it():
     values = flags.FlagValues()
     config.define_flags(config.PretrainConfig, values)
     names = set(config.flag_paths(config.PretrainConfig))
-    assert names == set(values) and len(names) == 48
+    assert names == set(values) and len(names) == 49
     assert {"depth", "momentum", "blur_prob_scale", "min_crop_area"} <= names
     values(["pretrain"])
     assert config.from_flags(config.PretrainConfig, values) == config.PretrainConfig()
