@@ -62,7 +62,6 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import gzip
 import json
 import os
 import sys
@@ -71,6 +70,7 @@ import numpy as np
 from absl import app, flags
 
 from bench import common
+from bench.common.data import write_fashion_mnist_folder
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("dataset", "cutouts", ["cutouts", "fashion_mnist", "fmnist_scenes"],
@@ -237,34 +237,12 @@ def _fmnist_scenes_folders() -> dict:
 
 
 def _fashion_mnist_folder() -> str:
-    """Writes the Fashion-MNIST subset as images/ + masks/ (pixel > 0) PNG folders."""
-    import cv2
-    src, out = _data_dir(), os.path.join(FLAGS.work_dir, "fashion_mnist_folder")
-    if os.path.exists(os.path.join(out, "classes.txt")):
-        return out
-    names = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
-             "bag", "ankle-boot"]
-    for split, prefix, count in (("train", "train", FLAGS.fashion_mnist_train),
-                                 ("test", "t10k", FLAGS.fashion_mnist_test)):
-        with gzip.open(os.path.join(src, f"{prefix}-images-idx3-ubyte.gz")) as f:
-            images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
-        with gzip.open(os.path.join(src, f"{prefix}-labels-idx1-ubyte.gz")) as f:
-            labels = np.frombuffer(f.read(), np.uint8, offset=8)
-        # The first `count` in file order (the files are not sorted by class).
-        for i in range(min(count, len(images))):
-            name = names[labels[i]]
-            # 28 → 64 px (bicubic, so the conventional method sees edges, not blocks).
-            image = cv2.resize(images[i], (64, 64), interpolation=cv2.INTER_CUBIC)
-            mask = (cv2.resize(images[i], (64, 64), interpolation=cv2.INTER_NEAREST) > 0)
-            for kind, array in (("images", np.stack([image] * 3, -1)),
-                                ("masks", mask.astype(np.uint8) * 255)):
-                path = os.path.join(out, split, kind, name, f"{split}{i:05d}.png")
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                cv2.imwrite(path, array)
-    with open(os.path.join(out, "classes.txt.tmp"), "w") as f:
-        f.write("\n".join(names) + "\n")
-    os.replace(os.path.join(out, "classes.txt.tmp"), os.path.join(out, "classes.txt"))
-    return out
+    """The Fashion-MNIST subset as images/ + masks/ (pixel > 0) PNG folders
+    (``common.data.write_fashion_mnist_folder``)."""
+    return write_fashion_mnist_folder(_data_dir(), os.path.join(FLAGS.work_dir,
+                                                                "fashion_mnist_folder"),
+                                      num_train=FLAGS.fashion_mnist_train,
+                                      num_test=FLAGS.fashion_mnist_test)
 
 
 def build_records() -> dict:

@@ -13,7 +13,7 @@ them; mixed_rand (``harl_tf.data.background_shift``) moves objects onto other im
 backgrounds but still those photographs. Here each test image's object, cut out with its
 exact mask, is pasted onto a random crop of one of 14 other photographs, from the Debian
 packages lomiri-wallpapers-16.04 and lomiri-wallpapers-20.04 (CC-BY-4.0, CC-BY-SA-3.0/4.0,
-CC0-1.0; :data:`PHOTOS`), which neither pretraining nor a probe's training ever sees.
+CC0-1.0; ``bench.common.data.PHOTOS``), which neither pretraining nor a probe's training ever sees.
 
 For test image i (the builder's order, sorted by path), with a generator seeded by
 ``(--seed, i)``, so an image does not depend on the others:
@@ -44,114 +44,24 @@ import os
 import shutil
 import subprocess
 import time
-from typing import Dict, List, NamedTuple, Sequence
+from typing import Dict, List, Sequence
 
 import cv2
 import numpy as np
 from absl import flags
 
 from bench import common
+from bench.common.data import (CROP_SIDE, PHOTO_SHORT_SIDE, PHOTOS, TRAINING_PACKAGES,
+                               check_output_dir, check_photos, load_photos, random_crop)
 from harl_tf import atomic, errors
 from harl_tf.data import background_shift
 from harl_tf.progress import progress
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("src", "../shared/data/fmnist-scenes", "The fmnist-scenes folder.")
-flags.DEFINE_string("output_dir", "/work/runs/fmnist_scenes_unseen",
-                    "Output folder (outside ../shared and the repository; replaced only "
-                    "when complete, and only with --overwrite).")
-flags.DEFINE_string("photos_dir", "/usr/share/backgrounds",
-                    "Where the lomiri-wallpapers packages install their photographs.")
-flags.DEFINE_integer("seed", 0, "Seed of the photograph and crop draws.")
-flags.DEFINE_bool("overwrite", False, "Replace an existing --output_dir.")
-flags.DEFINE_bool("show_progress", True, "Progress bar on stderr.")
 
 SPLIT = "test"
 SIZE = 64                 # fmnist-scenes' image side
-PHOTO_SHORT_SIDE = 512    # photographs are resized to this short side first
-CROP_SIDE = (0.3, 1.0)    # crop side / short side (fmnist-scenes' rule)
 JPEG_QUALITY = 90
-
-
-class Photo(NamedTuple):
-    """One photograph: file name under --photos_dir, Debian package, licence (the
-    package's debian/copyright), author."""
-    name: str
-    package: str
-    licence: str
-    author: str
-
-
-P16, P20 = "lomiri-wallpapers-16.04", "lomiri-wallpapers-20.04"
-# Every photograph of the two packages except the abstract or computer-made pictures
-# (umang, Fossa, Infinite-Sea, Painting-Colors) and one colour-graded texture close-up
-# (analogpattern); chosen by looking at each picture.
-PHOTOS = (
-    Photo("aitzgorri_by_Aitzol_Berasategi.jpg", P16, "CC-BY-4.0", "Aitzol Berasategi"),
-    Photo("Bridge_by_Sander_Klootwijk.jpg", P16, "CC-BY-SA-4.0", "Sander Klootwijk"),
-    Photo("Dragonfly_by_Bolly.jpg", P16, "CC-BY-SA-4.0", "Bolly"),
-    Photo("free_by_Peter_Nerlich.jpg", P16, "CC-BY-SA-4.0", "Peter Nerlich"),
-    Photo("friends_by_Aitzol_Berasategi.jpg", P16, "CC-BY-4.0", "Aitzol Berasategi"),
-    Photo("greentock_by_Peter_Nerlich.jpg", P16, "CC-BY-SA-4.0", "Peter Nerlich"),
-    Photo("life_by_Aitzol_Berasategi.jpg", P16, "CC-BY-4.0", "Aitzol Berasategi"),
-    Photo("picosdeeuropa_by_Aitzol_Berasategi.jpg", P16, "CC-BY-4.0", "Aitzol Berasategi"),
-    Photo("Picture_0B_by_freespace.jpg", P16, "CC-BY-4.0", "Trevor \"Freespace\""),
-    Photo("Picture_1A_by_freespace.jpg", P16, "CC-BY-4.0", "Trevor \"Freespace\""),
-    Photo("seeding_by_Clements_Engelhardt.jpg", P16, "CC0-1.0", "Clemens Engelhardt"),
-    Photo("sunset_by_Aitzol_Berasategi.jpg", P16, "CC-BY-4.0", "Aitzol Berasategi"),
-    Photo("Wine_by_Jakkub_Mede.jpg", P16, "CC-BY-4.0", "Jakub Mede"),
-    Photo("Kleiber_by_Lukas_Baubkus.jpg", P20, "CC-BY-SA-3.0", "Lukas Baubkus"),
-)
-# The photographs of fmnist-scenes and cutouts (../shared/data/cutouts/README.md), which
-# must never be used here.
-TRAINING_PACKAGES = ("mate-backgrounds", "plasma-workspace-wallpapers")
-
-
-def install_command(photos: Sequence[Photo] = PHOTOS) -> str:
-    return "apt-get install " + " ".join(sorted({p.package for p in photos}))
-
-
-def check_photos(photos_dir: str, photos: Sequence[Photo] = PHOTOS) -> List[str]:
-    """The photographs' paths; a :class:`errors.MissingPathError` naming the missing ones
-    and the ``apt-get install`` line that provides them."""
-    paths = [os.path.join(photos_dir, p.name) for p in photos]
-    missing = [p for p, path in zip(photos, paths) if not os.path.isfile(path)]
-    if missing:
-        raise errors.MissingPathError(
-            f"--photos_dir={photos_dir}: {len(missing)} of the {len(photos)} held-out "
-            f"photographs are missing (e.g. {missing[0].name}); install them with "
-            f"`{install_command(missing)}` (as root, after apt-get update), or point "
-            f"--photos_dir at a folder holding them.")
-    return paths
-
-
-def load_photos(paths: Sequence[str], short_side: int = PHOTO_SHORT_SIDE) -> List[np.ndarray]:
-    """``uint8 [h, w, 3]`` RGB photographs resized (area) so that the short side is
-    ``short_side`` px (never enlarged). DataError naming a file that cannot be decoded."""
-    out = []
-    for path in paths:
-        image = cv2.imread(path, cv2.IMREAD_COLOR)
-        if image is None:
-            raise errors.DataError(f"{path}: cannot decode the photograph; reinstall its "
-                                   "package.")
-        scale = short_side / min(image.shape[:2])
-        if scale < 1:
-            image = cv2.resize(image, (round(image.shape[1] * scale),
-                                       round(image.shape[0] * scale)),
-                               interpolation=cv2.INTER_AREA)
-        out.append(cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
-    return out
-
-
-def random_crop(photo: np.ndarray, rng: np.random.Generator,
-                side_range=CROP_SIDE) -> tuple:
-    """A square crop of ``photo``: side ``U(side_range) x short side`` (px, rounded, at
-    least 1), top-left corner uniform. Returns ``(crop [s, s, 3], (x, y, s))``."""
-    height, width = photo.shape[:2]
-    side = max(1, int(round(rng.uniform(*side_range) * min(height, width))))
-    y = int(rng.integers(0, height - side + 1))
-    x = int(rng.integers(0, width - side + 1))
-    return photo[y:y + side, x:x + side], (x, y, side)
 
 
 def unseen_background_images(images: Sequence[np.ndarray], masks: Sequence[np.ndarray],
@@ -248,18 +158,6 @@ Sources: Fashion-MNIST items (MIT, Zalando SE) as in fmnist-scenes.
 """
 
 
-def check_output_dir(output_dir: str, src: str) -> None:
-    """ConfigError when ``output_dir`` lies inside the repository or the source data's
-    folder (../shared is read-only and belongs to every session)."""
-    out = os.path.realpath(output_dir)
-    for root, what in ((common.ROOT, "the repository"),
-                       (os.path.dirname(os.path.realpath(src)), "the source data folder")):
-        root = os.path.realpath(root)
-        if out == root or out.startswith(root + os.sep):
-            raise errors.ConfigError(f"--output_dir={output_dir} is inside {what} ({root}); "
-                                     "write it elsewhere, e.g. /work/runs/fmnist_scenes_unseen.")
-
-
 def make(src: str, output_dir: str, *, photos_dir: str, seed: int, overwrite: bool = False,
          show_progress: bool = False) -> Dict[str, object]:
     """Writes the split (module docstring) to ``output_dir``; returns its summary."""
@@ -307,6 +205,20 @@ def make(src: str, output_dir: str, *, photos_dir: str, seed: int, overwrite: bo
             "packages": versions, "seconds": round(time.time() - start, 1)}
 
 
+def define_flags() -> None:
+    """The binary's flags, defined when it runs (not on import: the tests import its
+    functions next to other binaries' flags of the same names)."""
+    flags.DEFINE_string("src", "../shared/data/fmnist-scenes", "The fmnist-scenes folder.")
+    flags.DEFINE_string("output_dir", "/work/runs/fmnist_scenes_unseen",
+                        "Output folder (outside ../shared and the repository; replaced only "
+                        "when complete, and only with --overwrite).")
+    flags.DEFINE_string("photos_dir", "/usr/share/backgrounds",
+                        "Where the lomiri-wallpapers packages install their photographs.")
+    flags.DEFINE_integer("seed", 0, "Seed of the photograph and crop draws.")
+    flags.DEFINE_bool("overwrite", False, "Replace an existing --output_dir.")
+    flags.DEFINE_bool("show_progress", True, "Progress bar on stderr.")
+
+
 def main(argv) -> None:
     del argv
     summary = make(FLAGS.src, FLAGS.output_dir, photos_dir=FLAGS.photos_dir, seed=FLAGS.seed,
@@ -315,4 +227,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     errors.run_binary("make_unseen_backgrounds", main)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from bench import make_unseen_backgrounds as unseen
+from bench.common.data import PHOTOS
 from harl_tf import errors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,7 +40,7 @@ def _scenes(root, rng):
 def _photos(folder, rng):
     """Uniform-colour stand-ins, far from the objects' grey background."""
     os.makedirs(folder)
-    for photo in unseen.PHOTOS:
+    for photo in PHOTOS:
         colour = rng.integers(0, 60, 3).astype(np.uint8)
         cv2.imwrite(os.path.join(folder, photo.name), np.full((90, 120, 3), colour))
 
@@ -83,7 +84,7 @@ def test_objects_on_held_out_photographs(folders):
     with open(os.path.join(out, "classes.txt")) as f:
         assert f.read() == "a\nb\n"
     readme = open(os.path.join(out, "README.md")).read()
-    assert all(p.name in readme for p in unseen.PHOTOS) and "lomiri-wallpapers-16.04" in readme
+    assert all(p.name in readme for p in PHOTOS) and "lomiri-wallpapers-16.04" in readme
 
 
 def test_composite_is_exact_and_seeded():
@@ -106,7 +107,7 @@ def test_composite_is_exact_and_seeded():
 
 def test_missing_photographs_name_the_packages(folders):
     src, photos, tmp = folders
-    os.remove(os.path.join(photos, unseen.PHOTOS[-1].name))
+    os.remove(os.path.join(photos, PHOTOS[-1].name))
     with pytest.raises(errors.MissingPathError, match="apt-get install lomiri-wallpapers-20.04"):
         unseen.make(src, str(tmp / "out"), photos_dir=photos, seed=0)
     assert not os.path.exists(tmp / "out")
