@@ -23,7 +23,8 @@
    save the same step and exit 0; the rerun ends with the uninterrupted run's weights).
    Reports the seconds from each SIGKILL to the survivor's exit.
 
-Writes ``bench/results/fault_injection.json``; exits 1 when a property fails.
+Writes ``bench/results/fault_injection.json`` (a run of some ``--parts`` only:
+``fault_injection_<parts>.json``); exits 1 when a property fails.
 
     python -m bench.fault_injection [--kills 3] [--train_steps 24] [--fuzz_cases 20000]
         [--mw_rounds 2] [--parts pretrain,builder,fuzz,binary_faults,multi_worker]
@@ -51,6 +52,9 @@ common.import_test_helpers()  # the soak reuses tests/*.py (test_reliability_tra
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT, CUDA_VISIBLE_DEVICES="")
+
+
+PARTS = ("pretrain", "builder", "fuzz", "binary_faults", "multi_worker")
 
 
 def log(message):
@@ -364,7 +368,7 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mw_rounds", type=int, default=2,
                         help="multi_worker: rounds of (SIGKILL, SIGTERM)")
-    parser.add_argument("--parts", default="pretrain,builder,fuzz,binary_faults,multi_worker")
+    parser.add_argument("--parts", default=",".join(PARTS))
     parser.add_argument("--work_dir", default="")
     args = parser.parse_args()
     if args.kills < 3:
@@ -394,7 +398,10 @@ def main():
     results["seconds"] = round(time.time() - started, 1)
     results["passed"] = all(results[p]["passed"] for p in parts)
     os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
-    with open(os.path.join(ROOT, "bench", "results", "fault_injection.json"), "w") as handle:
+    # A run of some parts only does not replace the record of a full run.
+    name = ("fault_injection" if set(parts) >= set(PARTS)
+            else "fault_injection_" + "_".join(parts))
+    with open(os.path.join(ROOT, "bench", "results", name + ".json"), "w") as handle:
         json.dump(results, handle, indent=1, default=str)
     log(f"passed: {results['passed']} ({results['seconds']} s)")
     sys.exit(0 if results["passed"] else 1)
