@@ -38,8 +38,8 @@ EXTRAS = {
 # (python -m tools.quickstart) runs from a source checkout only: it reads flags/*.cfg.
 CONSOLE_SCRIPTS = [
     "harl-pretrain = harl_tf.pretrain:main",
-    "harl-finetune = harl_tf.finetune:run",
-    "harl-export = harl_tf.export:run",
+    "harl-finetune = harl_tf.cli.finetune:run",
+    "harl-export = harl_tf.cli.export:run",
     "harl-build-tfrecords = harl_tf.cli.build_tfrecords:run",
     "harl-generate-masks = harl_tf.cli.generate_masks:run",
     "harl-train-saliency-head = harl_tf.cli.train_saliency_head:run",

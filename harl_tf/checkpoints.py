@@ -50,7 +50,8 @@ from typing import Optional
 import tensorflow as tf
 
 from harl_tf.atomic import write_json_atomic
-from harl_tf.errors import HarlError
+from harl_tf.errors import ConfigError, DataError, HarlError, MissingPathError
+from harl_tf.models.resnet import build_encoder
 
 MODEL_CONFIG_FILE = "model_config.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -63,7 +64,7 @@ class CheckpointWriteError(HarlError):
     and the message names the last complete checkpoint."""
 
 
-class NonFiniteStateError(RuntimeError):
+class NonFiniteStateError(HarlError, RuntimeError):
     """The model holds NaN/Inf weights; saving it would overwrite a good checkpoint."""
 
 
@@ -72,12 +73,12 @@ class NonFiniteStateError(RuntimeError):
 def read_json(path: str, what: str) -> dict:
     """Read a JSON file, with an error that names the file and what it should hold."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{what}: {path} does not exist.")
+        raise MissingPathError(f"{what}: {path} does not exist.")
     with open(path) as f:
         try:
             return json.load(f)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{what}: {path} is not valid JSON ({e}).") from None
+            raise DataError(f"{what}: {path} is not valid JSON ({e}).") from None
 
 
 def export_encoder_config(encoder_config: dict) -> dict:
@@ -105,8 +106,8 @@ def check_same_encoder(model_dir: str, encoder_config: dict) -> None:
     differ = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
     if differ:
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {wanted.get(k)!r}" for k in differ)
-        raise ValueError(f"--model_dir={model_dir} holds a run with another encoder ({details}); "
-                         f"use a new --model_dir or the original flags.")
+        raise ConfigError(f"--model_dir={model_dir} holds a run with another encoder ({details}); "
+                          f"use a new --model_dir or the original flags.")
 
 
 def read_model_config(model_dir: str) -> dict:
@@ -114,8 +115,8 @@ def read_model_config(model_dir: str) -> dict:
     config = read_json(os.path.join(model_dir, MODEL_CONFIG_FILE),
                        "model config of a pretraining run")
     if "encoder" not in config:
-        raise ValueError(f"{os.path.join(model_dir, MODEL_CONFIG_FILE)} has no 'encoder' "
-                         f"entry; found keys {sorted(config)}.")
+        raise DataError(f"{os.path.join(model_dir, MODEL_CONFIG_FILE)} has no 'encoder' "
+                        f"entry; found keys {sorted(config)}.")
     return config
 
 
@@ -144,13 +145,13 @@ def find_checkpoint(model_dir: str, step: Optional[int] = None) -> str:
     if step is None:
         path = tf.train.latest_checkpoint(directory)
         if path is None:
-            raise FileNotFoundError(f"no checkpoint in {directory} (is --model_dir the "
-                                    f"directory of a pretraining run?).")
+            raise MissingPathError(f"no checkpoint in {directory} (is --model_dir the "
+                                   f"directory of a pretraining run?).")
         return path
     path = os.path.join(directory, f"{CHECKPOINT_NAME}-{int(step)}")
     if not tf.io.gfile.exists(path + ".index"):
-        raise FileNotFoundError(f"no checkpoint for step {step} in {directory}; available "
-                                f"steps: {available_steps(model_dir)}.")
+        raise MissingPathError(f"no checkpoint for step {step} in {directory}; available "
+                               f"steps: {available_steps(model_dir)}.")
     return path
 
 
@@ -210,7 +211,7 @@ class CheckpointManager:
         try:
             status.assert_existing_objects_matched()
         except AssertionError as e:
-            raise ValueError(
+            raise ConfigError(
                 f"checkpoint {path} does not match the model built from the flags (was "
                 f"--model_dir used with other model flags?): {str(e).splitlines()[0]}"
             ) from None
@@ -303,8 +304,6 @@ def restore_online_encoder(model_dir: str, step: Optional[int] = None):
        ``encoder(images_in_[0,1], training=False)``; encoder_config: dict for
        ``resnet.build_encoder``; step: int).
     """
-    from harl_tf.models.resnet import build_encoder
-
     config = read_model_config(model_dir)
     encoder_config = export_encoder_config(config["encoder"])
     # Build first, then find and read at once: a running pretraining may prune old

@@ -5,10 +5,11 @@ Nothing here imports TensorFlow.
 Each field is declared with :func:`config.option` (default, help, accepted values) and is
 the ``harl_tf.finetune`` flag of the same name; ``EvaluationConfig(mode="knn", knn_k=5,
 ...)`` is what :func:`harl_tf.downstream.evaluation.evaluate` takes. Three flags spell
-their value differently: ``--encoder_config`` (a JSON object, JSON file or export
-directory for a dict), ``--output_stride`` (``keep`` for None) and ``--weight_decay_grid``
-(a comma-separated string for a tuple; the binary chooses whether it applies from which
-flags were given, ``finetune.weight_decay_grid``). Enum choices come from the registries
+their value differently: ``--encoder_config`` (a JSON object for a dict; a JSON file or
+an export directory stays a path, read by ``downstream.encoder_source``),
+``--output_stride`` (``keep`` for None) and ``--weight_decay_grid`` (a comma-separated
+string for a tuple; the binary chooses whether it applies from which flags were given,
+``cli.finetune.weight_decay_grid``). Enum choices come from the registries
 that use them (:data:`MODES`, :data:`EVAL_BACKGROUNDS`, :data:`EMBEDDINGS` here;
 ``config.OUTPUT_STRIDES``, ``distribute.STRATEGIES``).
 
@@ -19,8 +20,9 @@ there), and ``config.PretrainConfig`` holds one run's pretraining, ``config.json
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 from harl_tf import distribute
 from harl_tf.config import OUTPUT_STRIDES, ConfigError, check_fields, option
@@ -32,13 +34,17 @@ EVAL_BACKGROUNDS = ("original", "mixed_rand", "both")
 EMBEDDINGS = ("global", "foreground", "background")
 RANDOM = "random"  # --encoder=random: a randomly initialised encoder (the baseline)
 KEEP = "keep"      # --output_stride=keep: the stride the encoder was exported with
+# What --output_dir holds (every mode).
+RESULTS_FILE = "results.json"
+TRAIN_IDS_FILE = "train_ids.txt"  # the labelled subset's record ids, one per line
+SHIFTED_EVAL_DIR = "eval_mixed_rand"  # --eval_background: the shifted eval records
 DEFAULT_VALIDATION_FRACTION = 0.2
 _DEFAULT_GRID_TEXT = "0,1e-4,1e-3,1e-2,1e-1,1"
 
 
 def parse_grid(text: str, *, flag: str = "weight_decay_grid") -> Tuple[float, ...]:
     """``"0,1e-5,1e-4"`` -> ``(0.0, 1e-05, 0.0001)`` (sorted, duplicates removed); ``""``
-    -> ``()`` (no grid). Negative or non-numeric values are a ValueError naming the flag."""
+    -> ``()`` (no grid). Negative or non-numeric values are a ConfigError naming the flag."""
     values = []
     for item in (part.strip() for part in text.split(",")):
         if not item:
@@ -46,10 +52,10 @@ def parse_grid(text: str, *, flag: str = "weight_decay_grid") -> Tuple[float, ..
         try:
             value = float(item)
         except ValueError:
-            raise ValueError(f"--{flag}: {item!r} is not a number; expected a comma-separated "
+            raise ConfigError(f"--{flag}: {item!r} is not a number; expected a comma-separated "
                              "list such as 0,1e-5,1e-4,1e-3,1e-2.") from None
         if not value >= 0.0 or math.isinf(value):
-            raise ValueError(f"--{flag}: weight decays must be finite and >= 0, got {item}.")
+            raise ConfigError(f"--{flag}: weight decays must be finite and >= 0, got {item}.")
         values.append(value)
     return tuple(sorted(set(values)))
 
@@ -57,13 +63,22 @@ def parse_grid(text: str, *, flag: str = "weight_decay_grid") -> Tuple[float, ..
 DEFAULT_GRID = parse_grid(_DEFAULT_GRID_TEXT)
 
 
-def _encoder_config_from_flag(text: str) -> Optional[Dict[str, Any]]:
-    """None for ""; else the parsed JSON, JSON file or export's encoder config (reading
-    an export needs TensorFlow, imported only then)."""
+def _encoder_config_from_flag(text: str) -> Union[Dict[str, Any], str, None]:
+    """None for ""; a JSON object for '{...}'; else the path as given (a JSON file or an
+    export directory: read by ``encoder_source.encoder_config_from`` when the evaluation
+    is checked, which needs TensorFlow's file system)."""
+    text = (text or "").strip()
     if not text:
         return None
-    from harl_tf.downstream import encoder_source
-    return encoder_source.parse_encoder_config(text)
+    if not text.startswith("{"):
+        return text
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--encoder_config is not valid JSON ({e}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"--encoder_config must be a JSON object, got {text!r}")
+    return value
 
 
 def _output_stride_from_flag(text: str) -> Optional[int]:
@@ -85,7 +100,7 @@ class EvaluationConfig:
                                        required="the labelled evaluation records")
     output_dir: Optional[str] = option(None, "Results, TensorBoard logs, checkpoints.",
                                        required="where the results go")
-    encoder_config: Optional[Dict[str, Any]] = option(
+    encoder_config: Union[Dict[str, Any], str, None] = option(
         None, "For --encoder=random: JSON object (e.g. '{\"depth\": 50}'), JSON file, or an "
         "export directory whose architecture to copy.", flag_default="",
         from_flag=_encoder_config_from_flag)

@@ -59,8 +59,8 @@ import numpy as np
 import tensorflow as tf
 
 import harl_tf
-from harl_tf import atomic
-from harl_tf.errors import HarlError
+from harl_tf import atomic, checkpoints, onnx_export
+from harl_tf.errors import DataError, HarlError
 from harl_tf.models import pooling, resnet
 
 METADATA_FILE = "harl_export.json"
@@ -77,7 +77,7 @@ class ExportError(HarlError):
     """An export cannot be written or read (names the directory and what is wrong)."""
 
 
-class MaskError(HarlError):
+class MaskError(DataError):
     """Masks that do not fit their images: another batch size, height or width (names
     both shapes), another rank, or values outside [0, 1]."""
 
@@ -295,7 +295,6 @@ def export_encoder(encoder: keras.Model, export_dir: str, *,
         raise ExportError(f"--export_dir={export_dir} already exists; choose another "
                           "directory or pass --overwrite to replace it.")
     if onnx:
-        from harl_tf.downstream import onnx_export
         onnx_export.require_onnx()  # fail before the slow part
     pretrain_stride = encoder_config.get("output_stride")
     encoder, config = with_output_stride(encoder, encoder_config, output_stride)
@@ -335,7 +334,6 @@ def export_encoder(encoder: keras.Model, export_dir: str, *,
         tf.saved_model.save(root, tmp, signatures=signatures_of(root))
         encoder.save_weights(os.path.join(tmp, WEIGHTS_FILE))
         if onnx:
-            from harl_tf.downstream import onnx_export
             metadata["onnx"] = onnx_export.export_onnx(
                 serve, os.path.join(tmp, ONNX_FILE), opset=onnx_opset)
             metadata["onnx"]["file"] = ONNX_FILE
@@ -352,8 +350,6 @@ def restore_encoder_from_model_dir(model_dir: str, step: Optional[int] = None):
     and when the files of the checkpoint we picked vanish under us (the manager deleted it
     after a newer save) we look up the latest pointer again and retry once.
     """
-    from harl_tf import checkpoints
-
     if not tf.io.gfile.isdir(model_dir):
         raise ExportError(f"--model_dir={model_dir} does not exist (expected a pretraining "
                           "model_dir with model_config.json and checkpoints/).")

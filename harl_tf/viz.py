@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from harl_tf.atomic import write_bytes_atomic
+from harl_tf.errors import DataError
 from harl_tf.masks import to_rgb_uint8
 
 TINT = (255, 0, 0)
@@ -41,8 +42,8 @@ def _binary_mask(mask: np.ndarray, shape: Tuple[int, int], name: str) -> np.ndar
     if mask.ndim == 3 and mask.shape[-1] == 1:
         mask = mask[..., 0]
     if mask.shape != tuple(shape):
-        raise ValueError(f"{name}: mask shape {mask.shape} differs from the image's "
-                         f"{tuple(shape)}")
+        raise DataError(f"{name}: mask shape {mask.shape} differs from the image's "
+                        f"{tuple(shape)}")
     return mask > (0.5 if mask.dtype.kind == "f" else 0)
 
 
@@ -130,7 +131,7 @@ def mask_rows(examples: Iterable[Tuple[np.ndarray, np.ndarray]], rows: int,
             break
         tiles += [to_rgb_uint8(image), overlay(image, mask, name=f"example {index}")]
     if not tiles:
-        raise ValueError("no examples to preview")
+        raise DataError("no examples to preview")
     width = 2 * per_row
     return [tiles[i:i + width] for i in range(0, len(tiles), width)]
 
@@ -188,5 +189,5 @@ def pipeline_views(file_pattern: str, rows: int, image_size: int, *, seed: int =
                                         deterministic=True, shuffle_buffer=max(rows, 64))
     for batch in dataset.take(1):
         return {key: value.numpy() for key, value in batch.items()}
-    raise ValueError(f"preview: {file_pattern} gave no batch of {rows} examples "
-                     "(fewer records than --rows?)")
+    raise DataError(f"preview: {file_pattern} gave no batch of {rows} examples "
+                    "(fewer records than --rows?)")

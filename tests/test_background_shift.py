@@ -14,6 +14,7 @@ from scipy import ndimage
 
 from _export_helpers import write_records
 from harl_tf.data import background_shift, schema, synthetic
+from harl_tf import eval_config
 from harl_tf.downstream import evaluation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -199,4 +200,4 @@ def test_finetune_reports_original_mixed_rand_and_their_gap(tmp_path, mode):
     assert results["top1"] == original and results["num_eval"] == 32
     assert written["gap_top1"] == pytest.approx(original - shifted)
     assert original >= 0.8 and shifted <= 0.3 and written["gap_top1"] >= 0.5
-    assert os.path.exists(tmp_path / "out" / evaluation.SHIFTED_EVAL_DIR / "eval.tfrecord")
+    assert os.path.exists(tmp_path / "out" / eval_config.SHIFTED_EVAL_DIR / "eval.tfrecord")

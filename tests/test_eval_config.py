@@ -32,7 +32,7 @@ def _fresh_flags(*argv):
 FINETUNE_FLAGS = """
 import json
 from absl import flags
-from harl_tf import finetune
+from harl_tf.cli import finetune
 F = flags.FLAGS
 names = sorted(f.name for f in F.get_flags_for_module(finetune))
 print(json.dumps({"required": list(finetune.REQUIRED), "flags": {
@@ -125,7 +125,7 @@ def test_the_binary_rejects_bad_values_with_one_line_naming_the_flag(tmp_path):
     script = (
         "import contextlib, io, json, sys\n"
         "from absl import flags\n"
-        "from harl_tf import finetune\n"
+        "from harl_tf.cli import finetune\n"
         "out = []\n"
         "for args in json.loads(sys.argv[1]):\n"
         "    flags.FLAGS.unparse_flags()\n"

@@ -145,7 +145,7 @@ def test_a_bug_inside_the_evaluation_keeps_its_traceback(records, tmp_path):
     """Only the project's own errors become one line: a ValueError from deep inside Keras
     (here: raised by a stand-in evaluate) is a bug, shown with its traceback."""
     script = ("import sys\n"
-              "from harl_tf import finetune\n"
+              "from harl_tf.cli import finetune\n"
               "from harl_tf.downstream import evaluation\n"
               "def evaluate(config, strategy=None):\n"
               "    raise ValueError('Input 0 of layer dense is incompatible')\n"
@@ -219,7 +219,7 @@ def test_protocol_flagfiles_parse_and_encode_the_paper_protocols():
     script = (
         "import json, sys\n"
         "from absl import flags\n"
-        "import harl_tf.finetune\n"
+        "import harl_tf.cli.finetune\n"
         "out = {}\n"
         "for name in sys.argv[1:]:\n"
         "    flags.FLAGS.unparse_flags()\n"

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from harl_tf.data import synthetic
+from harl_tf.errors import ConfigError
 from harl_tf.masks import (MaskResult, available_methods, get_method, register_method,
                            to_rgb_uint8)
 from harl_tf.masks.conventional import (DEFAULT_PARAMS, REFERENCE_AREA, centred_ellipse,
@@ -131,9 +132,10 @@ def test_params_are_complete_json_and_validated():
     assert method.params["sigma"] == 0.4 and method.params["min_size"] == 1500
     assert set(method.params) == set(DEFAULT_PARAMS)
     assert json.loads(json.dumps(method.params)) == method.params
-    with pytest.raises(TypeError, match="min_sizee"):
+    # A bad parameter is the user's (--mask_params, a tool's flag): one ConfigError line.
+    with pytest.raises(ConfigError, match="min_sizee"):
         get_method("conventional", min_sizee=10)
-    with pytest.raises(ValueError, match="threshold"):
+    with pytest.raises(ConfigError, match="threshold"):
         get_method("conventional", threshold="median")
 
 

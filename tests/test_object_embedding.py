@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from _export_helpers import write_records
 from harl_tf.data import pipeline, schema
-from harl_tf.downstream import encoder_source, evaluation, knn, linear
+from harl_tf.downstream import encoder_source, evaluation, knn, linear, subsets
 
 # 32 px, small stem, output stride 32: a 4 x 4 feature map of 8 x 8 pixel cells.
 ENCODER = {"depth": 18, "width_multiplier": 0.25, "small_stem": True, "output_stride": 32}
@@ -147,7 +147,7 @@ def test_records_without_masks_are_one_clear_error(records, tmp_path):
         mode="linear", embedding="background", encoder="random", encoder_config=ENCODER,
         train_files=str(root / "train.tfrecord"), eval_files=str(tmp_path / "nomask.tfrecord"),
         output_dir=str(tmp_path / "out"), image_size=SIZE, verbose=0)
-    with pytest.raises(evaluation.MissingMasksError) as e:
+    with pytest.raises(subsets.MissingMasksError) as e:
         evaluation.evaluate(config)
     message = str(e.value)
     assert "\n" not in message and "--embedding=background" in message

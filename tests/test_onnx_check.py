@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from harl_tf.downstream import onnx_export
+from harl_tf import onnx_export
 
 
 def serve(images):

@@ -151,7 +151,7 @@ def test_cli_uses_the_grid_unless_a_weight_decay_is_given():
     script = (
         "import json, sys\n"
         "from absl import flags\n"
-        "from harl_tf import finetune\n"
+        "from harl_tf.cli import finetune\n"
         "out = []\n"
         "for args in json.loads(sys.argv[1]):\n"
         "    flags.FLAGS.unparse_flags()\n"

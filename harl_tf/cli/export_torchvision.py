@@ -44,10 +44,8 @@ def main(argv):
 
     from harl_tf.downstream import encoder_source, torchvision_weights
 
-    try:
-        source = encoder_source.load_encoder(FLAGS.encoder, step=FLAGS.step)
-    except ValueError as e:  # neither an export nor a model_dir: the flag's fault
-        raise app.UsageError(str(e)) from None
+    # Neither an export nor a model_dir: a HarlError naming --encoder.
+    source = encoder_source.load_encoder(FLAGS.encoder, step=FLAGS.step)
     for note in torchvision_weights.compatibility_notes(source.config):
         print(f"warning: {note}", file=sys.stderr)
     state = torchvision_weights.torchvision_state_dict(source.encoder)

@@ -114,17 +114,13 @@ def main(argv):
                   shard_index=FLAGS.shard_index, num_shards=FLAGS.num_shards,
                   overwrite=FLAGS.overwrite, strict=FLAGS.strict,
                   summary_path=FLAGS.summary_path)
-    try:
-        if FLAGS.runner == "beam":
-            summary = _generate_with_beam(common)
-        else:
-            summary = generate_mask_folder(FLAGS.images_dir, FLAGS.masks_dir,
-                                           num_workers=FLAGS.num_workers,
-                                           progress=FLAGS.progress, **common)
-    except errors.HarlError:  # CorruptImageError (--strict), a failed Beam step: one line
-        raise
-    except (FileNotFoundError, TypeError, ValueError) as error:  # bad flags or folders
-        raise app.UsageError(str(error)) from error
+    # Bad flags or folders, CorruptImageError (--strict), a failed Beam step: HarlError.
+    if FLAGS.runner == "beam":
+        summary = _generate_with_beam(common)
+    else:
+        summary = generate_mask_folder(FLAGS.images_dir, FLAGS.masks_dir,
+                                       num_workers=FLAGS.num_workers,
+                                       progress=FLAGS.progress, **common)
     short = {k: summary[k] for k in ("num_images", "written", "skipped_existing", "corrupt",
                                      "fallbacks", "images_per_second")}
     print(json.dumps(short))

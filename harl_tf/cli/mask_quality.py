@@ -46,15 +46,13 @@ def main(argv):
         raise app.UsageError("give exactly one of --gt_dir and --gt_records")
     if FLAGS.pred_dir and FLAGS.gt_records:
         raise app.UsageError("--gt_records goes with --pred_records, not --pred_dir")
-    try:
-        if FLAGS.pred_dir:
-            report = evaluate_folders(FLAGS.pred_dir, FLAGS.gt_dir)
-        else:
-            report = evaluate(iter_record_pairs(
-                FLAGS.pred_records, gt_records=FLAGS.gt_records, gt_dir=FLAGS.gt_dir,
-                class_names=FLAGS.class_names or _manifest_classes(FLAGS.pred_records)))
-    except (FileNotFoundError, ValueError) as err:  # folders or records that do not match
-        raise app.UsageError(str(err)) from None
+    # Folders or records that are missing or do not match: HarlError, one line.
+    if FLAGS.pred_dir:
+        report = evaluate_folders(FLAGS.pred_dir, FLAGS.gt_dir)
+    else:
+        report = evaluate(iter_record_pairs(
+            FLAGS.pred_records, gt_records=FLAGS.gt_records, gt_dir=FLAGS.gt_dir,
+            class_names=FLAGS.class_names or _manifest_classes(FLAGS.pred_records)))
     print(report.table())
     summary = report.summary()
     summary.update(pred=os.path.abspath(FLAGS.pred_dir) if FLAGS.pred_dir

@@ -43,20 +43,18 @@ def main(argv):
 
     from harl_tf import viz  # heavy imports after flag validation
 
-    try:
-        if FLAGS.mode == "views":
-            batch = viz.pipeline_views(FLAGS.records, FLAGS.rows, FLAGS.image_size,
-                                       seed=FLAGS.seed)
-            rows, titles = viz.view_rows(batch, FLAGS.rows), viz.VIEW_TITLES
-        else:
-            examples = (viz.folder_examples(FLAGS.images_dir, FLAGS.masks_dir)
-                        if FLAGS.images_dir else viz.record_examples(FLAGS.records))
-            rows = viz.mask_rows(examples, FLAGS.rows, FLAGS.per_row)
-            titles = viz.MASK_TITLES
-        sheet = viz.contact_sheet(rows, tile_size=FLAGS.tile_size, titles=titles)
-        viz.write_png(sheet, FLAGS.output)
-    except (ValueError, FileNotFoundError) as e:  # records, folders or masks that do not fit
-        raise app.UsageError(str(e)) from None
+    # Records, folders or masks that are missing or do not fit: HarlError, one line.
+    if FLAGS.mode == "views":
+        batch = viz.pipeline_views(FLAGS.records, FLAGS.rows, FLAGS.image_size,
+                                   seed=FLAGS.seed)
+        rows, titles = viz.view_rows(batch, FLAGS.rows), viz.VIEW_TITLES
+    else:
+        examples = (viz.folder_examples(FLAGS.images_dir, FLAGS.masks_dir)
+                    if FLAGS.images_dir else viz.record_examples(FLAGS.records))
+        rows = viz.mask_rows(examples, FLAGS.rows, FLAGS.per_row)
+        titles = viz.MASK_TITLES
+    sheet = viz.contact_sheet(rows, tile_size=FLAGS.tile_size, titles=titles)
+    viz.write_png(sheet, FLAGS.output)
     print(f"wrote {os.path.abspath(FLAGS.output)} ({sheet.shape[1]}x{sheet.shape[0]} px, "
           f"{len(rows)} rows)")
 

@@ -36,14 +36,14 @@ import cv2
 import numpy as np
 
 from harl_tf import atomic
-from harl_tf.errors import HarlError
+from harl_tf.errors import ConfigError, DataError
 
 MODES = ("mixed_rand",)
 INPAINT_RADIUS = 3
 SUMMARY_NAME = "shift_backgrounds.json"
 
 
-class EmptyMaskError(HarlError):
+class EmptyMaskError(DataError):
     """An object to paste has an empty mask (or a donor has no background)."""
 
 
@@ -70,8 +70,8 @@ def fill_background(image: np.ndarray, mask: np.ndarray, *,
     image = np.ascontiguousarray(image, np.uint8)
     mask = _binary(mask)
     if image.shape[:2] != mask.shape:
-        raise ValueError(f"fill_background: image {image.shape} and mask {mask.shape} "
-                         "differ in height or width.")
+        raise DataError(f"fill_background: image {image.shape} and mask {mask.shape} "
+                        "differ in height or width.")
     if not mask.any():
         return image.copy()
     hole = cv2.dilate(mask, np.ones((3, 3), np.uint8))
@@ -112,8 +112,8 @@ def choose_donors(labels: Sequence[int], seed: int) -> np.ndarray:
     classes."""
     labels = np.asarray(labels, np.int64)
     if len(np.unique(labels)) < 2:
-        raise ValueError("mixed_rand needs examples of at least two classes, got "
-                         f"{len(np.unique(labels))}.")
+        raise DataError("mixed_rand needs examples of at least two classes, got "
+                        f"{len(np.unique(labels))}.")
     order = np.argsort(labels, kind="stable")       # examples grouped by class
     classes, starts, counts = np.unique(labels[order], return_index=True, return_counts=True)
     slot = np.searchsorted(classes, labels)
@@ -201,16 +201,16 @@ def shift_records(input_files: str, output_dir: str, *, mode: str = "mixed_rand"
     from harl_tf.data import pipeline, schema
 
     if mode not in MODES:
-        raise ValueError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}.")
+        raise ConfigError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}.")
     files = pipeline.list_files(input_files, caller=f"--{flag}")
     names = [os.path.basename(f) for f in files]
     if len(set(names)) < len(names):
-        raise ValueError(f"--{flag}: two input files share a base name; the outputs would "
-                         "overwrite each other. Shift them into separate --output_dirs.")
+        raise ConfigError(f"--{flag}: two input files share a base name; the outputs would "
+                          "overwrite each other. Shift them into separate --output_dirs.")
     if any(os.path.abspath(os.path.join(output_dir, n)) == os.path.abspath(f)
            for n, f in zip(names, files)):
-        raise ValueError(f"--output_dir {output_dir} would overwrite the input files; "
-                         "choose another folder.")
+        raise ConfigError(f"--output_dir {output_dir} would overwrite the input files; "
+                          "choose another folder.")
 
     # Pass 1: every record's bytes, id, label and whether its mask is empty.
     records: List[Tuple[int, Dict[str, Any]]] = []
@@ -218,8 +218,8 @@ def shift_records(input_files: str, output_dir: str, *, mode: str = "mixed_rand"
     for file_index, path in enumerate(files):
         for record in schema.read_examples(path, decode=False):
             if record["label"] < 0:
-                raise ValueError(f"--{flag}: {path}: record {record['id']!r} has no label "
-                                 "(-1); mixed_rand pairs objects with other classes.")
+                raise DataError(f"--{flag}: {path}: record {record['id']!r} has no label "
+                                "(-1); mixed_rand pairs objects with other classes.")
             mask = schema.decode_mask({"mask": tf.constant(record["mask"])}).numpy()
             if not mask.any():
                 if not skip_empty_masks:

@@ -55,7 +55,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from harl_tf import atomic
 from harl_tf.data import builder, example_processing, shards
 from harl_tf.data.sources import Source
-from harl_tf.errors import HarlError
+from harl_tf.errors import HarlError, MissingPathError
 from harl_tf.masks import folder
 
 logger = logging.getLogger(__name__)
@@ -294,8 +294,8 @@ def generate_mask_folder_beam(images_dir: str, masks_dir: str, *,
     images_dir, masks_dir = os.path.abspath(images_dir), os.path.abspath(masks_dir)
     folder.shard([], shard_index, num_shards)  # checks the shard flags
     if not os.path.isdir(images_dir):
-        raise FileNotFoundError(f"--images_dir {images_dir!r} does not exist or is not a "
-                                "directory")
+        raise MissingPathError(f"--images_dir {images_dir!r} does not exist or is not a "
+                               "directory")
     os.makedirs(masks_dir, exist_ok=True)
     blank = folder.new_summary(method, params, images_dir, masks_dir, shard_index, num_shards)
     with _naming_pipeline_errors():

@@ -23,7 +23,7 @@ from typing import List, Optional, Sequence
 import tensorflow as tf
 
 from harl_tf.data import augment, builder, schema
-from harl_tf.errors import HarlError
+from harl_tf.errors import ConfigError, DataError, MissingPathError
 
 AUTOTUNE = tf.data.AUTOTUNE
 # Serialized records permuted together as one block; about 110 kB each on ImageNet (JPEG +
@@ -51,13 +51,13 @@ def list_files(file_pattern: str, input_context: Optional[tf.distribute.InputCon
             files.extend(tf.io.gfile.glob(pattern.strip()))
     files = sorted(set(files))
     if not files:
-        raise FileNotFoundError(
+        raise MissingPathError(
             f"{caller}: no file matches file_pattern {file_pattern!r}; build records with "
             f"tools/build_tfrecords.py or fix the pattern")
     if input_context is not None:
         count = input_context.num_input_pipelines
         if len(files) < count:
-            raise ValueError(
+            raise ConfigError(
                 f"{caller}: {len(files)} file(s) match {file_pattern!r} but there are "
                 f"{count} input pipelines (workers); each worker reads whole files, so "
                 f"write at least {count} shards")
@@ -65,7 +65,7 @@ def list_files(file_pattern: str, input_context: Optional[tf.distribute.InputCon
     return files
 
 
-class CorruptRecordError(HarlError):
+class CorruptRecordError(DataError):
     """A TFRecord file is truncated or corrupt; the message names the file and the record."""
 
 
@@ -178,7 +178,7 @@ def _numbered_records(files: Sequence[str], *, seed: int, deterministic: bool,
     if start:
         size = count_records(files)
         if size == 0:
-            raise ValueError(f"pipeline: the files hold no records: {list(files)[:3]}")
+            raise DataError(f"pipeline: the files hold no records: {list(files)[:3]}")
         first_epoch, skip = divmod(start, size)
     seeds = tf.constant([seed, 0x5EED], tf.int64)
     file_names = tf.constant(list(files))

@@ -32,14 +32,14 @@ import numpy as np
 import tensorflow as tf
 
 from harl_tf.data import mask_png
-from harl_tf.errors import HarlError
+from harl_tf.errors import DataError
 
 SCHEMA_VERSION = 1
 
 IMAGE_FORMATS = ("jpeg", "png")
 
 
-class SchemaError(HarlError):
+class SchemaError(DataError):
     """A record or an example does not follow this schema."""
 
 

@@ -16,12 +16,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Union
 
 import keras
 import tensorflow as tf
 
 from harl_tf import saved_encoder
+from harl_tf.errors import ConfigError, MissingPathError
 from harl_tf.eval_config import RANDOM  # --encoder=random
 from harl_tf.models import resnet
 
@@ -47,26 +48,32 @@ def is_export_dir(path: str) -> bool:
     return tf.io.gfile.exists(os.path.join(path, saved_encoder.METADATA_FILE))
 
 
-def parse_encoder_config(text: str) -> Dict[str, Any]:
-    """An encoder config from a JSON object string, a JSON file, or an export directory
-    (its ``harl_export.json``'s ``encoder_config``)."""
-    text = (text or "").strip()
+def encoder_config_from(value: Union[Dict[str, Any], str, None]) -> Dict[str, Any]:
+    """An encoder config from a dict (as is), a JSON object string, a JSON file, or an
+    export directory (its ``harl_export.json``'s ``encoder_config``): what
+    ``EvaluationConfig.encoder_config`` holds."""
+    if isinstance(value, dict):
+        return dict(value)
+    text = (value or "").strip()
     if not text:
-        raise ValueError("--encoder_config is empty; give a JSON object such as "
-                         '\'{"depth": 50}\', a JSON file, or an export directory.')
+        raise ConfigError("--encoder_config is empty; give a JSON object such as "
+                          '\'{"depth": 50}\', a JSON file, or an export directory.')
     if text.startswith("{"):
         try:
             return json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"--encoder_config is not valid JSON ({e}): {text!r}") from None
+            raise ConfigError(f"--encoder_config is not valid JSON ({e}): {text!r}") from None
     if tf.io.gfile.isdir(text):
         return saved_encoder.read_metadata(text)["encoder_config"]
     if tf.io.gfile.exists(text):
-        with tf.io.gfile.GFile(text) as f:
-            payload = json.load(f)
+        try:
+            with tf.io.gfile.GFile(text) as f:
+                payload = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"--encoder_config={text!r} is not a JSON file ({e}).") from None
         return payload.get("encoder_config", payload)
-    raise ValueError(f"--encoder_config={text!r} is neither a JSON object, an existing JSON "
-                     "file nor an export directory.")
+    raise MissingPathError(f"--encoder_config={text!r} is neither a JSON object, an existing "
+                           "JSON file nor an export directory.")
 
 
 def load_from_export(export_dir: str, *, output_stride: Optional[int] = None) -> LoadedEncoder:
@@ -109,22 +116,23 @@ def random_encoder(config: Dict[str, Any], *, seed: Optional[int] = None) -> Loa
     return LoadedEncoder(encoder, encoder.config, RANDOM, {"random_seed": seed})
 
 
-def load_encoder(source: str, *, encoder_config: Optional[Dict[str, Any]] = None,
+def load_encoder(source: str, *, encoder_config: Union[Dict[str, Any], str, None] = None,
                  step: Optional[int] = None, output_stride: Optional[int] = None,
                  seed: Optional[int] = None) -> LoadedEncoder:
-    """Dispatches on ``source``: "random" (needs ``encoder_config``), an export directory
-    (has ``harl_export.json``) or a pretraining model_dir."""
+    """Dispatches on ``source``: "random" (needs ``encoder_config``, anything
+    :func:`encoder_config_from` reads), an export directory (has ``harl_export.json``) or a
+    pretraining model_dir."""
     if source == RANDOM:
         if not encoder_config:
-            raise ValueError("--encoder=random needs --encoder_config (a JSON object such "
-                             'as \'{"depth": 50}\', or an export directory to copy it from).')
-        config = dict(encoder_config)
+            raise ConfigError("--encoder=random needs --encoder_config (a JSON object such "
+                              'as \'{"depth": 50}\', or an export directory to copy it from).')
+        config = encoder_config_from(encoder_config)
         if output_stride is not None:
             config["output_stride"] = int(output_stride)
         return random_encoder(config, seed=seed)
     if not tf.io.gfile.isdir(source):
-        raise ValueError(f"--encoder={source!r} is neither 'random' nor an existing "
-                         "directory (an export directory or a pretraining model_dir).")
+        raise MissingPathError(f"--encoder={source!r} is neither 'random' nor an existing "
+                               "directory (an export directory or a pretraining model_dir).")
     if is_export_dir(source):
         return load_from_export(source, output_stride=output_stride)
     return load_from_model_dir(source, step=step, output_stride=output_stride)

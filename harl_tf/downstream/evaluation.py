@@ -46,26 +46,27 @@ import tensorflow as tf
 
 from harl_tf import atomic, distribute, saved_encoder
 from harl_tf.config import ConfigError
-from harl_tf.errors import HarlError
 from harl_tf.data import background_shift, pipeline
-from harl_tf.downstream import encoder_source, knn, linear, probe_selection, subsets
+from harl_tf.downstream import (encoder_source, knn, linear, probe_selection, segmentation,
+                                subsets)
 # The config is declared TensorFlow-free in eval_config (the finetune flags are made from
 # it); evaluate() takes it, so evaluation.EvaluationConfig names it here too.
-from harl_tf.eval_config import RANDOM, EvaluationConfig
+from harl_tf.eval_config import (RANDOM, RESULTS_FILE, SHIFTED_EVAL_DIR, TRAIN_IDS_FILE,
+                                 EvaluationConfig)
 from harl_tf.progress import keras_verbose
 
-SHIFTED_EVAL_DIR = "eval_mixed_rand"
-RESULTS_FILE = "results.json"
-TRAIN_IDS_FILE = "train_ids.txt"
 
 
 def check(config: EvaluationConfig) -> None:
     """Cheap checks, before any heavy work: ``config.validate()`` with the record files
-    looked up, then the encoder directory exists. Errors name the flag."""
+    looked up, then the encoder directory exists and a --encoder_config path reads.
+    Errors name the flag."""
     config.validate(list_files=pipeline.list_files)
     if config.encoder != RANDOM and not tf.io.gfile.isdir(config.encoder):
         raise ConfigError(f"--encoder={config.encoder!r} is neither 'random' nor an "
                           "existing export directory or pretraining model_dir.")
+    if config.encoder == RANDOM:
+        encoder_source.encoder_config_from(config.encoder_config)
 
 
 def evaluate(config: EvaluationConfig,
@@ -89,8 +90,8 @@ def _evaluate(config: EvaluationConfig,
     eval_ids, eval_labels = subsets.read_ids_and_labels(config.eval_files, flag="eval_files")
     num_classes = config.num_classes or int(max(train_labels.max(), eval_labels.max())) + 1
     if max(train_labels.max(), eval_labels.max()) >= num_classes:
-        raise ValueError(f"--num_classes={num_classes} but the records have label "
-                         f"{int(max(train_labels.max(), eval_labels.max()))}.")
+        raise ConfigError(f"--num_classes={num_classes} but the records have label "
+                          f"{int(max(train_labels.max(), eval_labels.max()))}.")
     chosen = subsets.label_subset(train_ids, train_labels, config.label_fraction,
                                   exclude_ids=eval_ids, seed=config.subset_seed)
     subsets.write_ids(os.path.join(config.output_dir, TRAIN_IDS_FILE), chosen)
@@ -102,7 +103,6 @@ def _evaluate(config: EvaluationConfig,
     # The shifted evaluation records come before the encoder: an empty mask fails fast.
     eval_sets = _evaluation_sets(config)
     if config.mode == "segmentation":  # dense: its own model, metrics and results
-        from harl_tf.downstream import segmentation  # imported here: it imports this module
         return segmentation.evaluate(config, strategy, train_files=train_files,
                                      eval_sets=eval_sets, num_classes=num_classes,
                                      num_train=len(chosen), started=started)
@@ -112,7 +112,10 @@ def _evaluate(config: EvaluationConfig,
     if masked:  # every split has masks, checked before the encoder loads
         splits = {"train": (train_files, "train_files"),
                   **{f"eval_{k}": (v, "eval_files") for k, v in eval_sets.items()}}
-        mask_methods = {name: record_mask_methods(files, flag=flag, embedding=config.embedding)
+        why = (f"--embedding={config.embedding} pools the feature map over the records' "
+               "masks: build them with a mask method (tools/build_tfrecords.py) or use "
+               "--embedding=global.")
+        mask_methods = {name: subsets.read_mask_methods(files, flag=flag, why=why)
                         for name, (files, flag) in splits.items()}
 
     with strategy.scope():
@@ -223,39 +226,6 @@ def _evaluate(config: EvaluationConfig,
     }
     atomic.write_json_atomic(os.path.join(config.output_dir, RESULTS_FILE), results)
     return results
-
-
-class MissingMasksError(HarlError):
-    """A foreground or background embedding on records without masks."""
-
-
-_MASK_FEATURES = {
-    "id": tf.io.FixedLenFeature([], tf.string, default_value=b""),
-    "mask/encoded": tf.io.FixedLenFeature([], tf.string, default_value=b""),
-    "mask/method": tf.io.FixedLenFeature([], tf.string, default_value=b""),
-}
-
-
-def record_mask_methods(file_pattern: str, *, flag: str, embedding: str) -> Dict[str, int]:
-    """``{mask method: number of records}`` of the records (``mask/method``: heuristic
-    ones such as ``conventional``, exact ones such as ``ground_truth``), reading no image;
-    a record without a mask is a :class:`MissingMasksError` naming the flag, the file and
-    the record."""
-    methods: Dict[str, int] = {}
-    for path in pipeline.list_files(file_pattern, caller=f"--{flag}"):
-        dataset = tf.data.TFRecordDataset(path).batch(4096).map(
-            lambda s: tf.io.parse_example(s, _MASK_FEATURES))
-        for batch in dataset:
-            missing = tf.strings.length(batch["mask/encoded"]).numpy() == 0
-            if missing.any():
-                raise MissingMasksError(
-                    f"--embedding={embedding} pools the feature map over the records' masks, "
-                    f"but --{flag}: {path} has records without a mask (e.g. id "
-                    f"{batch['id'].numpy()[missing.argmax()].decode()!r}); build them with a "
-                    "mask method (tools/build_tfrecords.py) or use --embedding=global.")
-            for method in batch["mask/method"].numpy():
-                methods[method.decode()] = methods.get(method.decode(), 0) + 1
-    return methods
 
 
 def _empty_regions(features: linear.Features) -> Optional[int]:

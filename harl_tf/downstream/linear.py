@@ -35,6 +35,7 @@ import numpy as np
 import tensorflow as tf
 
 from harl_tf import saved_encoder
+from harl_tf.errors import DataError
 from harl_tf.eval_config import EMBEDDINGS
 from harl_tf.progress import progress
 
@@ -118,7 +119,7 @@ def extract_features(encoder: keras.Model, dataset: tf.data.Dataset, *,
         ids.append(batch["id"].numpy() if "id" in batch else
                    np.full(len(labels[-1]), b""))
     if not features:
-        raise ValueError(f"{desc}: the dataset is empty.")
+        raise DataError(f"{desc}: the dataset is empty.")
     return Features(np.concatenate(features).astype(np.float32),
                     np.concatenate(labels).astype(np.int64),
                     np.asarray([i.decode() for i in np.concatenate(ids)], dtype=object),

@@ -32,6 +32,7 @@ import numpy as np
 import tensorflow as tf
 
 from harl_tf.downstream import linear
+from harl_tf.errors import DataError
 
 
 def validation_split(labels: np.ndarray, fraction: float, *, seed: int = 0
@@ -55,9 +56,9 @@ def validation_split(labels: np.ndarray, fraction: float, *, seed: int = 0
         held_out.append(members[order[:count]])
     validation = np.sort(np.concatenate(held_out)) if held_out else np.zeros(0, np.int64)
     if len(validation) == 0:
-        raise ValueError("the training split has no class with two examples; there is "
-                         "nothing to hold out for choosing the weight decay (pass "
-                         "--weight_decay_grid= and a fixed --weight_decay).")
+        raise DataError("the training split has no class with two examples; there is "
+                        "nothing to hold out for choosing the weight decay (pass "
+                        "--weight_decay_grid= and a fixed --weight_decay).")
     fit = np.setdiff1d(np.arange(len(labels)), validation)
     return fit.astype(np.int64), validation.astype(np.int64)
 

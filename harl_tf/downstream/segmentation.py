@@ -9,7 +9,7 @@ the object) and the image's class label. Its target has ``num_classes + 1`` clas
 
 Binary masks only: the schema stores one 0/255 mask per image and nothing in a record
 says that a mask holds per-pixel class ids instead, so several labelled objects in one
-image cannot be expressed. Records without a mask are an ``evaluation.MissingMasksError``
+image cannot be expressed. Records without a mask are a ``subsets.MissingMasksError``
 naming the flag, the file and a record id; the results name the splits' mask methods
 (a score against heuristic masks measures agreement with the heuristic).
 
@@ -33,7 +33,6 @@ pixel accuracy.
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
 import logging
 import math
@@ -47,42 +46,16 @@ import tensorflow as tf
 
 from harl_tf import atomic, saved_encoder
 from harl_tf.data import pipeline
-from harl_tf.downstream import encoder_source, evaluation, linear
+from harl_tf.downstream import encoder_source, linear, subsets
 from harl_tf.downstream.segmentation_metrics import confusion_matrix, segmentation_scores
 from harl_tf.eval_config import SEGMENTATION_HEADS as HEADS
-from harl_tf.eval_config import EvaluationConfig
+from harl_tf.eval_config import (RESULTS_FILE, SHIFTED_EVAL_DIR, TRAIN_IDS_FILE,
+                                 EvaluationConfig)
 from harl_tf.progress import keras_verbose, progress
 
 DECODER_CHANNELS = 256            # width of the fcn / aspp decoder (DeepLabv3's)
 DEEPLAB_RATES, DEEPLAB_MAP_SIDE = (6, 12, 18), 33  # DeepLabv3: 513 px at output stride 16
 EXACT_MASK_METHODS = ("ground_truth", "given")  # the builder's names for masks it was given
-_MASK_FIELDS = {
-    "id": tf.io.FixedLenFeature([], tf.string, default_value=b""),
-    "mask/encoded": tf.io.FixedLenFeature([], tf.string, default_value=b""),
-    "mask/method": tf.io.FixedLenFeature([], tf.string, default_value=b""),
-}
-
-
-def read_mask_methods(file_pattern: str, *, flag: str) -> Dict[str, int]:
-    """``{mask/method: records}`` of ``file_pattern`` (``ground_truth``, ``given``,
-    ``conventional``, ...), decoding nothing; a record without a mask is an
-    ``evaluation.MissingMasksError`` naming the flag, the file and an example id."""
-    counts: Dict[str, int] = collections.Counter()
-    for path in pipeline.list_files(file_pattern, caller=f"--{flag}"):
-        dataset = tf.data.TFRecordDataset(path).batch(4096).map(
-            lambda s: tf.io.parse_example(s, _MASK_FIELDS))
-        for batch in dataset:
-            empty = (tf.strings.length(batch["mask/encoded"]) == 0).numpy()
-            if empty.any():
-                bad = batch["id"].numpy()[int(empty.argmax())].decode()
-                raise evaluation.MissingMasksError(
-                    f"--{flag}: {path} has records without a mask (e.g. id {bad!r}); "
-                    "--mode=segmentation takes its targets from each record's object mask. "
-                    "Rebuild the records with masks (tools/build_tfrecords.py).")
-            counts.update(m.decode() or "unnamed" for m in batch["mask/method"].numpy())
-    return dict(sorted(counts.items()))
-
-
 def segmentation_target(mask: tf.Tensor, label: tf.Tensor) -> tf.Tensor:
     """``mask`` {0, 1} ``[..., H, W, 1]`` (any numeric dtype), ``label`` int ``[...]`` ->
     int32 ``[..., H, W]``: ``label + 1`` inside the mask, 0 (background) outside."""
@@ -244,9 +217,12 @@ def evaluate(config: EvaluationConfig, strategy: tf.distribute.Strategy, *,
     (labels ``0 .. num_classes − 1``); ``num_train``: training images. Called by
     ``evaluation.evaluate``, which has read the labels, chosen the label subset and
     written any shifted evaluation records."""
-    mask_methods = {"train": read_mask_methods(train_files, flag="train_files")}
+    why = ("--mode=segmentation takes its targets from each record's object mask. Rebuild "
+           "the records with masks (tools/build_tfrecords.py).")
+    mask_methods = {"train": subsets.read_mask_methods(train_files, flag="train_files",
+                                                       why=why)}
     for name, files in eval_sets.items():
-        mask_methods[name] = read_mask_methods(files, flag="eval_files")
+        mask_methods[name] = subsets.read_mask_methods(files, flag="eval_files", why=why)
         heuristic = sorted(set(mask_methods[name]) - set(EXACT_MASK_METHODS))
         if heuristic:  # a score against a heuristic is agreement with it, not accuracy
             logging.warning("--eval_files: masks made by %s, not given ones: the scores "
@@ -302,7 +278,7 @@ def evaluate(config: EvaluationConfig, strategy: tf.distribute.Strategy, *,
         "num_eval": metrics["num_eval"],
         "num_eval_pixels": metrics["num_pixels"],
         "label_fraction": config.label_fraction,
-        "train_ids_file": evaluation.TRAIN_IDS_FILE,
+        "train_ids_file": TRAIN_IDS_FILE,
         "mask_methods": mask_methods,
         "encoder": {"kind": source.kind, "config": source.config, **source.description},
         "details": {"training": "random crop + flip of image and mask, per-pixel softmax "
@@ -315,7 +291,7 @@ def evaluate(config: EvaluationConfig, strategy: tf.distribute.Strategy, *,
         "seconds": round(time.time() - started, 1),
         "versions": saved_encoder.versions(),
     }
-    atomic.write_json_atomic(os.path.join(config.output_dir, evaluation.RESULTS_FILE),
+    atomic.write_json_atomic(os.path.join(config.output_dir, RESULTS_FILE),
                              results)
     return results
 
@@ -328,7 +304,7 @@ def _background_summary(config: EvaluationConfig,
         return None
     summary: Dict[str, Any] = {"eval_background": config.eval_background,
                                "seed": config.background_seed,
-                               "shifted_eval_dir": evaluation.SHIFTED_EVAL_DIR}
+                               "shifted_eval_dir": SHIFTED_EVAL_DIR}
     for name, values in scores.items():
         summary[name] = {k: values[k] for k in ("mean_iou", "pixel_accuracy",
                                                 "per_class_iou")}

@@ -18,8 +18,10 @@ from typing import Dict, Iterable, List, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
+
 from harl_tf import atomic
 from harl_tf.data import pipeline
+from harl_tf.errors import DataError
 from harl_tf.progress import progress
 
 _ID_LABEL = {
@@ -28,8 +30,40 @@ _ID_LABEL = {
 }
 
 
-class MissingLabelsError(ValueError):
+_MASK_FIELDS = {
+    "id": tf.io.FixedLenFeature([], tf.string, default_value=b""),
+    "mask/encoded": tf.io.FixedLenFeature([], tf.string, default_value=b""),
+    "mask/method": tf.io.FixedLenFeature([], tf.string, default_value=b""),
+}
+
+
+class MissingLabelsError(DataError):
     """A split used for supervised evaluation has records without a label (-1)."""
+
+
+class MissingMasksError(DataError):
+    """An evaluation that needs the records' masks (a foreground or background embedding,
+    segmentation) on records without one."""
+
+
+def read_mask_methods(file_pattern: str, *, flag: str, why: str) -> Dict[str, int]:
+    """``{mask/method: number of records}`` of the records matching ``file_pattern``
+    (heuristic methods such as ``conventional``, exact ones such as ``ground_truth``;
+    ``unnamed`` when none is recorded), sorted, reading no image. A record without a mask
+    is a :class:`MissingMasksError` naming the flag, the file and the record, then ``why``
+    (what needs the masks and what to do)."""
+    counts: Dict[str, int] = collections.Counter()
+    for path in pipeline.list_files(file_pattern, caller=f"--{flag}"):
+        dataset = tf.data.TFRecordDataset(path).batch(4096).map(
+            lambda s: tf.io.parse_example(s, _MASK_FIELDS))
+        for batch in dataset:
+            missing = (tf.strings.length(batch["mask/encoded"]) == 0).numpy()
+            if missing.any():
+                bad = batch["id"].numpy()[int(missing.argmax())].decode()
+                raise MissingMasksError(f"--{flag}: {path} has records without a mask (e.g. "
+                                        f"id {bad!r}); {why}")
+            counts.update(m.decode() or "unnamed" for m in batch["mask/method"].numpy())
+    return dict(sorted(counts.items()))
 
 
 def read_ids_and_labels(file_pattern: str, *, flag: str = "train_files",
@@ -86,8 +120,8 @@ def label_subset(ids: Sequence[str], labels: Sequence[int], fraction: float, *,
             by_class[int(label)].append(example_id)
     empty = sorted(all_classes - set(by_class))
     if empty:
-        raise ValueError(f"classes {empty[:10]} have no training example outside the "
-                         "evaluation split; use disjoint --train_files and --eval_files.")
+        raise DataError(f"classes {empty[:10]} have no training example outside the "
+                        "evaluation split; use disjoint --train_files and --eval_files.")
     if fraction == 1.0:
         return sorted(i for members in by_class.values() for i in members)
     per_class = max(1, int(round(fraction * len(ids) / len(all_classes))))
@@ -133,7 +167,7 @@ def write_subset_records(file_pattern: str, ids: Iterable[str], out_dir: str, *,
                     writer.write(serialized)
                     found += 1
         if found < len(wanted):
-            raise ValueError(f"--{flag}: found {found} of the {len(wanted)} subset ids.")
+            raise DataError(f"--{flag}: found {found} of the {len(wanted)} subset ids.")
     write_ids(ids_path, wanted)
     return path
 

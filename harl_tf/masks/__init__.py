@@ -20,6 +20,8 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import numpy as np
 
+from harl_tf.errors import ConfigError, DataError
+
 __all__ = [
     "MaskResult", "available_methods", "compute_mask", "get_method", "register_method",
     "to_rgb_uint8",
@@ -68,7 +70,7 @@ def _resolve(name: str) -> Callable[..., Any]:
     try:
         factory = _REGISTRY[name]
     except KeyError:
-        raise ValueError(
+        raise ConfigError(
             f"unknown mask method {name!r}; expected one of {list(available_methods())}"
         ) from None
     if isinstance(factory, str):
@@ -107,11 +109,11 @@ def to_rgb_uint8(array: np.ndarray, *, name: str = "image") -> np.ndarray:
     elif array.ndim == 2:
         array, channels = array[..., None], 1
     else:
-        raise ValueError(
+        raise DataError(
             f"{name}: expected an image [H, W] or [H, W, C] with C in 1..4, "
             f"got shape {array.shape}")
     if array.shape[0] == 0 or array.shape[1] == 0:
-        raise ValueError(f"{name}: image has no pixels (shape {array.shape})")
+        raise DataError(f"{name}: image has no pixels (shape {array.shape})")
     if channels == 1 or channels == 2:
         array = np.repeat(array[..., :1], 3, axis=-1)
     elif channels == 4:
@@ -133,5 +135,5 @@ def to_rgb_uint8(array: np.ndarray, *, name: str = "image") -> np.ndarray:
         scale = 255.0 if values.max() <= 1.0 else 1.0
         out = np.clip(np.round(values * scale), 0, 255).astype(np.uint8)
     else:
-        raise ValueError(f"{name}: unsupported pixel type {array.dtype}")
+        raise DataError(f"{name}: unsupported pixel type {array.dtype}")
     return np.ascontiguousarray(out)

@@ -62,6 +62,7 @@ import numpy as np
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import shortest_path
 
+from harl_tf.errors import ConfigError
 from harl_tf.masks import MaskResult, to_rgb_uint8
 
 REFERENCE_AREA = 400 * 300
@@ -90,28 +91,28 @@ DEFAULT_PARAMS: Dict[str, Any] = dict(
 def _check_params(params: Dict[str, Any]) -> None:
     unknown = sorted(set(params) - set(DEFAULT_PARAMS))
     if unknown:
-        raise TypeError(f"conventional mask: unknown parameter(s) {unknown}; "
-                        f"expected some of {sorted(DEFAULT_PARAMS)}")
+        raise ConfigError(f"conventional mask: unknown parameter(s) {unknown}; "
+                          f"expected some of {sorted(DEFAULT_PARAMS)}")
     positive = ("sigma", "reference_area", "max_side", "geodesic_sigma", "boundary_sigma",
                 "contrast_sigma", "centre_sigma")
     for key in positive:
         if not float(params[key]) > 0:
-            raise ValueError(f"conventional mask: {key} must be > 0, got {params[key]!r}")
+            raise ConfigError(f"conventional mask: {key} must be > 0, got {params[key]!r}")
     for key in ("min_size", "k", "smoothness_floor", "refine_iterations", "open_fraction",
                 "min_object_fraction", "max_hole_fraction"):
         if not float(params[key]) >= 0:
-            raise ValueError(f"conventional mask: {key} must be >= 0, got {params[key]!r}")
+            raise ConfigError(f"conventional mask: {key} must be >= 0, got {params[key]!r}")
     for key in ("max_foreground_fraction", "fallback_axes"):
         if not 0 < float(params[key]) <= 1:
-            raise ValueError(f"conventional mask: {key} must be in (0, 1], "
-                             f"got {params[key]!r}")
+            raise ConfigError(f"conventional mask: {key} must be in (0, 1], "
+                              f"got {params[key]!r}")
     threshold = params["threshold"]
     if isinstance(threshold, str):
         if threshold not in ("otsu", "mean"):
-            raise ValueError(f"conventional mask: threshold must be 'otsu', 'mean' or a "
-                             f"number in [0, 1], got {threshold!r}")
+            raise ConfigError(f"conventional mask: threshold must be 'otsu', 'mean' or a "
+                              f"number in [0, 1], got {threshold!r}")
     elif not 0 <= float(threshold) <= 1:
-        raise ValueError(f"conventional mask: threshold must be in [0, 1], got {threshold!r}")
+        raise ConfigError(f"conventional mask: threshold must be in [0, 1], got {threshold!r}")
 
 
 def resize_to_max_side(image: np.ndarray, max_side: int) -> np.ndarray:

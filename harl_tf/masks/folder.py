@@ -28,13 +28,13 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 import numpy as np
 
 from harl_tf.atomic import write_bytes_atomic, write_json_atomic
-from harl_tf.errors import HarlError
+from harl_tf.errors import ConfigError, DataError, MissingPathError
 from harl_tf.masks import get_method, to_rgb_uint8
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
-class CorruptImageError(HarlError):
+class CorruptImageError(DataError):
     """An image file could not be decoded; the message names the path."""
 
 
@@ -42,8 +42,8 @@ def list_images(images_dir: str) -> List[str]:
     """Sorted ``/``-separated paths, relative to ``images_dir``, of every image file below
     it (extensions ``IMAGE_EXTENSIONS``, any case)."""
     if not os.path.isdir(images_dir):
-        raise FileNotFoundError(f"--images_dir {images_dir!r} does not exist or is not a "
-                                "directory")
+        raise MissingPathError(f"--images_dir {images_dir!r} does not exist or is not a "
+                               "directory")
     found = []
     for directory, subdirs, files in os.walk(images_dir):
         subdirs.sort()
@@ -57,9 +57,9 @@ def list_images(images_dir: str) -> List[str]:
 def shard(items: List[str], shard_index: int, num_shards: int) -> List[str]:
     """Round-robin shard ``shard_index`` of ``num_shards`` of the (already sorted) list."""
     if num_shards < 1:
-        raise ValueError(f"--num_shards must be >= 1, got {num_shards}")
+        raise ConfigError(f"--num_shards must be >= 1, got {num_shards}")
     if not 0 <= shard_index < num_shards:
-        raise ValueError(f"--shard_index must be in [0, {num_shards - 1}], got {shard_index}")
+        raise ConfigError(f"--shard_index must be in [0, {num_shards - 1}], got {shard_index}")
     return items[shard_index::num_shards]
 
 
@@ -199,7 +199,7 @@ def generate_mask_folder(images_dir: str, masks_dir: str, *, method: str = "conv
     instance = get_method(method, **method_params)  # validates before any work
     params = dict(instance.params)
     if num_workers < 1:
-        raise ValueError(f"--num_workers must be >= 1, got {num_workers}")
+        raise ConfigError(f"--num_workers must be >= 1, got {num_workers}")
     todo_all = shard(list_images(images_dir), shard_index, num_shards)
     os.makedirs(masks_dir, exist_ok=True)
 

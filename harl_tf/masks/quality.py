@@ -26,6 +26,8 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 
 import numpy as np
 
+from harl_tf.errors import DataError, MissingPathError
+
 F_BETA_SQUARED = 0.3
 MASK_EXTENSIONS = (".png", ".bmp", ".tif", ".tiff", ".jpg", ".jpeg", ".webp")
 
@@ -38,8 +40,8 @@ def mask_scores(pred: np.ndarray, gt: np.ndarray, *, name: str = "mask") -> Dict
     pred = _binary(pred, f"{name} (prediction)")
     gt = _binary(gt, f"{name} (ground truth)")
     if pred.shape != gt.shape:
-        raise ValueError(f"{name}: prediction shape {pred.shape} differs from ground truth "
-                         f"shape {gt.shape}; masks must be at the image's resolution")
+        raise DataError(f"{name}: prediction shape {pred.shape} differs from ground truth "
+                        f"shape {gt.shape}; masks must be at the image's resolution")
     tp = float(np.count_nonzero(pred & gt))
     fp = float(np.count_nonzero(pred & ~gt))
     fn = float(np.count_nonzero(~pred & gt))
@@ -60,7 +62,7 @@ def _binary(mask: np.ndarray, name: str) -> np.ndarray:
     if mask.ndim == 3 and mask.shape[-1] == 1:
         mask = mask[..., 0]
     if mask.ndim != 2:
-        raise ValueError(f"{name}: expected a mask [H, W] or [H, W, 1], got shape {mask.shape}")
+        raise DataError(f"{name}: expected a mask [H, W] or [H, W, 1], got shape {mask.shape}")
     return mask > 0
 
 
@@ -162,7 +164,7 @@ def read_mask(path: str) -> np.ndarray:
 def list_masks(root: str) -> List[str]:
     """Sorted relative paths (``/``-separated, no extension) of mask files under ``root``."""
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"mask folder {root!r} does not exist or is not a directory")
+        raise MissingPathError(f"mask folder {root!r} does not exist or is not a directory")
     found = []
     for directory, _, files in os.walk(root):
         for filename in files:
@@ -191,7 +193,7 @@ def iter_mask_folder_pairs(pred_dir: str, gt_dir: str
     relative path under ``pred_dir`` (any mask extension), or ``None`` if there is none.
     """
     if not os.path.isdir(pred_dir):
-        raise FileNotFoundError(f"prediction folder {pred_dir!r} does not exist")
+        raise MissingPathError(f"prediction folder {pred_dir!r} does not exist")
     for rel in list_masks(gt_dir):
         gt = read_mask(_find_with_any_extension(gt_dir, rel))
         pred_path = _find_with_any_extension(pred_dir, rel)
@@ -214,7 +216,7 @@ def _record_masks(file_pattern: str) -> Iterator[Tuple[str, int, np.ndarray]]:
 
     files = sorted({f for pattern in file_pattern.split(",") for f in glob.glob(pattern)})
     if not files:
-        raise FileNotFoundError(f"no TFRecord file matches {file_pattern!r}")
+        raise MissingPathError(f"no TFRecord file matches {file_pattern!r}")
     for path in files:
         for record in schema.read_examples(path, decode=False):
             mask = schema.decode_mask({"mask": record["mask"]}).numpy()[..., 0]
@@ -250,11 +252,11 @@ def iter_record_pairs(pred_records: str, *, gt_records: Optional[str] = None,
             yield example_id, class_of(label), (pred[1] if pred else None), gt
         return
     if not os.path.isdir(gt_dir):
-        raise FileNotFoundError(f"ground-truth folder {gt_dir!r} does not exist")
+        raise MissingPathError(f"ground-truth folder {gt_dir!r} does not exist")
     for example_id, (label, pred) in sorted(preds.items()):
         stem = os.path.splitext(example_id.replace("images/", "masks/", 1))[0]
         path = _find_with_any_extension(gt_dir, stem)
         if path is None:
-            raise FileNotFoundError(
+            raise MissingPathError(
                 f"record {example_id!r}: no ground-truth mask {stem}.* under {gt_dir!r}")
         yield example_id, class_of(label), pred, read_mask(path)

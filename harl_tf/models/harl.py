@@ -85,7 +85,8 @@ class HARLModel(keras.Model):
     """Online + target networks with the HARL training step. Build inside ``strategy.scope()``.
 
     Args:
-      config: HARLConfig.
+      config: HARLConfig, checked where it was made (``HARLConfig.validate``,
+        ``PretrainConfig.validate`` in the binary): the model does not check flags.
       encoder_factory: ``(config, name) -> keras.Model`` mapping images [B,H,W,3] in [0,1]
         to a feature map [B,h,w,C]; default ``resnet.ResNet``.
       head_factory: ``(hidden_dim, output_dim, sync_batchnorm, name) -> layer``; default
@@ -99,7 +100,6 @@ class HARLModel(keras.Model):
                  encoder_factory: Optional[Callable] = None,
                  head_factory: Optional[Callable] = None, name: str = "harl", **kwargs):
         super().__init__(name=name, **kwargs)
-        config.validate()
         self.harl_config = config
         encoder_factory = encoder_factory or _default_encoder_factory
         head_factory = head_factory or _default_head_factory

@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from harl_tf import atomic
+from harl_tf.errors import ConfigError
 
 INSTALL_HINT = 'pip install -e ".[onnx]"  (tf2onnx and onnxruntime)'
 
@@ -29,9 +30,9 @@ def onnx_available() -> bool:
 
 
 def require_onnx() -> None:
-    """Raises a RuntimeError with the install command when the extra is missing."""
+    """Raises a ConfigError with the install command when the extra is missing."""
     if not onnx_available():
-        raise RuntimeError(f"ONNX export needs tf2onnx and onnxruntime: {INSTALL_HINT}")
+        raise ConfigError(f"ONNX export needs tf2onnx and onnxruntime: {INSTALL_HINT}")
 
 
 def export_onnx(serve: Callable, path: str, *, opset: int = 17,
