@@ -1,0 +1,630 @@
+r"""The paper's Tables 1-3 in miniature: every protocol on the same encoders, one JSON and one
+Markdown table (issue 30, item 7).
+
+    # once: the second test split and the transfer sets (bench.make_unseen_backgrounds,
+    # bench.make_transfer_sets); the encoders: bench.bench_learning at the 8x8 recipe,
+    # --work_dir=/work/runs/m8_s<seed> for seeds 0, 1, 2 (exports/<run> in each)
+    python -m bench.report_paper_tables --split=validation --write_flagfiles   # settings
+    python -m bench.report_paper_tables                                         # the table
+
+Encoders (never trained here): for each seed, HARL hybrid and BYOL are the exports
+``--encoders`` names (``{run}`` = ``hybrid_conventional`` / ``byol``, bench_learning's run
+names; an export directory or a pretraining model_dir), and ``random`` is a randomly
+initialised encoder of HARL's architecture seeded by the seed. Every protocol is one
+``python -m harl_tf.finetune`` run per (protocol, dataset, evaluation set, embedding,
+method, seed), its settings a flagfile (:data:`PROTOCOLS`, ``flags/eval_*.cfg``) followed
+by the encoder, the records, ``--embedding``, ``--seed`` and ``--output_dir``:
+
+- ``knn``, ``linear``: frozen features; ``semi_1pct``, ``semi_10pct``: fine-tuning on a
+  class-balanced 1 % / 10 % of the train labels (Table 1; random init = supervised
+  training on the same labels); ``supervised``: random init on all labels, the reference;
+  ``seg_probe``, ``seg_fcn``: segmentation mean IoU (frozen 1x1 probe / FCN decoder with
+  the encoder fine-tuned; Table 3 in miniature); ``transfer_linear``,
+  ``transfer_finetune``: the sets of bench.make_transfer_sets (Table 2).
+- fmnist-scenes protocols are scored on its test split and on the unseen-backgrounds split
+  (the same objects on photographs no training image shows), and the drop between the two
+  is a row of its own (paired by seed; lower is better).
+- Classification protocols run twice: ``--embedding=global`` (exact-mask records; the
+  masks are unused) and ``--embedding=foreground`` (HARL's object embedding, on records
+  whose masks are the label-free conventional ones, train and evaluation alike).
+  Segmentation always reads the exact masks (they are its targets).
+
+Settings are never chosen on a test split. ``--split=validation`` carves a fixed
+validation split from each dataset's train records (class-balanced,
+``--validation_fraction``, chosen by id hash as ``harl_tf.downstream.subsets``, the same
+whatever the seed), runs each protocol's grid (:data:`PROTOCOLS`, one flag per protocol)
+with the global embedding for ``--validation_methods`` at ``--validation_seeds``, and
+chooses per protocol the value with the best mean validation score over those runs (and
+the transfer datasets); ``--write_flagfiles`` writes it into the protocol's flagfile with
+a ``# Validation:`` line saying what was compared. The test report says which flagfiles
+carry such a line.
+
+Statistics per row and method: mean and sample sd over seeds; HARL − BYOL with the pooled
+sd ``sqrt((sd_HARL² + sd_BYOL²) / 2)`` (:func:`compare`); verdict "HARL leads" / "BYOL
+leads" when the difference exceeds one pooled sd in that direction, else "level".
+
+Resumable: a run whose ``results.json`` exists is not run again. Each run's folder is
+``<work_dir>/evals/<split>/<protocol>/<dataset>/<eval set>/<embedding>/<method>_s<seed>``
+plus a hash of its command and flagfile, so a changed flagfile or grid value is a new
+run, never a stale result. Failed runs are listed and left out (``--keep_going``).
+Writes ``bench/results/<output_name>.json`` and ``.md`` (``<output_name>_validation``
+for the validation split).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shlex
+import sys
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from absl import flags
+
+from bench import common
+from bench.report_learning import summarise
+from harl_tf import atomic, errors
+
+FLAGS = flags.FLAGS
+PY = sys.executable
+ROOT = common.ROOT
+
+METHODS = ("harl", "byol", "random")
+RUNS = {"harl": "hybrid_conventional", "byol": "byol"}   # bench_learning's run names
+LABELS = {"harl": "HARL hybrid", "byol": "BYOL", "random": "random init"}
+SCENES, TRANSFER = "fmnist_scenes", ("fashion_mnist", "digits_scenes")
+EMBEDDINGS = ("global", "foreground")
+LEARNING_RATES = (0.01, 0.03, 0.1)
+VALIDATION_NOTE = "# Validation:"
+VALIDATION_SEED = 0   # the carve's id hash seed: one validation split for every seed
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+    """One evaluation protocol: its flagfile (relative to the repository root), the mode and
+    segmentation head the flagfile must set, the metric read from results.json, where it
+    runs, and the one flag chosen on the validation split with its candidates."""
+    name: str
+    title: str
+    flagfile: str
+    mode: str
+    grid: Tuple[str, Tuple[float, ...]]
+    metric: str = "top1"
+    head: Optional[str] = None
+    datasets: Tuple[str, ...] = (SCENES,)
+    embeddings: Tuple[str, ...] = EMBEDDINGS
+    methods: Tuple[str, ...] = METHODS
+
+
+PROTOCOLS = (
+    Protocol("knn", "k-NN", "flags/eval_knn.cfg", "knn", ("knn_k", (10, 20, 50))),
+    Protocol("linear", "linear probe", "flags/eval_linear.cfg", "linear",
+             ("learning_rate", (0.1, 0.3, 0.9))),
+    Protocol("semi_1pct", "fine-tune, 1 % labels", "flags/eval_semi_1pct.cfg", "finetune",
+             ("learning_rate", LEARNING_RATES)),
+    Protocol("semi_10pct", "fine-tune, 10 % labels", "flags/eval_semi_10pct.cfg", "finetune",
+             ("learning_rate", LEARNING_RATES)),
+    Protocol("supervised", "supervised, all labels (reference)", "flags/eval_supervised.cfg",
+             "finetune", ("learning_rate", LEARNING_RATES), embeddings=("global",),
+             methods=("random",)),
+    Protocol("seg_probe", "segmentation probe, mIoU", "flags/eval_segmentation_probe.cfg",
+             "segmentation", ("learning_rate", (0.03, 0.1, 0.3)), metric="mean_iou",
+             head="probe", embeddings=("global",)),
+    Protocol("seg_fcn", "segmentation fine-tune (FCN), mIoU",
+             "flags/eval_segmentation_fcn.cfg", "segmentation",
+             ("learning_rate", LEARNING_RATES), metric="mean_iou", head="fcn",
+             embeddings=("global",)),
+    Protocol("transfer_linear", "transfer, linear", "flags/eval_transfer_linear.cfg", "linear",
+             ("learning_rate", (0.1, 0.3, 0.9)), datasets=TRANSFER),
+    Protocol("transfer_finetune", "transfer, fine-tune", "flags/eval_transfer_finetune.cfg",
+             "finetune", ("learning_rate", LEARNING_RATES), datasets=TRANSFER),
+)
+BY_NAME = {p.name: p for p in PROTOCOLS}
+
+
+def define_flags() -> None:
+    """The report's flags, defined when it runs (the tests import its functions)."""
+    flags.DEFINE_enum("split", "test", ["test", "validation"],
+                      "test: the table (test and unseen-backgrounds splits); validation: "
+                      "choose each protocol's setting on splits carved from train.")
+    flags.DEFINE_string("encoders", "/work/runs/m8_s{seed}/exports/{run}",
+                        "Export (or pretraining model_dir) of each pretrained encoder; "
+                        "{seed} and {run} (hybrid_conventional, byol) are filled in.")
+    flags.DEFINE_list("seeds", ["0", "1", "2"], "Pretraining seeds (one encoder each).")
+    flags.DEFINE_list("protocols", [p.name for p in PROTOCOLS], "Protocols to run.")
+    flags.DEFINE_list("methods", list(METHODS), "Methods to run.")
+    flags.DEFINE_string("records_dir", "/work/runs/records",
+                        "fmnist-scenes records made by bench.bench_learning "
+                        "(fmnist_scenes_test_gt, fmnist_scenes_test_conventional); read only.")
+    flags.DEFINE_string("unseen_dir", "/work/runs/fmnist_scenes_unseen",
+                        "The unseen-backgrounds split (bench.make_unseen_backgrounds).")
+    flags.DEFINE_string("transfer_dir", "/work/runs/transfer_sets",
+                        "The transfer sets (bench.make_transfer_sets).")
+    flags.DEFINE_string("work_dir", "/work/runs/paper_tables",
+                        "Records this report builds, every run, logs.")
+    flags.DEFINE_float("validation_fraction", 0.2, "--split=validation: share of each "
+                       "dataset's train records held out (class-balanced).")
+    flags.DEFINE_list("validation_methods", ["harl", "byol"],
+                      "--split=validation: methods whose mean score chooses a setting.")
+    flags.DEFINE_list("validation_seeds", ["0"], "--split=validation: seeds run.")
+    flags.DEFINE_bool("write_flagfiles", False, "--split=validation: write the chosen "
+                      "values into flags/eval_*.cfg.")
+    flags.DEFINE_bool("report_only", False, "Run nothing; tabulate the results present.")
+    flags.DEFINE_bool("dry_run", False, "Print the runs that would start; run nothing.")
+    flags.DEFINE_bool("keep_going", True, "A failed run is listed and left out of the table "
+                      "instead of stopping the report.")
+    flags.DEFINE_string("output_name", "paper_tables", "bench/results/<name>.json and .md.")
+
+
+# Statistics ---------------------------------------------------------------------------------
+
+def pooled_sd(a: Optional[dict], b: Optional[dict]) -> Optional[float]:
+    """``sqrt((sd_a² + sd_b²) / 2)`` of two :func:`summarise` results; None unless both
+    have an sd (two seeds or more)."""
+    if a is None or b is None or a["sd"] is None or b["sd"] is None:
+        return None
+    return math.sqrt((a["sd"] ** 2 + b["sd"] ** 2) / 2.0)
+
+
+def verdict(difference: Optional[float], pooled: Optional[float], *,
+            higher_is_better: bool = True) -> str:
+    """Plain words for HARL − BYOL: "HARL leads" / "BYOL leads" when the difference is more
+    than one pooled sd in that direction (for a drop, lower is better), else "level"."""
+    if difference is None:
+        return "–"
+    if pooled is None:
+        return "no verdict (fewer than 2 seeds)"
+    lead = difference if higher_is_better else -difference
+    if lead > pooled:
+        return "HARL leads"
+    if lead < -pooled:
+        return "BYOL leads"
+    return "level"
+
+
+def compare(stats: Dict[str, Optional[dict]], *, higher_is_better: bool = True) -> dict:
+    """HARL − BYOL for one row: ``{difference, pooled_sd, verdict}``."""
+    a, b = stats.get("harl"), stats.get("byol")
+    difference = a["mean"] - b["mean"] if a is not None and b is not None else None
+    pooled = pooled_sd(a, b)
+    return {"difference": difference, "pooled_sd": pooled,
+            "verdict": verdict(difference, pooled, higher_is_better=higher_is_better)}
+
+
+def paired_drops(test: Dict[int, float], shifted: Dict[int, float]) -> List[float]:
+    """``test − shifted`` for each seed present in both (seed order)."""
+    return [test[s] - shifted[s] for s in sorted(test) if s in shifted]
+
+
+# The plan -----------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One harl_tf.finetune run. ``candidate``: (flag, value) of a validation grid."""
+    protocol: str
+    dataset: str
+    eval_set: str
+    embedding: str
+    method: str
+    seed: int
+    candidate: Optional[Tuple[str, float]] = None
+
+    @property
+    def row(self) -> Tuple[str, str, str, str]:
+        return (self.protocol, self.dataset, self.eval_set, self.embedding)
+
+
+def eval_sets(split: str, dataset: str) -> Tuple[str, ...]:
+    if split == "validation":
+        return ("val",)
+    return ("test", "unseen") if dataset == SCENES else ("test",)
+
+
+def plan(split: str, protocols: Sequence[str], methods: Sequence[str],
+         seeds: Sequence[int]) -> List[Run]:
+    """Every run of the report, in table order. Validation: the global embedding only, one
+    run per grid value, and a protocol none of whose methods is in ``methods`` (the
+    supervised reference) with its own methods."""
+    runs = []
+    validation = split == "validation"
+    for protocol in (BY_NAME[name] for name in protocols):
+        flag, values = protocol.grid
+        candidates = [(flag, v) for v in values] if validation else [None]
+        embeddings = ("global",) if validation else protocol.embeddings
+        chosen = [m for m in protocol.methods if m in methods]
+        if validation and not chosen:
+            chosen = list(protocol.methods)
+        for dataset in protocol.datasets:
+            for eval_set in eval_sets(split, dataset):
+                for embedding in embeddings:
+                    for candidate in candidates:
+                        for method in chosen:
+                            for seed in seeds:
+                                runs.append(Run(protocol.name, dataset, eval_set, embedding,
+                                                method, int(seed), candidate))
+    return runs
+
+
+@dataclasses.dataclass
+class Layout:
+    """Where things are (the report's flags)."""
+    encoders: str
+    records_dir: str
+    unseen_dir: str
+    transfer_dir: str
+    work_dir: str
+    split: str = "test"
+
+    def encoder(self, method: str, seed: int) -> str:
+        return self.encoders.format(seed=seed, run=RUNS[method])
+
+    def built(self, name: str) -> str:
+        return os.path.join(self.work_dir, "records", name)
+
+    def records(self, dataset: str, masks: str, part: str) -> str:
+        """File pattern of a dataset's ``part`` (train, test, unseen, val) with ``masks``
+        (gt or conventional)."""
+        if self.split == "validation":
+            return os.path.join(self.built("validation"), f"{dataset}_{masks}", part,
+                                "subset.tfrecord")
+        if part == "unseen":
+            return os.path.join(self.built(f"{SCENES}_unseen_{masks}"), "test-*.tfrecord")
+        if dataset == SCENES:
+            return os.path.join(self.records_dir, f"{SCENES}_test_{masks}", f"{part}-*.tfrecord")
+        return os.path.join(self.built(f"{dataset}_{masks}"), f"{part}-*.tfrecord")
+
+    def output_dir(self, run: Run, command: Sequence[str]) -> str:
+        """The run's folder: readable names and a hash of the command and the flagfile's
+        settings (comments left out; for a grid run, the grid flag too, which the command
+        overrides), so that writing the chosen values or a note changes no validation
+        run's folder, and a changed setting never reuses an old result."""
+        settings = [line.strip() for line in _flagfile_text(run.protocol).splitlines()
+                    if line.strip() and not line.lstrip().startswith("#")
+                    and not (run.candidate and line.startswith(f"--{run.candidate[0]}="))]
+        # Not the interpreter's path nor where the repository is: only what the run does.
+        argv = [a.replace(ROOT, "<root>") for a in command[1:]]
+        key = hashlib.sha256(json.dumps([argv, settings]).encode()).hexdigest()[:8]
+        leaf = f"{run.method}_s{run.seed}"
+        if run.candidate:
+            leaf += f"_{run.candidate[0]}={run.candidate[1]:g}"
+        return os.path.join(self.work_dir, "evals", self.split, run.protocol, run.dataset,
+                            run.eval_set, run.embedding, f"{leaf}-{key}")
+
+
+def _flagfile_text(protocol: str) -> str:
+    with open(os.path.join(ROOT, BY_NAME[protocol].flagfile)) as f:
+        return f.read()
+
+
+def command(run: Run, layout: Layout) -> List[str]:
+    """The run's harl_tf.finetune argv, without --output_dir."""
+    protocol = BY_NAME[run.protocol]
+    masks = "conventional" if run.embedding == "foreground" else "gt"
+    train = layout.records(run.dataset, masks, "train")
+    evaluate = layout.records(run.dataset, masks, run.eval_set)
+    if run.method == "random":
+        encoder = ["--encoder=random", f"--encoder_config={layout.encoder('harl', run.seed)}"]
+    else:
+        encoder = [f"--encoder={layout.encoder(run.method, run.seed)}"]
+    argv = [PY, "-m", "harl_tf.finetune",
+            f"--flagfile={os.path.join(ROOT, protocol.flagfile)}", *encoder,
+            f"--train_files={train}", f"--eval_files={evaluate}", f"--seed={run.seed}",
+            "--verbose=0"]
+    if protocol.mode != "segmentation":
+        argv.append(f"--embedding={run.embedding}")
+    if run.candidate:
+        argv.append(f"--{run.candidate[0]}={run.candidate[1]:g}")
+    return argv
+
+
+def results_path(run: Run, layout: Layout) -> str:
+    return os.path.join(layout.output_dir(run, command(run, layout)), "results.json")
+
+
+def read_value(run: Run, layout: Layout) -> Optional[float]:
+    """The run's metric from its results.json, None when it has not run."""
+    path = results_path(run, layout)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return float(json.load(f)[BY_NAME[run.protocol].metric])
+
+
+Runner = Callable[[Sequence[str], str], float]
+
+
+def execute(runs: Sequence[Run], layout: Layout, *, runner: Runner = common.run,
+            keep_going: bool = True, dry_run: bool = False) -> dict:
+    """Runs every run whose results.json is missing (``runner(argv, log_path)``, which
+    raises SystemExit on failure). Returns ``{"ran": [...], "skipped": n, "failed":
+    [...]}`` (run folders)."""
+    from harl_tf.progress import progress
+    done = {"ran": [], "skipped": 0, "failed": []}
+    todo = [r for r in runs if not os.path.exists(results_path(r, layout))]
+    done["skipped"] = len(runs) - len(todo)
+    print(f"{len(runs)} runs: {done['skipped']} done before, {len(todo)} to run", flush=True)
+    for run in progress(todo, desc="paper tables", unit=" runs", disable=dry_run):
+        argv = command(run, layout)
+        output_dir = layout.output_dir(run, argv)
+        argv = argv + [f"--output_dir={output_dir}"]
+        if dry_run:
+            print(shlex.join(argv))
+            continue
+        try:
+            runner(argv, os.path.join(output_dir + ".log"))
+            done["ran"].append(output_dir)
+        except SystemExit as failure:
+            if not keep_going:
+                raise
+            print(f"FAILED {output_dir}: {str(failure).splitlines()[0]}", flush=True)
+            done["failed"].append(output_dir)
+    return done
+
+
+# Tables -------------------------------------------------------------------------------------
+
+def collect(runs: Sequence[Run], layout: Layout) -> Dict[tuple, Dict[str, Dict[int, float]]]:
+    """``{row: {method: {seed: value}}}`` of the runs that have results (test split)."""
+    table: Dict[tuple, Dict[str, Dict[int, float]]] = {}
+    for run in runs:
+        value = read_value(run, layout)
+        row = table.setdefault(run.row, {})
+        if value is not None:
+            row.setdefault(run.method, {})[run.seed] = value
+    return table
+
+
+def rows(values: Dict[tuple, Dict[str, Dict[int, float]]]) -> List[dict]:
+    """One row per (protocol, dataset, eval set, embedding), plus for fmnist-scenes the
+    drop test − unseen (paired by seed; lower is better): statistics per method and the
+    HARL − BYOL comparison."""
+    out = []
+    for (protocol, dataset, eval_set, embedding), by_method in values.items():
+        stats = {m: summarise(list(by_method.get(m, {}).values())) for m in METHODS}
+        out.append({"protocol": protocol, "dataset": dataset, "eval_set": eval_set,
+                    "embedding": embedding, "metric": BY_NAME[protocol].metric,
+                    "statistics": stats, "values": by_method, **compare(stats)})
+        shifted = values.get((protocol, dataset, "unseen", embedding))
+        if eval_set == "test" and shifted is not None:
+            drops = {m: summarise(paired_drops(by_method.get(m, {}), shifted.get(m, {})))
+                     for m in METHODS}
+            out.append({"protocol": protocol, "dataset": dataset,
+                        "eval_set": "drop test → unseen", "embedding": embedding,
+                        "metric": BY_NAME[protocol].metric, "statistics": drops,
+                        "lower_is_better": True, **compare(drops, higher_is_better=False)})
+    return out
+
+
+def _cell(stat: Optional[dict], seeds: int) -> str:
+    if stat is None:
+        return "–"
+    text = f"{stat['mean']:.3f}" + (f" ± {stat['sd']:.3f}" if stat["sd"] is not None else "")
+    return text + (f" (n={stat['n']})" if stat["n"] != seeds else "")
+
+
+def markdown(table_rows: Sequence[dict], seeds: int) -> str:
+    """The Markdown table: means ± sd over seeds, HARL − BYOL (pooled sd), verdict."""
+    body = []
+    for row in table_rows:
+        protocol = BY_NAME[row["protocol"]]
+        data = {"test": "test", "unseen": "unseen backgrounds"}.get(row["eval_set"],
+                                                                     row["eval_set"])
+        difference = ("–" if row["difference"] is None else f"{row['difference']:+.3f}"
+                      + (f" ({row['pooled_sd']:.3f})" if row["pooled_sd"] is not None
+                         else ""))
+        body.append([protocol.title, f"{row['dataset']}, {data}", row["embedding"],
+                     *(_cell(row["statistics"][m], seeds) for m in METHODS), difference,
+                     row["verdict"]])
+    return common.table(body, ["protocol", "data", "embedding",
+                               *(LABELS[m] for m in METHODS), "HARL − BYOL (pooled sd)",
+                               "verdict"])
+
+
+# Validation ---------------------------------------------------------------------------------
+
+def choose(runs: Sequence[Run], layout: Layout) -> Dict[str, dict]:
+    """Per protocol: each grid value's mean validation score over its runs, and the best
+    (the first listed on a tie). A protocol with a grid value that has no result is left
+    out (not chosen on part of the grid)."""
+    scores: Dict[str, Dict[float, List[float]]] = {}
+    for run in runs:
+        value = read_value(run, layout)
+        per_value = scores.setdefault(run.protocol, {}).setdefault(run.candidate[1], [])
+        per_value.append(value)
+    chosen = {}
+    for name, per_value in scores.items():
+        if any(v is None for values in per_value.values() for v in values):
+            continue
+        means = {value: sum(vs) / len(vs) for value, vs in per_value.items()}
+        best = max(means, key=lambda v: (means[v], -list(means).index(v)))
+        chosen[name] = {"flag": BY_NAME[name].grid[0], "value": best, "means": means,
+                        "runs_per_value": len(next(iter(per_value.values())))}
+    return chosen
+
+
+def update_flagfile(text: str, flag: str, value: float, note: str) -> str:
+    """``text`` with its ``--flag=`` line set to ``value`` and a ``# Validation: <note>``
+    line above it (replacing any earlier such line). ConfigError when the flag is not set
+    in the text (the report only changes values the flagfile already holds)."""
+    lines = [line for line in text.splitlines() if not line.startswith(VALIDATION_NOTE)]
+    index = next((i for i, line in enumerate(lines) if line.startswith(f"--{flag}=")), None)
+    if index is None:
+        raise errors.ConfigError(f"the flagfile sets no --{flag}; add the line --{flag}=... "
+                                 "for the validation split to choose it.")
+    lines[index:index + 1] = [f"{VALIDATION_NOTE} {note}", f"--{flag}={value:g}"]
+    return "\n".join(lines) + "\n"
+
+
+# Set-up -------------------------------------------------------------------------------------
+
+def check_flagfiles(protocols: Sequence[str]) -> None:
+    """Each protocol's flagfile parses as harl_tf.finetune flags, sets the mode (and head)
+    the protocol needs and its grid flag: a ConfigError naming the file otherwise."""
+    from harl_tf import config
+    from harl_tf.eval_config import EvaluationConfig
+    for protocol in (BY_NAME[name] for name in protocols):
+        path = os.path.join(ROOT, protocol.flagfile)
+        try:
+            parsed = config.parse_argv(EvaluationConfig, [
+                f"--flagfile={path}", "--encoder=x", "--train_files=x", "--eval_files=x",
+                "--output_dir=x"])
+        except config.ConfigError as err:
+            raise errors.ConfigError(f"{protocol.flagfile}: {err}") from None
+        head = parsed.segmentation_head if protocol.mode == "segmentation" else None
+        if parsed.mode != protocol.mode or head != protocol.head:
+            raise errors.ConfigError(
+                f"{protocol.flagfile}: protocol {protocol.name} needs --mode={protocol.mode}"
+                + (f" --segmentation_head={protocol.head}" if protocol.head else "")
+                + f", the file sets --mode={parsed.mode}.")
+        if f"--{protocol.grid[0]}=" not in _flagfile_text(protocol.name):
+            raise errors.ConfigError(f"{protocol.flagfile}: sets no --{protocol.grid[0]}, "
+                                     "the flag its validation grid chooses.")
+
+
+def build_records(layout: Layout, datasets: Sequence[str], *, dry_run: bool) -> None:
+    """The records the report builds itself (skipped when their manifest.json exists):
+    the unseen-backgrounds split and the transfer sets, each with exact and conventional
+    masks, via ``tools.build_tfrecords --source=folder``."""
+    folders = {}
+    if SCENES in datasets and layout.split == "test":
+        folders[f"{SCENES}_unseen"] = (layout.unseen_dir, "test",
+                                       "python -m bench.make_unseen_backgrounds")
+    for name in TRANSFER:
+        if name in datasets:
+            folders[name] = (os.path.join(layout.transfer_dir, name), "train,test",
+                             "python -m bench.make_transfer_sets")
+    for name, (folder, splits, maker) in folders.items():
+        if not os.path.isfile(os.path.join(folder, "classes.txt")):
+            raise errors.MissingPathError(f"{folder}: no dataset there (no classes.txt); "
+                                          f"make it with `{maker}`.")
+        for masks, extra in (("gt", ["--mask_method_name=ground_truth"]),
+                             ("conventional", ["--mask_method=conventional"])):
+            out = layout.built(f"{name}_{masks}")
+            if os.path.exists(os.path.join(out, "manifest.json")):
+                continue
+            argv = [PY, "-m", "tools.build_tfrecords", "--source=folder",
+                    f"--images_dir={folder}", f"--splits={splits}", f"--output_dir={out}",
+                    "--num_workers=2", "--noprogress", *extra]
+            if dry_run:
+                print(shlex.join(argv))
+            else:
+                common.run(argv, os.path.join(layout.work_dir, "logs", f"build_{name}_"
+                                              f"{masks}.log"))
+
+
+def carve_validation(layout: Layout, datasets: Sequence[str], fraction: float) -> dict:
+    """``--split=validation``: for each dataset and mask source, the train records split
+    into ``val`` (a class-balanced ``fraction`` chosen by id hash, seed
+    :data:`VALIDATION_SEED`: ``subsets.label_subset``) and ``train`` (the rest), copied
+    unchanged (``subsets.write_subset_records``, reused when the ids match). Returns
+    ``{dataset: {"train": n, "val": n}}``."""
+    from harl_tf.downstream import subsets
+    counts = {}
+    test_layout = dataclasses.replace(layout, split="test")
+    for dataset in datasets:
+        for masks in ("gt", "conventional"):
+            pattern = test_layout.records(dataset, masks, "train")
+            ids, labels = subsets.read_ids_and_labels(pattern)
+            val = subsets.label_subset(ids, labels, fraction, seed=VALIDATION_SEED)
+            chosen = set(val)
+            train = sorted(i for i in ids if i not in chosen)
+            for part, part_ids in (("val", val), ("train", train)):
+                out = os.path.dirname(layout.records(dataset, masks, part))
+                subsets.write_subset_records(pattern, part_ids, out)
+            counts[dataset] = {"train": len(train), "val": len(val)}
+    return counts
+
+
+def check_scenes_records(layout: Layout) -> None:
+    """MissingPathError unless bench.bench_learning's fmnist-scenes records are there."""
+    import glob
+    test_layout = dataclasses.replace(layout, split="test")
+    for masks in ("gt", "conventional"):
+        for part in ("train", "test"):
+            pattern = test_layout.records(SCENES, masks, part)
+            if not glob.glob(pattern):
+                raise errors.MissingPathError(
+                    f"--records_dir: no records match {pattern}; build them with python -m "
+                    "bench.bench_learning --dataset=fmnist_scenes --stages=build "
+                    f"--records_dir={layout.records_dir}")
+
+
+def check_encoders(layout: Layout, methods: Sequence[str], seeds: Sequence[int]) -> None:
+    """MissingPathError listing every pretrained encoder that is not there (random init
+    copies HARL's architecture, so it needs HARL's export too)."""
+    needed = {"harl"} | set(methods) - {"random"}
+    missing = [layout.encoder(m, s) for m in sorted(needed) for s in seeds
+               if not os.path.exists(layout.encoder(m, s))]
+    if missing:
+        raise errors.MissingPathError(
+            f"--encoders: {len(missing)} encoders missing ({', '.join(missing[:4])}"
+            f"{', ...' if len(missing) > 4 else ''}); pretrain and export them with "
+            "python -m bench.bench_learning --dataset=fmnist_scenes "
+            "--recipe_flagfile=flags/fmnist_scenes_8x8_base.cfg --work_dir=<dir of seed> "
+            "--seed=<seed> --methods=byol,hybrid_conventional.")
+
+
+def main(argv) -> None:
+    del argv
+    unknown = sorted(set(FLAGS.protocols) - set(BY_NAME)) + sorted(set(FLAGS.methods)
+                                                                    - set(METHODS))
+    if unknown:
+        raise errors.ConfigError(f"--protocols / --methods: unknown {unknown}; protocols "
+                                 f"{list(BY_NAME)}, methods {list(METHODS)}")
+    check_flagfiles(FLAGS.protocols)
+    layout = Layout(FLAGS.encoders, FLAGS.records_dir, FLAGS.unseen_dir, FLAGS.transfer_dir,
+                    FLAGS.work_dir, FLAGS.split)
+    validation = FLAGS.split == "validation"
+    seeds = [int(s) for s in (FLAGS.validation_seeds if validation else FLAGS.seeds)]
+    methods = FLAGS.validation_methods if validation else FLAGS.methods
+    runs = plan(FLAGS.split, FLAGS.protocols, methods, seeds)
+    datasets = sorted({r.dataset for r in runs})
+    progress_of_runs, carved = {}, None
+    if not FLAGS.report_only:
+        check_encoders(layout, methods, seeds)
+        if SCENES in datasets:
+            check_scenes_records(layout)
+        build_records(layout, datasets, dry_run=FLAGS.dry_run)
+        if validation and not FLAGS.dry_run:
+            carved = carve_validation(layout, datasets, FLAGS.validation_fraction)
+        progress_of_runs = execute(runs, layout, keep_going=FLAGS.keep_going,
+                                   dry_run=FLAGS.dry_run)
+        if FLAGS.dry_run:
+            return
+    settings = {p: {"flagfile": BY_NAME[p].flagfile, "text": _flagfile_text(p),
+                    "chosen_on_validation": VALIDATION_NOTE in _flagfile_text(p)}
+                for p in FLAGS.protocols}
+    payload = {"split": FLAGS.split, "seeds": seeds, "methods": methods,
+               "encoders": FLAGS.encoders, "work_dir": FLAGS.work_dir, "settings": settings,
+               "failed": progress_of_runs.get("failed", []), "machine": common.machine_info()}
+    if validation:
+        chosen = choose(runs, layout)
+        for name, choice in chosen.items():
+            print(f"{name}: --{choice['flag']}={choice['value']:g} "
+                  f"(mean validation score {json.dumps(choice['means'])})")
+            if FLAGS.write_flagfiles:
+                path = os.path.join(ROOT, BY_NAME[name].flagfile)
+                note = (f"--{choice['flag']} from {sorted(choice['means'])}, best mean "
+                        f"validation {BY_NAME[name].metric} over {', '.join(methods)} at "
+                        f"seeds {seeds} ({FLAGS.validation_fraction:g} of train held out): "
+                        + ", ".join(f"{v:g}: {m:.3f}" for v, m in choice["means"].items()))
+                with open(path) as f:
+                    text = update_flagfile(f.read(), choice["flag"], choice["value"], note)
+                atomic.write_bytes_atomic(path, text.encode())
+        payload.update(carved=carved, chosen=chosen)
+        common.write_result(f"{FLAGS.output_name}_validation", payload)
+        return
+    table_rows = rows(collect(runs, layout))
+    table = markdown(table_rows, len(seeds))
+    print(table)
+    payload.update(rows=table_rows, table_markdown=table)
+    common.write_result(FLAGS.output_name, payload)
+    atomic.write_bytes_atomic(os.path.join(common.RESULTS_DIR, f"{FLAGS.output_name}.md"),
+                              (table + "\n").encode())
+
+
+if __name__ == "__main__":
+    define_flags()
+    errors.run_binary("report_paper_tables", main)

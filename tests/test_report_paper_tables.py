@@ -1,0 +1,244 @@
+"""bench.report_paper_tables: its arithmetic (means, sd, pooled sd, verdicts, paired drops),
+its skip / resume logic and its validation choices, on faked results (no TensorFlow run
+except the validation carve of a few tiny records)."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from bench import report_paper_tables as report
+from bench.report_learning import summarise
+from harl_tf import errors
+
+
+def _layout(tmp_path, split="test"):
+    return report.Layout(encoders=str(tmp_path / "enc" / "s{seed}" / "{run}"),
+                         records_dir=str(tmp_path / "records"),
+                         unseen_dir=str(tmp_path / "unseen"),
+                         transfer_dir=str(tmp_path / "transfer"),
+                         work_dir=str(tmp_path / "work"), split=split)
+
+
+# Arithmetic ---------------------------------------------------------------------------------
+
+def test_pooled_sd_and_verdicts_by_hand():
+    harl = summarise([0.40, 0.42, 0.44])   # mean 0.42, sd 0.02
+    byol = summarise([0.36, 0.37, 0.38])   # mean 0.37, sd 0.01
+    assert harl["mean"] == pytest.approx(0.42, abs=1e-12)
+    assert harl["sd"] == pytest.approx(0.02, abs=1e-12) and byol["sd"] == pytest.approx(0.01)
+    pooled = report.pooled_sd(harl, byol)
+    assert pooled == pytest.approx(math.sqrt((0.02 ** 2 + 0.01 ** 2) / 2), abs=1e-12)  # 0.0158
+    row = report.compare({"harl": harl, "byol": byol})
+    assert row["difference"] == pytest.approx(0.05, abs=1e-12)
+    assert row["verdict"] == "HARL leads"
+    # 0.01 apart with a pooled sd of 0.0158: level; the other way round by 0.05: BYOL leads.
+    assert report.compare({"harl": summarise([0.36, 0.38, 0.40]),
+                           "byol": byol})["verdict"] == "level"
+    assert report.compare({"harl": byol, "byol": harl})["verdict"] == "BYOL leads"
+    # A drop: lower is better, so HARL dropping 0.05 less than BYOL leads.
+    assert report.compare({"harl": byol, "byol": harl},
+                          higher_is_better=False)["verdict"] == "HARL leads"
+    # Exactly one pooled sd apart is not "more than one".
+    assert report.verdict(0.02, 0.02) == "level" and report.verdict(-0.02, 0.02) == "level"
+    assert report.verdict(0.0201, 0.02) == "HARL leads"
+
+
+def test_one_seed_or_one_method_gives_no_verdict():
+    one = report.compare({"harl": summarise([0.5]), "byol": summarise([0.4])})
+    assert one["difference"] == pytest.approx(0.1) and one["pooled_sd"] is None
+    assert one["verdict"].startswith("no verdict")
+    assert report.compare({"harl": summarise([0.5, 0.6]), "byol": None})["verdict"] == "–"
+
+
+def test_rows_pair_drops_by_seed():
+    values = {("linear", "fmnist_scenes", "test", "global"):
+              {"harl": {0: 0.41, 1: 0.43, 2: 0.45}, "byol": {0: 0.35, 1: 0.36, 2: 0.37}},
+              ("linear", "fmnist_scenes", "unseen", "global"):
+              {"harl": {0: 0.30, 1: 0.33}, "byol": {0: 0.20, 1: 0.22, 2: 0.21}}}
+    rows = report.rows(values)
+    assert [r["eval_set"] for r in rows] == ["test", "drop test → unseen", "unseen"]
+    drop = rows[1]
+    # HARL: seeds 0 and 1 only (seed 2 has no unseen score): 0.11, 0.10; BYOL 0.15 0.14 0.16.
+    assert drop["statistics"]["harl"]["values"] == pytest.approx([0.11, 0.10])
+    assert drop["statistics"]["byol"]["mean"] == pytest.approx(0.15)
+    assert drop["difference"] == pytest.approx(0.105 - 0.15)
+    assert drop["lower_is_better"] and drop["verdict"] == "HARL leads"
+    assert rows[0]["statistics"]["random"] is None
+    lines = report.markdown(rows, seeds=3).splitlines()
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    assert cells[0][3:] == ["HARL hybrid", "BYOL", "random init", "HARL − BYOL (pooled sd)",
+                            "verdict"]
+    assert cells[2] == ["linear probe", "fmnist_scenes, test", "global", "0.430 ± 0.020",
+                        "0.360 ± 0.010", "–", "+0.070 (0.016)", "HARL leads"]
+    assert cells[4][1] == "fmnist_scenes, unseen backgrounds"
+    assert cells[4][3:5] == ["0.315 ± 0.021 (n=2)", "0.210 ± 0.010"]
+
+
+# Plan, skip and resume ----------------------------------------------------------------------
+
+def _fake_runner(values, calls, fail=()):
+    """Writes results.json with the run's value (by output_dir leaf prefix) or fails."""
+    def run(argv, log_path):
+        output_dir = next(a.split("=", 1)[1] for a in argv if a.startswith("--output_dir="))
+        calls.append(output_dir)
+        if any(f in output_dir for f in fail):
+            raise SystemExit(f"failed (1): {argv[0]}")
+        os.makedirs(output_dir, exist_ok=True)
+        metric = "mean_iou" if "/seg_" in output_dir else "top1"
+        with open(os.path.join(output_dir, "results.json"), "w") as f:
+            json.dump({metric: values(output_dir)}, f)
+        return 0.0
+    return run
+
+
+def _value(output_dir):
+    leaf = os.path.basename(output_dir)
+    method, seed = leaf.split("-")[0].split("_s")
+    base = {"harl": 0.5, "byol": 0.4, "random": 0.1}[method]
+    return base + 0.01 * int(seed) - (0.1 if "/unseen/" in output_dir else 0.0)
+
+
+def test_plan_covers_every_cell():
+    runs = report.plan("test", [p.name for p in report.PROTOCOLS], report.METHODS, [0, 1, 2])
+    count = lambda **kw: sum(all(getattr(r, k) == v for k, v in kw.items())  # noqa: E731
+                             for r in runs)
+    assert count(protocol="linear") == 2 * 2 * 3 * 3      # test/unseen x embeddings x 3 x 3
+    assert count(protocol="supervised") == 2 * 3          # random only, global only
+    assert count(protocol="seg_fcn", embedding="foreground") == 0
+    assert count(protocol="transfer_linear", eval_set="unseen") == 0
+    assert count(protocol="transfer_finetune", dataset="digits_scenes") == 2 * 3 * 3
+    validation = report.plan("validation", ["knn", "supervised"], ["harl", "byol"], [0])
+    assert {r.candidate[1] for r in validation if r.protocol == "knn"} == {10, 20, 50}
+    assert {r.method for r in validation if r.protocol == "supervised"} == {"random"}
+    assert {r.embedding for r in validation} == {"global"}
+
+
+def test_execute_skips_what_is_done_and_resumes(tmp_path):
+    layout = _layout(tmp_path)
+    runs = report.plan("test", ["knn", "seg_probe"], report.METHODS, [0, 1])
+    assert len(runs) == 2 * 2 * 3 * 2 + 2 * 3 * 2          # knn 24, seg_probe 12
+    calls = []
+    # Some results are there before: a former, interrupted report.
+    first = _fake_runner(_value, [])
+    for run in runs[:5]:
+        argv = report.command(run, layout)
+        first(argv + [f"--output_dir={layout.output_dir(run, argv)}"], "")
+    done = report.execute(runs, layout, runner=_fake_runner(_value, calls), keep_going=True)
+    assert done["skipped"] == 5 and len(done["ran"]) == len(runs) - 5 == len(calls)
+    again = report.execute(runs, layout, runner=_fake_runner(_value, calls))
+    assert again["skipped"] == len(runs) and again["ran"] == [] and len(calls) == len(runs) - 5
+    values = report.collect(runs, layout)
+    knn = values[("knn", "fmnist_scenes", "test", "global")]
+    assert knn["harl"] == {0: 0.5, 1: pytest.approx(0.51)}
+    seg = values[("seg_probe", "fmnist_scenes", "unseen", "global")]
+    assert seg["random"] == {0: pytest.approx(0.0), 1: pytest.approx(0.01)}
+    drop = next(r for r in report.rows(values) if r["protocol"] == "knn"
+                and r["eval_set"].startswith("drop") and r["embedding"] == "foreground")
+    assert drop["statistics"]["byol"]["mean"] == pytest.approx(0.1)
+    assert drop["statistics"]["byol"]["sd"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_failed_runs_are_listed_or_stop(tmp_path):
+    layout = _layout(tmp_path)
+    runs = report.plan("test", ["linear"], ["harl", "byol"], [0])
+    calls = []
+    done = report.execute(runs, layout, runner=_fake_runner(_value, calls, fail=("byol_s0",)))
+    assert len(done["failed"]) == 4 and len(done["ran"]) == 4   # 2 eval sets x 2 embeddings
+    assert all("byol_s0" in path for path in done["failed"])
+    row = report.rows(report.collect(runs, layout))[0]
+    assert row["statistics"]["byol"] is None and row["verdict"] == "–"
+    with pytest.raises(SystemExit):
+        report.execute(runs, layout, keep_going=False,
+                       runner=_fake_runner(_value, [], fail=("byol_s0",)))
+    # The failed runs are retried by the next report; the successful ones are not.
+    retried = []
+    report.execute(runs, layout, runner=_fake_runner(_value, retried))
+    assert len(retried) == 4 and all("byol_s0" in path for path in retried)
+
+
+def test_run_folder_follows_settings_not_comments(tmp_path, monkeypatch):
+    layout = _layout(tmp_path)
+    text = {"knn": "# k-NN\n--mode=knn\n--knn_k=20\n--image_size=64\n"}
+    monkeypatch.setattr(report, "_flagfile_text", lambda name: text[name])
+    run = report.Run("knn", "fmnist_scenes", "test", "global", "harl", 0)
+    grid = report.Run("knn", "fmnist_scenes", "val", "global", "harl", 0, ("knn_k", 10))
+    folder = lambda r: layout.output_dir(r, report.command(r, layout))  # noqa: E731
+    before, before_grid = folder(run), folder(grid)
+    text["knn"] = "# k-NN, another comment\n# Validation: chosen\n--mode=knn\n--knn_k=50\n" \
+                  "--image_size=64\n"
+    assert folder(grid) == before_grid     # the grid run overrides --knn_k anyway
+    assert folder(run) != before           # a new setting is a new run
+    text["knn"] = "# only comments changed\n--mode=knn\n--knn_k=20\n--image_size=64\n"
+    assert folder(run) == before
+    assert "knn_k=10" in os.path.basename(before_grid)
+
+
+# Validation -------------------------------------------------------------------------------
+
+def test_choose_takes_the_best_mean_of_a_complete_grid(tmp_path):
+    layout = _layout(tmp_path, "validation")
+    runs = report.plan("validation", ["knn", "linear"], ["harl", "byol"], [0])
+    scores = {10: 0.30, 20: 0.34, 50: 0.34, 0.1: 0.2, 0.3: 0.25, 0.9: 0.1}
+
+    def value(output_dir):
+        leaf = os.path.basename(output_dir).split("-")[0]
+        flag_value = float(leaf.split("=")[1])
+        return scores[flag_value] + (0.02 if leaf.startswith("harl") else -0.02)
+    runner = _fake_runner(value, [], fail=("linear/fmnist_scenes/val/global/byol_s0_"
+                                           "learning_rate=0.9",))
+    report.execute(runs, layout, runner=runner)
+    chosen = report.choose(runs, layout)
+    assert set(chosen) == {"knn"}          # linear's grid is incomplete: not chosen
+    assert chosen["knn"]["value"] == 20    # tied with 50: the first listed
+    assert chosen["knn"]["means"][10] == pytest.approx(0.30)
+    assert chosen["knn"]["runs_per_value"] == 2
+
+
+def test_update_flagfile():
+    text = "# k-NN\n--mode=knn\n--knn_k=20\n--image_size=64\n"
+    once = report.update_flagfile(text, "knn_k", 50, "chosen on validation: 50 best")
+    assert once == ("# k-NN\n--mode=knn\n# Validation: chosen on validation: 50 best\n"
+                    "--knn_k=50\n--image_size=64\n")
+    twice = report.update_flagfile(once, "knn_k", 10, "again")
+    assert twice.count("# Validation:") == 1 and "--knn_k=10\n" in twice
+    assert "--knn_k=50" not in twice
+    with pytest.raises(errors.ConfigError, match="--learning_rate"):
+        report.update_flagfile(text, "learning_rate", 0.1, "x")
+
+
+def test_shipped_flagfiles_fit_their_protocols(monkeypatch):
+    report.check_flagfiles([p.name for p in report.PROTOCOLS])
+    wrong = report.Protocol("seg_probe", "x", "flags/eval_segmentation_fcn.cfg",
+                            "segmentation", ("learning_rate", (0.1,)), head="probe")
+    monkeypatch.setitem(report.BY_NAME, "seg_probe", wrong)
+    with pytest.raises(errors.ConfigError, match="eval_segmentation_fcn.cfg.*probe"):
+        report.check_flagfiles(["seg_probe"])
+
+
+def test_carve_validation_is_class_balanced_and_disjoint(tmp_path):
+    from bench.common.data import write_example_records
+    from harl_tf.downstream import subsets
+    layout = _layout(tmp_path, "validation")
+    test_layout = _layout(tmp_path)
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), 20)
+    for masks in ("gt", "conventional"):
+        path = test_layout.records("digits_scenes", masks, "train").replace("*", "00000")
+        examples = [(f"train/{i:03d}", rng.integers(0, 255, (8, 8, 3), dtype=np.uint8),
+                     np.ones((8, 8), np.uint8), int(label)) for i, label in enumerate(labels)]
+        write_example_records(path, examples, jpeg_quality=90)
+    counts = report.carve_validation(layout, ["digits_scenes"], 0.2)
+    assert counts == {"digits_scenes": {"train": 48, "val": 12}}
+    parts = {}
+    for masks in ("gt", "conventional"):
+        for part in ("train", "val"):
+            ids, part_labels = subsets.read_ids_and_labels(
+                layout.records("digits_scenes", masks, part))
+            parts[masks, part] = set(ids)
+            if part == "val":
+                assert np.bincount(part_labels).tolist() == [4, 4, 4]
+    assert parts["gt", "val"] == parts["conventional", "val"]      # one split, both masks
+    assert not parts["gt", "val"] & parts["gt", "train"]
+    assert len(parts["gt", "val"] | parts["gt", "train"]) == 60
