@@ -118,8 +118,8 @@ def write_digits_scenes(out: str, *, photos_dir: str, seed: int, test_fraction: 
                         copies: Dict[str, int], limit: int = 0, overwrite: bool = False,
                         show_progress: bool = False) -> Dict[str, object]:
     """The digits_scenes folder (module docstring); returns its summary."""
-    from sklearn.datasets import load_digits
     photos = load_photos(check_photos(photos_dir))
+    from sklearn.datasets import load_digits  # the bench extra: pip install -e ".[bench]"
     digits = load_digits()
     images, labels = digits.images, digits.target.astype(np.int64)
     if limit:

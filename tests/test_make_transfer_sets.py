@@ -46,6 +46,7 @@ def test_split_digits_is_stratified_and_disjoint():
 
 
 def test_digits_scenes_folder_builds(tmp_path):
+    pytest.importorskip("sklearn", reason="the digits ship with scikit-learn (extra bench)")
     out = str(tmp_path / "digits_scenes")
     summary = transfer.write_digits_scenes(
         out, photos_dir=_photos(str(tmp_path / "photos")), seed=0, test_fraction=0.3,
