@@ -9,7 +9,8 @@ part (``--train_limit`` images) and a disjoint SELECTION part (``--select_limit`
 2. Pseudo-masks of the head part: the CONVENTIONAL masks (``--pseudo_masks_dir``, a folder
    from tools/generate_masks.py, or computed here); no exact mask is used in training.
 3. Settings: every combination of ``--input_sizes_grid`` × ``--fusion_grid`` (round-0
-   heads), then ``--refine_grid`` × ``--threshold_grid`` on the best, then
+   1×1 heads), then ``--head_grid`` (the 1×1 or the context head) on the best, then
+   ``--refine_grid`` × ``--threshold_grid``, then
    ``--self_training_grid`` (rounds on refined masks), each scored by mean IoU on the
    SELECTION part against its exact masks (``--select_against=exact``; held-out TRAIN
    images, never test) or against its conventional masks (``=conventional``, label-free).
@@ -29,6 +30,7 @@ chosen settings.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -67,7 +69,9 @@ flags.DEFINE_list("fusion_grid", ["none", "sigma0.4+no_grabcut"], "Pseudo-label 
                   "pseudo-masks, or none.")
 flags.DEFINE_list("refine_grid", ["none", "segments", "guided", "grabcut"],
                   "Refinement candidates (harl_tf.masks.deep.refine methods).")
-flags.DEFINE_list("threshold_grid", ["0.4", "0.5", "0.6"], "Threshold candidates.")
+flags.DEFINE_list("head_grid", ["linear", "context"], "Head candidates (TrainConfig.head: "
+                  "the paper's 1x1, or the 3x3 context head).")
+flags.DEFINE_list("threshold_grid", ["0.4", "0.5", "0.6", "0.7"], "Threshold candidates.")
 flags.DEFINE_list("self_training_grid", ["0", "1", "2"], "Self-training rounds candidates.")
 flags.DEFINE_list("self_training_labels_grid", ["refined", "refined_and_pseudo"],
                   "Self-training label candidates (TrainConfig.self_training_labels).")
@@ -138,6 +142,23 @@ def choose(encoder, head_images, pseudo, select_images, reference):
                 best = (score, sizes, fusion, head, targets, weights)
     _, sizes, fusion, head, targets, weights = best
     train_f, select_f = features[sizes]
+    best_head = (best[0], "linear", head)
+    for kind in FLAGS.head_grid:
+        if kind == "linear":
+            continue
+        t0 = time.time()
+        candidate, _ = head_training.fit_any_head(
+            train_f, targets, weights, dataclasses.replace(config, head=kind), seed=config.seed)
+        score = mean_iou(refine.refined_masks(select_images, candidate(select_f).numpy(),
+                                              REFINEMENTS["none"]), reference)
+        trials.append({"stage": "head", "input_sizes": sizes, "fusion": fusion, "head": kind,
+                       "refine": "none", "threshold": 0.5, "self_training_rounds": 0,
+                       "select_iou": score, "seconds": time.time() - t0})
+        print(trials[-1], flush=True)
+        if score > best_head[0]:
+            best_head = (score, kind, candidate)
+    _, kind, head = best_head
+    config = dataclasses.replace(config, head=kind)
     cells = head(select_f).numpy()
     best_refine = None
     for name in FLAGS.refine_grid:
@@ -145,13 +166,15 @@ def choose(encoder, head_images, pseudo, select_images, reference):
             score = mean_iou(refine.refined_masks(select_images, cells, REFINEMENTS[name],
                                                   threshold), reference)
             trials.append({"stage": "refine", "input_sizes": sizes, "fusion": fusion,
-                           "refine": name, "threshold": threshold, "self_training_rounds": 0,
+                           "head": kind, "refine": name, "threshold": threshold,
+                           "self_training_rounds": 0,
                            "select_iou": score})
             print(trials[-1], flush=True)
             if best_refine is None or score > best_refine[0]:
                 best_refine = (score, name, threshold)
     score, name, threshold = best_refine
-    chosen = {"input_sizes": sizes, "fusion": fusion, "refine": name, "threshold": threshold,
+    chosen = {"input_sizes": sizes, "fusion": fusion, "head": kind, "refine": name,
+              "threshold": threshold,
               "self_training_rounds": 0, "self_training_labels": "refined",
               "select_iou": score}
     # Self-training from the chosen head, labels from its refined masks of the head images
@@ -165,9 +188,9 @@ def choose(encoder, head_images, pseudo, select_images, reference):
             sets = [masks] + ([pseudo] + fused.get(fusion, [])
                               if labels == "refined_and_pseudo" else [])
             targets, weights = deep.fused_cell_targets(sets, train_f.shape[1:3])
-            current, _ = deep.fit_head(train_f, targets, weights, epochs=config.epochs,
-                                       balance_classes=True, seed=config.seed + round_index,
-                                       init=current)
+            current, _ = head_training.fit_any_head(train_f, targets, weights, config,
+                                                    seed=config.seed + round_index,
+                                                    init=current)
             if round_index not in rounds:
                 continue
             score = mean_iou(refine.refined_masks(select_images, current(select_f).numpy(),
@@ -206,7 +229,8 @@ def train_chosen(encoder, images, pseudo, chosen, pseudo_provenance):
         encoder, images, pseudo, input_size=sizes_of(chosen["input_sizes"]),
         config=deep.TrainConfig(epochs=FLAGS.epochs, seed=FLAGS.seed,
                                 self_training_rounds=chosen["self_training_rounds"],
-                                self_training_labels=chosen["self_training_labels"]),
+                                self_training_labels=chosen["self_training_labels"],
+                                head=chosen["head"]),
         threshold=chosen["threshold"], refinement=REFINEMENTS[chosen["refine"]],
         extra_pseudo_mask_sets=extra, batch_size=FLAGS.batch_size, progress=False,
         provenance=pseudo_provenance)
@@ -214,6 +238,7 @@ def train_chosen(encoder, images, pseudo, chosen, pseudo_provenance):
 
 def flags_line(chosen, refinement) -> str:
     parts = [f"--input_sizes={chosen['input_sizes'].replace('+', ',')}",
+             f"--head={chosen['head']}",
              f"--threshold={chosen['threshold']}", f"--refine={refinement.method}",
              f"--self_training_rounds={chosen['self_training_rounds']}",
              f"--self_training_labels={chosen['self_training_labels']}",
@@ -305,7 +330,7 @@ def main(argv) -> None:
         "args": {name: FLAGS[name].value for name in (
             "data", "encoder", "encoder_config", "pseudo_masks_dir", "train_limit",
             "select_limit", "select_against", "test_limit", "paper_input_size",
-            "input_sizes_grid", "fusion_grid", "refine_grid", "threshold_grid",
+            "input_sizes_grid", "fusion_grid", "head_grid", "refine_grid", "threshold_grid",
             "self_training_grid", "self_training_labels_grid", "epochs", "batch_size",
             "seed")},
         "selection": {"train_images": len(head_images), "select_images": len(select_images),

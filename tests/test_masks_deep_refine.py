@@ -207,3 +207,38 @@ def test_self_training_on_agreeing_cells_raises_the_iou_of_blocky_pseudo_masks()
     # Only agreeing cells are labelled: fewer than the pseudo-masks' own (all, here).
     assert history[0]["labelled_cell_fraction"] == 1.0
     assert history[1]["labelled_cell_fraction"] < 0.8
+
+
+def test_context_head_uses_the_neighbouring_cells(tmp_path):
+    # Each cell's label is its LEFT neighbour's feature: no 1x1 head can beat chance, a
+    # 3x3 head can read it.
+    rng = np.random.default_rng(0)
+    features = rng.integers(0, 2, (64, 8, 8, 2)).astype(np.float32)
+    targets = np.zeros((64, 8, 8), np.float32)
+    targets[:, :, 1:] = features[:, :, :-1, 0]
+    weights = np.ones_like(targets)
+    weights[:, :, 0] = 0  # no left neighbour: ignored
+    accuracy = {}
+    for kind in ("linear", "context"):
+        config = deep.TrainConfig(epochs=40, head=kind, learning_rate=0.05,
+                                  context_learning_rate=0.01)
+        head, _ = deep.head_training.fit_any_head(features, targets, weights, config, seed=0)
+        predicted = head(features).numpy() > 0.5
+        accuracy[kind] = float(((predicted == (targets > 0)) * weights).sum() / weights.sum())
+    assert accuracy["linear"] < 0.6 and accuracy["context"] > 0.95, accuracy
+
+    # It saves and loads with the model directory (head kind recorded).
+    import keras
+    encoder = deep.FrozenEncoder.from_keras(keras.Sequential(
+        [keras.Input((None, None, 3)), keras.layers.AveragePooling2D(4)], name="colour"))
+    head, _ = deep.head_training.fit_any_head(
+        rng.uniform(size=(4, 4, 4, 3)).astype(np.float32), np.ones((4, 4, 4), np.float32),
+        np.ones((4, 4, 4), np.float32), deep.TrainConfig(epochs=1, head="context", hidden=8),
+        seed=0)
+    model = deep.SaliencyModel(encoder, head, input_size=16)
+    model.save(str(tmp_path / "m"))
+    loaded = deep.SaliencyModel.load(str(tmp_path / "m"))
+    assert type(loaded.head).__name__ == "ContextHead"
+    batch = rng.uniform(size=(2, 16, 16, 3)).astype(np.float32)
+    np.testing.assert_allclose(loaded.probabilities(batch).numpy(),
+                               model.probabilities(batch).numpy(), atol=1e-6)

@@ -69,6 +69,10 @@ flags.DEFINE_enum("self_training_labels", "confident",
                   ["confident", "refined", "refined_and_pseudo"],
                   "Self-training labels: the head's confident cells, its refined masks, or "
                   "the cells where its refined masks and the pseudo-masks agree.")
+flags.DEFINE_enum("head", "linear", ["linear", "context"], "linear: the paper's 1x1 "
+                  "convolution; context: a 3x3 + 1x1 two-layer head (each cell sees its "
+                  "neighbours).")
+flags.DEFINE_integer("head_hidden", 64, "context head: hidden channels.")
 flags.DEFINE_integer("limit", 0, "Train on a seeded random subset of this many images "
                      "(0 = all).")
 flags.DEFINE_integer("batch_size", 32, "Images per encoder call.")
@@ -107,7 +111,8 @@ def main(argv):
             epochs=FLAGS.epochs, self_training_rounds=FLAGS.self_training_rounds,
             learning_rate=FLAGS.learning_rate, ignore_low=FLAGS.ignore_low,
             ignore_high=FLAGS.ignore_high, balance_classes=FLAGS.balance_classes,
-            self_training_labels=FLAGS.self_training_labels, seed=FLAGS.seed)
+            self_training_labels=FLAGS.self_training_labels, head=FLAGS.head,
+            hidden=FLAGS.head_hidden, seed=FLAGS.seed)
         refinement = deep.RefineConfig(
             method=FLAGS.refine, scales=[float(v) for v in FLAGS.refine_scales],
             radius=FLAGS.refine_radius, eps=FLAGS.refine_eps,

@@ -22,6 +22,8 @@ One module per concern:
                        tf.data over arrays and files, :func:`load_training_set`.
 ``pseudo_labels``      cell targets fused from several pseudo-masks (cells where all agree).
 ``head_training``      :func:`train_saliency_head` on pseudo-masks, then self-training.
+``context_head``       :class:`ContextHead`: a 3×3 + 1×1 two-layer head (each cell sees
+                       its neighbours), beside the paper's 1×1 :class:`SaliencyHead`.
 ``refine``             boundary refinement of the cell map (Felzenszwalb segments, guided
                        filter, GrabCut) and the threshold: :class:`RefineConfig`.
 ``saliency_model``     :class:`SaliencyHead`, :class:`SaliencyModel` and its directory
@@ -36,6 +38,7 @@ from harl_tf.masks.deep.encoder import FrozenEncoder
 from harl_tf.masks.deep.data import (TF_DECODABLE, encoder_input, load_training_set,
                                      upsample)
 from harl_tf.masks.deep.refine import RefineConfig, refined_mask, segment_average
+from harl_tf.masks.deep.context_head import ContextHead, fit_context_head
 from harl_tf.masks.deep.pseudo_labels import (CONVENTIONAL_SETTINGS, conventional_mask_sets,
                                               fused_cell_targets)
 from harl_tf.masks.deep.saliency_model import (CONFIG_FILE, ENCODER_DIR, FORMAT,
@@ -47,10 +50,10 @@ from harl_tf.masks.deep.head_training import (TrainConfig, cell_targets, compute
 from harl_tf.masks.deep.inference import DeepSaliencyMasks
 
 __all__ = [
-    "CONVENTIONAL_SETTINGS", "RefineConfig", "conventional_mask_sets", "fused_cell_targets",
-    "refined_mask", "segment_average",
-    "CONFIG_FILE", "DeepSaliencyMasks", "ENCODER_DIR", "FORMAT", "FORMAT_VERSION",
-    "FrozenEncoder", "SaliencyHead", "SaliencyModel", "TF_DECODABLE", "TrainConfig",
-    "WEIGHTS_FILE", "cell_targets", "compute_features", "confident_targets", "encoder_input",
-    "fit_head", "load_training_set", "train_saliency_head", "upsample",
+    "CONFIG_FILE", "CONVENTIONAL_SETTINGS", "ContextHead", "DeepSaliencyMasks", "ENCODER_DIR",
+    "FORMAT", "FORMAT_VERSION", "FrozenEncoder", "RefineConfig", "SaliencyHead",
+    "SaliencyModel", "TF_DECODABLE", "TrainConfig", "WEIGHTS_FILE", "cell_targets",
+    "compute_features", "confident_targets", "conventional_mask_sets", "encoder_input",
+    "fit_context_head", "fit_head", "fused_cell_targets", "load_training_set", "refined_mask",
+    "segment_average", "train_saliency_head", "upsample",
 ]

@@ -36,7 +36,7 @@ import numpy as np
 import tensorflow as tf
 
 from harl_tf.masks import quality, to_rgb_uint8
-from harl_tf.masks.deep import data, pseudo_labels, refine
+from harl_tf.masks.deep import context_head, data, pseudo_labels, refine
 from harl_tf.masks.deep.encoder import FrozenEncoder
 from harl_tf.masks.deep.saliency_model import (SaliencyHead, SaliencyModel, input_sizes_of,
                                                multiscale_features)
@@ -60,6 +60,10 @@ class TrainConfig:
     confident_high: float = 0.8    # p > confident_high → 1, others ignored
     balance_classes: bool = True   # weigh foreground and background cells equally
     self_training_labels: str = "confident"  # see SELF_TRAINING_LABELS and the docstring
+    head: str = "linear"           # the paper's 1×1 head, or "context" (ContextHead)
+    hidden: int = 64               # context head: hidden channels
+    context_kernel: int = 3        # context head: first layer's kernel size
+    context_learning_rate: float = 1e-3
     seed: int = 0
 
     def __post_init__(self):
@@ -69,6 +73,11 @@ class TrainConfig:
         if not 0.0 <= self.confident_low <= 0.5 <= self.confident_high <= 1.0:
             raise ValueError("need 0 <= confident_low <= 0.5 <= confident_high <= 1, got "
                              f"{self.confident_low}, {self.confident_high}")
+        if self.head not in ("linear", "context"):
+            raise ValueError(f"head must be 'linear' or 'context', got {self.head!r}")
+        if self.hidden < 1 or self.context_kernel < 1 or self.context_kernel % 2 == 0:
+            raise ValueError(f"need hidden >= 1 and an odd context_kernel, got {self.hidden}, "
+                             f"{self.context_kernel}")
         if self.self_training_labels not in SELF_TRAINING_LABELS:
             raise ValueError(f"self_training_labels must be one of {SELF_TRAINING_LABELS}, "
                              f"got {self.self_training_labels!r}")
@@ -240,11 +249,8 @@ def train_saliency_head(encoder: FrozenEncoder, images: Sequence[np.ndarray],
             targets, weights = confident_targets(
                 _cell_probabilities(head, features), low=config.confident_low,
                 high=config.confident_high)
-        head, loss = fit_head(features, targets, weights, epochs=config.epochs,
-                              learning_rate=config.learning_rate,
-                              batch_cells=config.batch_cells, l2=config.l2,
-                              balance_classes=config.balance_classes,
-                              seed=config.seed + round_index, init=head, progress=progress)
+        head, loss = fit_any_head(features, targets, weights, config,
+                                  seed=config.seed + round_index, init=head, progress=progress)
         masks = refine.refined_masks(images, _cell_probabilities(head, features), refinement,
                                      threshold)
         history.append({
@@ -264,6 +270,22 @@ def train_saliency_head(encoder: FrozenEncoder, images: Sequence[np.ndarray],
         training["provenance"] = dict(provenance)
     return SaliencyModel(encoder, head, input_size=input_size, threshold=threshold,
                          training=training, refinement=refinement)
+
+
+def fit_any_head(features: np.ndarray, targets: np.ndarray, weights: np.ndarray,
+                 config: TrainConfig, *, seed: int, init=None, progress: bool = False):
+    """:func:`fit_head` (``config.head == "linear"``) or :func:`~harl_tf.masks.deep.
+    context_head.fit_context_head` (``"context"``) with ``config``'s parameters."""
+    if config.head == "context":
+        return context_head.fit_context_head(
+            features, targets, weights, hidden=config.hidden,
+            kernel_size=config.context_kernel, epochs=config.epochs,
+            learning_rate=config.context_learning_rate,
+            balance_classes=config.balance_classes, seed=seed, init=init, progress=progress)
+    return fit_head(features, targets, weights, epochs=config.epochs,
+                    learning_rate=config.learning_rate, batch_cells=config.batch_cells,
+                    l2=config.l2, balance_classes=config.balance_classes, seed=seed,
+                    init=init, progress=progress)
 
 
 def _cell_probabilities(head: SaliencyHead, features: np.ndarray,

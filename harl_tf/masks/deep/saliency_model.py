@@ -9,9 +9,11 @@ for the others.
 
 **Saved model** (a directory, written atomically: a temporary sibling, then renamed):
 ``saliency_head.json`` (format, encoder path and config, input sizes, threshold,
-refinement, training parameters and history), ``head_weights.npz`` (``kernel``
-``[1, 1, C, 1]``, ``bias`` ``[1]``), and ``encoder/`` (a SavedModel) when the encoder was an
-in-memory model. An encoder given by path is recorded by its absolute path and not copied.
+refinement, head kind, training parameters and history), ``head_weights.npz`` (the 1×1
+head: ``kernel`` ``[1, 1, C, 1]``, ``bias`` ``[1]``; the context head: the arrays of
+:class:`~harl_tf.masks.deep.context_head.ContextHead`), and ``encoder/`` (a SavedModel)
+when the encoder was an in-memory model. An encoder given by path is recorded by its
+absolute path and not copied.
 Version 1 directories (one input size, no refinement) load unchanged.
 """
 from __future__ import annotations
@@ -26,6 +28,7 @@ import numpy as np
 import tensorflow as tf
 
 from harl_tf import atomic
+from harl_tf.masks.deep.context_head import ContextHead
 from harl_tf.masks.deep.encoder import FrozenEncoder
 from harl_tf.masks.deep.refine import RefineConfig
 
@@ -43,6 +46,8 @@ class SaliencyHead:
     kernel: np.ndarray
     bias: np.ndarray
 
+    kind = "linear"
+
     def __post_init__(self):
         self.kernel = np.asarray(self.kernel, np.float32).reshape(1, 1, -1, 1)
         self.bias = np.asarray(self.bias, np.float32).reshape(1)
@@ -56,6 +61,12 @@ class SaliencyHead:
         logits = tf.nn.conv2d(tf.convert_to_tensor(feature_map, tf.float32), self.kernel,
                               strides=1, padding="VALID") + self.bias
         return tf.sigmoid(logits)[..., 0]
+
+    def arrays(self) -> Dict[str, np.ndarray]:
+        return {"kernel": self.kernel, "bias": self.bias}
+
+
+HEADS = {"linear": SaliencyHead, "context": ContextHead}
 
 
 def input_sizes_of(input_size: Union[int, Sequence[int]]) -> tuple:
@@ -141,8 +152,7 @@ class SaliencyModel:
                 shutil.copytree(self.encoder.saved_model_path,
                                 os.path.join(temporary, ENCODER_DIR))
                 encoder["path"] = ENCODER_DIR
-            np.savez(os.path.join(temporary, WEIGHTS_FILE), kernel=self.head.kernel,
-                     bias=self.head.bias)
+            np.savez(os.path.join(temporary, WEIGHTS_FILE), **self.head.arrays())
             config = {
                 "format": FORMAT, "version": FORMAT_VERSION,
                 "encoder": encoder,
@@ -151,7 +161,8 @@ class SaliencyModel:
                 "input_sizes": list(self.input_sizes),
                 "threshold": self.threshold,
                 "refinement": self.refinement.to_json(),
-                "head": {"weights": WEIGHTS_FILE, "kernel_shape": list(self.head.kernel.shape)},
+                "head": {"kind": self.head.kind, "weights": WEIGHTS_FILE,
+                         "shapes": {k: list(v.shape) for k, v in self.head.arrays().items()}},
                 "training": self.training,
             }
             atomic.write_json_atomic(os.path.join(temporary, CONFIG_FILE), config)
@@ -179,8 +190,9 @@ class SaliencyModel:
                              f"version {' or '.join(map(str, READABLE_VERSIONS))}")
         try:
             weights_path = os.path.join(path, config["head"]["weights"])
+            head_class = HEADS[config["head"].get("kind", "linear")]
             with np.load(weights_path) as weights:
-                head = SaliencyHead(weights["kernel"], weights["bias"])
+                head = head_class(**{k: weights[k] for k in weights.files})
             input_sizes = config.get("input_sizes", config["input_size"])
             refinement = RefineConfig.from_json(config.get("refinement", {}))
         except (OSError, KeyError, TypeError, ValueError) as e:
