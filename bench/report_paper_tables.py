@@ -377,23 +377,35 @@ def collect(runs: Sequence[Run], layout: Layout) -> Dict[tuple, Dict[str, Dict[i
 
 
 def rows(values: Dict[tuple, Dict[str, Dict[int, float]]]) -> List[dict]:
-    """One row per (protocol, dataset, eval set, embedding), plus for fmnist-scenes the
-    drop test − unseen (paired by seed; lower is better): statistics per method and the
-    HARL − BYOL comparison."""
-    out = []
-    for (protocol, dataset, eval_set, embedding), by_method in values.items():
-        stats = {m: summarise(list(by_method.get(m, {}).values())) for m in METHODS}
-        out.append({"protocol": protocol, "dataset": dataset, "eval_set": eval_set,
-                    "embedding": embedding, "metric": BY_NAME[protocol].metric,
-                    "statistics": stats, "values": by_method, **compare(stats)})
-        shifted = values.get((protocol, dataset, "unseen", embedding))
-        if eval_set == "test" and shifted is not None:
-            drops = {m: summarise(paired_drops(by_method.get(m, {}), shifted.get(m, {})))
+    """One row per (protocol, dataset, eval set, embedding), each test row followed by its
+    unseen-backgrounds row and the drop test − unseen (paired by seed; lower is better):
+    statistics per method and the HARL − BYOL comparison."""
+    def row(key, by_method, eval_set=None, lower_is_better=False):
+        protocol, dataset, own_set, embedding = key
+        stats = {m: summarise(by_method.get(m, [])) if eval_set else
+                 summarise(list(by_method.get(m, {}).values())) for m in METHODS}
+        out = {"protocol": protocol, "dataset": dataset, "eval_set": eval_set or own_set,
+               "embedding": embedding, "metric": BY_NAME[protocol].metric,
+               "statistics": stats, **compare(stats, higher_is_better=not lower_is_better)}
+        if eval_set:
+            out["lower_is_better"] = lower_is_better
+        else:
+            out["values"] = by_method
+        return out
+
+    out, placed = [], set()
+    for key, by_method in values.items():
+        if key in placed:
+            continue
+        out.append(row(key, by_method))
+        shifted_key = key[:2] + ("unseen",) + key[3:]
+        if key[2] == "test" and shifted_key in values:
+            shifted = values[shifted_key]
+            out.append(row(shifted_key, shifted))
+            drops = {m: paired_drops(by_method.get(m, {}), shifted.get(m, {}))
                      for m in METHODS}
-            out.append({"protocol": protocol, "dataset": dataset,
-                        "eval_set": "drop test → unseen", "embedding": embedding,
-                        "metric": BY_NAME[protocol].metric, "statistics": drops,
-                        "lower_is_better": True, **compare(drops, higher_is_better=False)})
+            out.append(row(key, drops, eval_set="drop test → unseen", lower_is_better=True))
+            placed.add(shifted_key)
     return out
 
 

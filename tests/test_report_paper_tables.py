@@ -58,8 +58,8 @@ def test_rows_pair_drops_by_seed():
               ("linear", "fmnist_scenes", "unseen", "global"):
               {"harl": {0: 0.30, 1: 0.33}, "byol": {0: 0.20, 1: 0.22, 2: 0.21}}}
     rows = report.rows(values)
-    assert [r["eval_set"] for r in rows] == ["test", "drop test → unseen", "unseen"]
-    drop = rows[1]
+    assert [r["eval_set"] for r in rows] == ["test", "unseen", "drop test → unseen"]
+    drop = rows[2]
     # HARL: seeds 0 and 1 only (seed 2 has no unseen score): 0.11, 0.10; BYOL 0.15 0.14 0.16.
     assert drop["statistics"]["harl"]["values"] == pytest.approx([0.11, 0.10])
     assert drop["statistics"]["byol"]["mean"] == pytest.approx(0.15)
@@ -72,8 +72,11 @@ def test_rows_pair_drops_by_seed():
                             "verdict"]
     assert cells[2] == ["linear probe", "fmnist_scenes, test", "global", "0.430 ± 0.020",
                         "0.360 ± 0.010", "–", "+0.070 (0.016)", "HARL leads"]
-    assert cells[4][1] == "fmnist_scenes, unseen backgrounds"
-    assert cells[4][3:5] == ["0.315 ± 0.021 (n=2)", "0.210 ± 0.010"]
+    assert cells[3][1] == "fmnist_scenes, unseen backgrounds"
+    assert cells[3][3:5] == ["0.315 ± 0.021 (n=2)", "0.210 ± 0.010"]
+    assert cells[4][1:3] == ["fmnist_scenes, drop test → unseen", "global"]
+    assert cells[4][3:] == ["0.105 ± 0.007 (n=2)", "0.150 ± 0.010", "–", "-0.045 (0.009)",
+                            "HARL leads"]
 
 
 # Plan, skip and resume ----------------------------------------------------------------------
