@@ -149,7 +149,7 @@ def test_tool_error_is_one_line(layout):
     ("harl_tf.cli.train_saliency_head", "saliency_fmnist_scenes_paper",
      {"refine": "none", "threshold": 0.5, "input_sizes": []}),
     ("harl_tf.cli.train_saliency_head", "saliency_fmnist_scenes",
-     {"refine": "grabcut", "input_sizes": ["64", "128"],
+     {"refine": "guided", "input_sizes": ["64", "128"], "head": "context",
       "fuse_conventional": ["sigma0.4", "no_grabcut"]}),
 ])
 def test_shipped_flagfiles_parse(module, flagfile, expect):
