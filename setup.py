@@ -37,7 +37,7 @@ EXTRAS = {
 # "tools" package in site-packages (a generic name other projects use too). The quickstart
 # (python -m tools.quickstart) runs from a source checkout only: it reads flags/*.cfg.
 CONSOLE_SCRIPTS = [
-    "harl-pretrain = harl_tf.pretrain:main",
+    "harl-pretrain = harl_tf.cli.pretrain:run",
     "harl-finetune = harl_tf.cli.finetune:run",
     "harl-export = harl_tf.cli.export:run",
     "harl-build-tfrecords = harl_tf.cli.build_tfrecords:run",

@@ -31,7 +31,7 @@ from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
 from absl import flags as absl_flags
 
 from harl_tf import distribute, losses
-from harl_tf.errors import HarlError
+from harl_tf.errors import ConfigError
 
 # The flags define_flags makes belong to the binary that calls it, not to this module.
 absl_flags.disclaim_key_flags()
@@ -39,11 +39,6 @@ absl_flags.disclaim_key_flags()
 DEPTHS = (18, 34, 50, 101, 152, 200)          # models.resnet's depths
 OUTPUT_STRIDES = (8, 16, 32)
 PRECISIONS = ("", "float32", "mixed_bfloat16", "mixed_float16")
-
-
-class ConfigError(HarlError):
-    """A flag, file or run directory problem found before training; the message is one line
-    naming the flag. (Other exceptions are bugs and keep their traceback.)"""
 
 
 def option(default, help: str, *, choices: Optional[Tuple] = None, low: float = None,
@@ -292,14 +287,6 @@ class PretrainConfig:
     def harl_config(self) -> HARLConfig:
         """The model section with this run's schedule length (``total_steps``)."""
         return dataclasses.replace(self.model, total_steps=self.total_steps)
-
-    def view_configs(self):
-        """(view 1, view 2) augment.ViewConfig: SPEC §2 with the colour distortion, the blur
-        probabilities and the smallest crop area as configured."""
-        from harl_tf.data import augment
-        return augment.scaled_view_configs(self.color_jitter_strength, self.grayscale_prob,
-                                           blur_prob_scale=self.blur_prob_scale,
-                                           min_crop_area=self.min_crop_area)
 
     def flag_values(self) -> Dict[str, Any]:
         """{flag name: value} of every field (the run's flags, as config.json holds them)."""

@@ -38,6 +38,8 @@ import os
 import re
 from typing import Optional, Sequence
 
+from harl_tf.errors import ConfigError
+
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
 
 # Exit status of the pretraining binary when a peer worker is lost (2 is a usage error):
@@ -67,7 +69,7 @@ def make_strategy(name: str, *, devices: Optional[Sequence[str]] = None,
     Returns:
       the strategy.
     Raises:
-      ValueError: unknown name, or "multi_worker" without a usable TF_CONFIG.
+      ConfigError: unknown name, or "multi_worker" without a usable TF_CONFIG.
     """
     import tensorflow as tf
     if name == "default":
@@ -97,8 +99,8 @@ def make_strategy(name: str, *, devices: Optional[Sequence[str]] = None,
             "nccl": tf.distribute.experimental.CommunicationImplementation.NCCL,
         }
         if communication not in implementations:
-            raise ValueError(f"--communication must be one of {sorted(implementations)}, "
-                             f"got {communication!r}.")
+            raise ConfigError(f"--communication must be one of {sorted(implementations)}, "
+                              f"got {communication!r}.")
         options = tf.distribute.experimental.CommunicationOptions(
             implementation=implementations[communication],
             timeout_seconds=float(collective_timeout) or None)
@@ -108,26 +110,26 @@ def make_strategy(name: str, *, devices: Optional[Sequence[str]] = None,
         tf.config.experimental_connect_to_cluster(resolver)
         tf.tpu.experimental.initialize_tpu_system(resolver)
         return tf.distribute.TPUStrategy(resolver)
-    raise ValueError(f"--strategy must be one of {', '.join(STRATEGIES)}; got {name!r}.")
+    raise ConfigError(f"--strategy must be one of {', '.join(STRATEGIES)}; got {name!r}.")
 
 
 def describe_tf_config() -> dict:
     """Parse and check the TF_CONFIG environment variable of a multi-worker job.
 
-    Returns the parsed dict. Raises ValueError naming TF_CONFIG when it is missing, not JSON,
+    Returns the parsed dict. Raises ConfigError naming TF_CONFIG when it is missing, not JSON,
     or lacks ``cluster`` / ``task``.
     """
     raw = os.environ.get("TF_CONFIG", "")
     if not raw:
-        raise ValueError("--strategy=multi_worker needs the TF_CONFIG environment variable "
-                         "(cluster and task); it is not set.")
+        raise ConfigError("--strategy=multi_worker needs the TF_CONFIG environment variable "
+                          "(cluster and task); it is not set.")
     try:
         config = json.loads(raw)
     except json.JSONDecodeError as e:
-        raise ValueError(f"TF_CONFIG is not valid JSON ({e}): {raw[:200]!r}") from None
+        raise ConfigError(f"TF_CONFIG is not valid JSON ({e}): {raw[:200]!r}") from None
     if "cluster" not in config or "task" not in config:
-        raise ValueError(f"TF_CONFIG must have 'cluster' and 'task' entries; found keys "
-                         f"{sorted(config)}.")
+        raise ConfigError(f"TF_CONFIG must have 'cluster' and 'task' entries; found keys "
+                          f"{sorted(config)}.")
     return config
 
 
@@ -140,17 +142,17 @@ def check_global_batch(global_batch_size: int, strategy_or_replicas,
                        flag: str = "batch_size") -> int:
     """Check that the global batch splits evenly over the replicas; return the per-replica size.
 
-    Raises ValueError naming the flag, e.g.
+    Raises ConfigError naming the flag, e.g.
     "--batch_size=10 must be divisible by the 4 replicas of the strategy".
     """
     replicas = (strategy_or_replicas if isinstance(strategy_or_replicas, int)
                 else num_replicas(strategy_or_replicas))
     if global_batch_size <= 0:
-        raise ValueError(f"--{flag} must be positive, got {global_batch_size}.")
+        raise ConfigError(f"--{flag} must be positive, got {global_batch_size}.")
     if global_batch_size % replicas:
-        raise ValueError(f"--{flag}={global_batch_size} must be divisible by the {replicas} "
-                         f"replicas of the strategy (try "
-                         f"{max(replicas, global_batch_size // replicas * replicas)}).")
+        raise ConfigError(f"--{flag}={global_batch_size} must be divisible by the {replicas} "
+                          f"replicas of the strategy (try "
+                          f"{max(replicas, global_batch_size // replicas * replicas)}).")
     return global_batch_size // replicas
 
 

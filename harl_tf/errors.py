@@ -38,7 +38,7 @@ Nothing here imports TensorFlow.
 from __future__ import annotations
 
 import sys
-from typing import Callable, NoReturn, Sequence, Tuple
+from typing import Callable, NoReturn, Sequence
 
 USAGE_EXIT_STATUS = 2
 
@@ -81,16 +81,14 @@ def fail(program: str, message: object) -> NoReturn:
     sys.exit(USAGE_EXIT_STATUS)
 
 
-def run_binary(program: str, main: Callable, *, required: Sequence[str] = (),
-               errors: Tuple[type, ...] = ()) -> None:
+def run_binary(program: str, main: Callable, *, required: Sequence[str] = ()) -> None:
     """``absl.app.run(main)`` with one-line errors for flags, ``app.UsageError`` and
     :class:`HarlError` (exit status 2); any other exception keeps its traceback.
 
     ``required`` names flags that must be given (``flags.mark_flags_as_required``; marked
     here, when the binary runs, not when its module is imported, so that importing several
     binaries' modules in one process, as the tests do, does not make one's flags required
-    for another). ``errors``: transitional, for ``harl_tf.pretrain`` while
-    ``hooks.TrainingDiverged`` is not yet a HarlError; no binary should need it.
+    for another).
     """
     from absl import app, flags
 
@@ -107,7 +105,7 @@ def run_binary(program: str, main: Callable, *, required: Sequence[str] = (),
             return main(argv)
         except app.UsageError as err:
             fail(program, err)
-        except (HarlError, *errors) as err:
+        except HarlError as err:
             fail(program, err)
 
     app.run(guarded_main, flags_parser=parse)

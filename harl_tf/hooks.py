@@ -9,12 +9,13 @@ from typing import Dict
 
 import numpy as np
 
+from harl_tf.errors import HarlError
 from harl_tf.summaries import scalar_summary
 
 log = logging.getLogger("harl_tf.training")
 
 
-class TrainingDiverged(FloatingPointError):
+class TrainingDiverged(HarlError, FloatingPointError):
     """The loss became NaN/Inf."""
 
 

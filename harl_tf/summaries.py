@@ -39,12 +39,13 @@ def write_image_summary(c, writer, step: int) -> None:
     """A few view pairs (view 1 | view 2) with masks overlaid, to check the inputs by eye.
     ``c``: the PretrainConfig (its files, view configs and ``image_summaries``)."""
     import tensorflow as tf
+    from harl_tf.data import augment
     from harl_tf.data.pipeline import pretrain_dataset
     if c.image_summaries <= 0:
         return
     batch = next(iter(pretrain_dataset(c.train_files, c.image_summaries, c.image_size,
                                        seed=c.seed, shuffle_buffer=16,
-                                       view_configs=c.view_configs())))
+                                       view_configs=augment.view_configs_from(c))))
     pairs = tf.concat([_overlay(batch["view1"], batch["mask1"]),
                        _overlay(batch["view2"], batch["mask2"])], axis=2)
     with writer.as_default():

@@ -46,17 +46,14 @@ def run_pretraining(c: PretrainConfig) -> dict:
     """Pretrain as configured; returns the summary (also written to model_dir/summary.json)."""
     import keras
     from harl_tf import distribute
-    try:
-        c.validate(check_files=False)
-        strategy = distribute.make_strategy(c.strategy, tpu_address=c.tpu_address,
-                                            collective_timeout=c.collective_timeout_seconds)
-        distribute.check_global_batch(c.batch_size, strategy, flag="batch_size")
-        chief = distribute.is_chief(strategy)
-        if chief:
-            ensure_synthetic_records(c)
-        c.validate()
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    c.validate(check_files=False)
+    strategy = distribute.make_strategy(c.strategy, tpu_address=c.tpu_address,
+                                        collective_timeout=c.collective_timeout_seconds)
+    distribute.check_global_batch(c.batch_size, strategy, flag="batch_size")
+    chief = distribute.is_chief(strategy)
+    if chief:
+        ensure_synthetic_records(c)
+    c.validate()  # again: the files exist now that any synthetic records are written
     keras.config.set_dtype_policy(c.mixed_precision or "float32")
     try:
         return _run(c, strategy, chief)
@@ -83,6 +80,7 @@ def _lost_peer_message(c: PretrainConfig, strategy, error) -> str:
 def _run(c: PretrainConfig, strategy, chief: bool) -> dict:
     import tensorflow as tf
     from harl_tf import atomic, checkpoints, distribute, summaries
+    from harl_tf.data import augment
     from harl_tf.data.pipeline import distributed_pretrain_dataset, naming_corrupt_files
     from harl_tf.models.harl import make_distributed_step
     if c.seed is not None:  # weights too, not only views and order: a seeded run repeats
@@ -90,10 +88,8 @@ def _run(c: PretrainConfig, strategy, chief: bool) -> dict:
         keras.utils.set_random_seed(c.seed)
     model = build_model(c, strategy)
     if chief:
-        try:  # before writing anything: a mistyped --model_dir must not clobber a run
-            checkpoints.check_same_encoder(c.model_dir, model.online_encoder.config)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        # before writing anything: a mistyped --model_dir must not clobber a run
+        checkpoints.check_same_encoder(c.model_dir, model.online_encoder.config)
         os.makedirs(c.model_dir, exist_ok=True)
         atomic.write_json_atomic(os.path.join(c.model_dir, "config.json"), c.to_json())
         checkpoints.write_model_config(c.model_dir, model.online_encoder.config,
@@ -103,10 +99,7 @@ def _run(c: PretrainConfig, strategy, chief: bool) -> dict:
     manager = checkpoints.CheckpointManager(
         c.model_dir, model, every_n_steps=c.checkpoint_every_steps,
         max_to_keep=c.keep_checkpoints, is_chief=chief, worker_id=task_id)
-    try:
-        start_step = manager.restore_latest()
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    start_step = manager.restore_latest()
     if start_step:
         log.info("resumed from step %d of %s", start_step, manager.directory)
     writer = (tf.summary.create_file_writer(os.path.join(c.model_dir, "train")) if chief
@@ -130,7 +123,7 @@ def _run(c: PretrainConfig, strategy, chief: bool) -> dict:
             dataset = distributed_pretrain_dataset(
                 strategy, c.train_files, c.batch_size, c.image_size, seed=seed,
                 deterministic=c.deterministic, shuffle_buffer=c.shuffle_buffer,
-                start_step=start_step, view_configs=c.view_configs())
+                start_step=start_step, view_configs=augment.view_configs_from(c))
             # A corrupt shard ends the run with an error naming the file and record.
             with naming_corrupt_files(c.train_files):
                 if distribute.uses_custom_loop(strategy):

@@ -400,11 +400,11 @@ def test_blur_scale_and_min_crop_area_reach_the_views():
         assert view.crop_area == (0.5, 1.0)
         assert dataclasses.replace(view, blur_prob=base.blur_prob,
                                    crop_area=base.crop_area) == base
-    off = PretrainConfig(train_files="x", model_dir="y", blur_prob_scale=0.0,
-                         min_crop_area=0.3).view_configs()
+    off = augment.view_configs_from(PretrainConfig(
+        train_files="x", model_dir="y", blur_prob_scale=0.0, min_crop_area=0.3))
     assert [v.blur_prob for v in off] == [0.0, 0.0]
     assert [v.crop_area for v in off] == [(0.3, 1.0), (0.3, 1.0)]
-    assert PretrainConfig(train_files="x", model_dir="y").view_configs() == spec
+    assert augment.view_configs_from(PretrainConfig(train_files="x", model_dir="y")) == spec
     areas = [float(tf.reduce_prod(tf.cast(augment.sample_crop_window(
         tf.constant([40, 60, 3]), tf.constant([i, 7], tf.int64), half[0])[2:], tf.float32)))
         / (40 * 60) for i in range(200)]

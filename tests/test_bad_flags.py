@@ -28,9 +28,9 @@ _TWO_REPLICAS = (
     "import sys, tensorflow as tf\n"
     "cpu = tf.config.list_physical_devices('CPU')[0]\n"
     "tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)\n"
-    "from harl_tf import pretrain\n"
+    "from harl_tf.cli import pretrain\n"
     "sys.argv = ['pretrain'] + sys.argv[1:]\n"
-    "pretrain.main()\n")
+    "pretrain.run()\n")
 
 
 def _cases(tmp):

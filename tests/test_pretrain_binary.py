@@ -140,7 +140,7 @@ def test_flagfiles_parse_into_valid_configs(name, expect):
     # Parsed in a fresh process: absl flags are process-global, and other test modules
     # import binaries whose flag names overlap (--image_size, --seed, ...).
     script = (
-        "import json, sys; from harl_tf import pretrain\n"
+        "import json, sys; from harl_tf.cli import pretrain\n"
         "pretrain.FLAGS(['pretrain', '--flagfile=' + sys.argv[1]])\n"
         "c = pretrain.config_from_flags()\n"
         "c.validate(check_files=False)\n"

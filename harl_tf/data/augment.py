@@ -114,6 +114,15 @@ def default_view_configs() -> Tuple[ViewConfig, ViewConfig]:
     return VIEW1, VIEW2
 
 
+def view_configs_from(config) -> Tuple[ViewConfig, ViewConfig]:
+    """(view 1, view 2) of a pretraining config (``harl_tf.config.PretrainConfig``, read by
+    attribute): SPEC §2 with its colour strength, grayscale probability, blur probability
+    scale and smallest crop area (:func:`scaled_view_configs`)."""
+    return scaled_view_configs(config.color_jitter_strength, config.grayscale_prob,
+                               blur_prob_scale=config.blur_prob_scale,
+                               min_crop_area=config.min_crop_area)
+
+
 def scaled_view_configs(color_jitter_strength: float = 1.0,
                         grayscale_prob: float = 0.2, *, blur_prob_scale: float = 1.0,
                         min_crop_area: float = 0.08) -> Tuple[ViewConfig, ViewConfig]:
