@@ -38,7 +38,7 @@ import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from bench import common  # noqa: E402
-from harl_tf.data import augment, pipeline, schema  # noqa: E402
+from harl_tf.data import augment, geometry, pipeline, schema  # noqa: E402
 
 HARL_VARIANTS = ("harl_tf", "harl_tf_fused_crop", "harl_tf_bilinear")
 PEER = "simclr_tf2"
@@ -132,10 +132,10 @@ def decode_cpu_ms(pattern: str, fused: bool, repeats: int = 3, count: int = 256)
 
     @tf.function
     def two_crops(image_bytes, seed):
-        fns = [lambda shape, v=v: augment.sample_crop_window(
+        fns = [lambda shape, v=v: geometry.sample_crop_window(
             shape, tf.random.experimental.stateless_fold_in(seed, v), config)
             for v in range(2)]
-        crops, _, _ = augment.decode_and_crop(image_bytes, fns, fused=fused)
+        crops, _, _ = geometry.decode_and_crop(image_bytes, fns, fused=fused)
         return [tf.shape(c) for c in crops]
 
     two_crops(encoded[0], tf.constant([0, 0], tf.int64))

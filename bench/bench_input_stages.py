@@ -35,7 +35,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import tensorflow as tf  # noqa: E402
 
 from bench import common  # noqa: E402
-from harl_tf.data import augment, colour, pipeline, schema  # noqa: E402
+from harl_tf.data import augment, colour, geometry, pipeline, schema  # noqa: E402
 
 RESULTS = os.path.join(common.RESULTS_DIR, "bench_input_stages.json")
 _fold_in = tf.random.experimental.stateless_fold_in
@@ -119,17 +119,17 @@ def harl_stages(serialized: tf.data.Dataset, count: int, image_size: int,
                                       repeats))
     windowed = _cached(decoded.map(lambda i, m, v, c: (i, m, v, c, windows_of(i, v))))
     report("crop_resize_image", stage_cost(windowed, lambda i, m, v, c, w: [
-        augment.resize_image(augment.crop(i, w[k]), image_size, configs[k].resize_method)
+        geometry.resize_image(geometry.crop(i, w[k]), image_size, configs[k].resize_method)
         for k in range(2)], count, repeats))
     report("crop_resize_flip_mask", stage_cost(windowed, lambda i, m, v, c, w: [
-        augment.resize_mask(augment.crop(m, w[k]), image_size, c[k]["flip"])
+        geometry.resize_mask(geometry.crop(m, w[k]), image_size, c[k]["flip"])
         for k in range(2)], count, repeats))
     resized = _cached(windowed.map(lambda i, m, v, c, w: (tuple(
-        augment.resize_image(augment.crop(i, w[k]), image_size, configs[k].resize_method)
+        geometry.resize_image(geometry.crop(i, w[k]), image_size, configs[k].resize_method)
         for k in range(2)), v, c)))
 
     def flip(images, coins):
-        return tuple(tf.cond(coins[k]["flip"], lambda k=k: augment.flip_left_right(
+        return tuple(tf.cond(coins[k]["flip"], lambda k=k: geometry.flip_left_right(
             images[k]), lambda k=k: tf.identity(images[k])) for k in range(2))
 
     report("flip_image", stage_cost(resized, lambda x, v, c: flip(x, c), count, repeats))

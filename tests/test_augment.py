@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from harl_tf.data import augment, colour, synthetic
+from harl_tf.data import augment, colour, geometry, synthetic
 from harl_tf.data.augment import ViewConfig
 
 VIEW1, VIEW2 = augment.default_view_configs()
@@ -161,7 +161,7 @@ def test_mask_resize_by_gather_is_tf_nearest_resize_bit_for_bit():
         expected = tf.image.resize(tf.cast(mask, tf.float32), [size, size],
                                    method="nearest").numpy()
         for flip in (False, True):
-            out = augment.resize_mask(tf.constant(mask), size, tf.constant(flip)).numpy()
+            out = geometry.resize_mask(tf.constant(mask), size, tf.constant(flip)).numpy()
             assert out.dtype == np.float32 and out.shape == (size, size, 1)
             np.testing.assert_array_equal(out, expected[:, ::-1] if flip else expected)
 
@@ -253,7 +253,7 @@ def test_crop_window_area_and_aspect_within_configured_ranges():
     config = ViewConfig()
     shape = tf.constant([375, 500, 3])
     windows = tf.data.Dataset.from_tensor_slices(_seeds(3000)).map(
-        lambda s: augment.sample_crop_window(shape, s, config)).batch(3000)
+        lambda s: geometry.sample_crop_window(shape, s, config)).batch(3000)
     y, x, h, w = next(iter(windows)).numpy().T
     assert (y >= 0).all() and (x >= 0).all()
     assert (y + h <= 375).all() and (x + w <= 500).all()
@@ -405,7 +405,7 @@ def test_blur_scale_and_min_crop_area_reach_the_views():
     assert [v.blur_prob for v in off] == [0.0, 0.0]
     assert [v.crop_area for v in off] == [(0.3, 1.0), (0.3, 1.0)]
     assert augment.view_configs_from(PretrainConfig(train_files="x", model_dir="y")) == spec
-    areas = [float(tf.reduce_prod(tf.cast(augment.sample_crop_window(
+    areas = [float(tf.reduce_prod(tf.cast(geometry.sample_crop_window(
         tf.constant([40, 60, 3]), tf.constant([i, 7], tf.int64), half[0])[2:], tf.float32)))
         / (40 * 60) for i in range(200)]
     assert min(areas) >= 0.5 - 2 * (40 + 60) / (40 * 60) and max(areas) <= 1.0

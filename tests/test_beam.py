@@ -11,7 +11,7 @@ from PIL import Image
 pytest.importorskip("apache_beam")
 
 from harl_tf import masks  # noqa: E402
-from harl_tf.data import beam_build, builder, schema, sources  # noqa: E402
+from harl_tf.data import beam_build, builder, schema, sources, tfds_source  # noqa: E402
 from harl_tf.masks import folder  # noqa: E402
 
 TWO_PROCESSES = beam_build.DIRECT_TWO_WORKERS
@@ -211,7 +211,7 @@ def test_tfds_beam_build_equals_local(tmp_path, monkeypatch):
     from test_builder import _HalfMask  # the builder tests' mask method, reused
     monkeypatch.setitem(masks._REGISTRY, "left_half", _HalfMask)
     with tfds.testing.mock_data(num_examples=7):  # patches this process: in-process runner
-        source = sources.TFDSSource("mnist", data_dir=str(tmp_path / "absent"))
+        source = tfds_source.TFDSSource("mnist", data_dir=str(tmp_path / "absent"))
         options = dict(num_shards=3, mask_method="left_half", mask_params={"margin": 1})
         local = builder.build_dataset(source, str(tmp_path / "local"), progress=False,
                                       **options)

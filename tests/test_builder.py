@@ -9,7 +9,7 @@ import tensorflow as tf
 from PIL import Image
 
 from harl_tf import masks
-from harl_tf.data import builder, example_encoding, schema, sources, synthetic
+from harl_tf.data import builder, example_encoding, schema, sources, synthetic, tfds_source
 from harl_tf.data.shards import sha256_file
 
 
@@ -263,7 +263,7 @@ def test_tfds_mock_dataset_with_a_mask_method(tmp_path, monkeypatch):
     tfds = pytest.importorskip("tensorflow_datasets")
     monkeypatch.setitem(masks._REGISTRY, "left_half", _HalfMask)
     with tfds.testing.mock_data(num_examples=5):
-        source = sources.TFDSSource("mnist", data_dir=str(tmp_path / "absent"))
+        source = tfds_source.TFDSSource("mnist", data_dir=str(tmp_path / "absent"))
         with pytest.raises(builder.BuildError, match="mask_method"):
             _build(source, tmp_path / "none")
         manifest = _build(source, tmp_path / "out", mask_method="left_half",

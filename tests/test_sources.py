@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from harl_tf.data import shards, sources, synthetic
+from harl_tf.data import shards, sources, synthetic, tfds_source
 
 
 def _jpeg(path, height=12, width=16, value=100):
@@ -133,7 +133,7 @@ def test_synthetic_source_style_reaches_the_images_and_the_build_options():
 def test_tfds_source_reads_mock_mnist_without_download(tmp_path):
     tfds = pytest.importorskip("tensorflow_datasets")
     with tfds.testing.mock_data(num_examples=6):
-        source = sources.TFDSSource("mnist", data_dir=str(tmp_path / "absent"))
+        source = tfds_source.TFDSSource("mnist", data_dir=str(tmp_path / "absent"))
         refs = source.list_refs("train", need_masks=False)
         assert [r.id for r in refs] == [f"mnist/train/{i:08d}" for i in range(6)]
         assert source.class_names() == [str(i) for i in range(10)]

@@ -47,7 +47,7 @@ from absl import app, flags  # noqa: E402
 
 from bench import common  # noqa: E402
 from harl_tf import checkpoints  # noqa: E402
-from harl_tf.data import augment, background_shift  # noqa: E402
+from harl_tf.data import background_shift, geometry  # noqa: E402
 from harl_tf.downstream import encoder_source  # noqa: E402
 from harl_tf.models import pooling  # noqa: E402
 
@@ -84,7 +84,7 @@ def pooled_embeddings(encoder, images: np.ndarray, masks: np.ndarray, size: int,
     out = {"global": [], "foreground": [], "background": []}
     purity = []
     for start in range(0, len(images), batch):
-        x = augment.resize_image(tf.constant(images[start:start + batch]), size, "bicubic")
+        x = geometry.resize_image(tf.constant(images[start:start + batch]), size, "bicubic")
         features = encoder(x, training=False)
         soft = pooling.downsample_mask(masks[start:start + batch, :, :, None],
                                        features.shape[1:3])

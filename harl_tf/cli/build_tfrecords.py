@@ -125,7 +125,7 @@ def _mask_params(text: str):
 
 
 def make_source_from_flags():
-    from harl_tf.data import sources
+    from harl_tf.data import sources, tfds_source
     splits = FLAGS.splits or None
     if FLAGS.source == "folder":
         if not FLAGS.images_dir:
@@ -135,7 +135,7 @@ def make_source_from_flags():
             classes_file=FLAGS.classes_file, splits=splits,
             mask_method_name=FLAGS.mask_method_name or "given")
     if FLAGS.source == "tfds":
-        return sources.TFDSSource(
+        return tfds_source.TFDSSource(
             FLAGS.tfds_name, data_dir=FLAGS.tfds_data_dir, splits=splits or ["train"],
             image_key=FLAGS.tfds_image_key, label_key=FLAGS.tfds_label_key)
     return sources.SyntheticSource(

@@ -11,16 +11,16 @@ runner (DirectRunner here; Dataflow, Flink, Spark at scale). Needs the ``beam`` 
   One worker lists one split; only ids travel (a few hundred bytes per example).
 - *WriteShards* builds one shard per element with the builder's per-example code
   (``example_processing.ExampleProcessor``: read, check, compute or validate the mask,
-  serialise with the one schema) and its shard writer. Image bytes never cross a
-  shuffle: a worker reads, encodes and writes its shard, so worker memory is one
-  shard's ids plus one example. The shards are therefore byte-identical to a local build's. Workers write the TFRecord framing
-  themselves (CRC32C from ``google-crc32c``) and never import TensorFlow unless the mask
-  method or the TFDS source needs it.
+  serialise with the one schema) and its shard writer. Image bytes never cross a shuffle:
+  a worker reads, encodes and writes its shard, so worker memory is one shard's ids plus
+  one example. The shards are therefore byte-identical to a local build's. Workers write
+  the TFRecord framing themselves (CRC32C from ``google-crc32c``) and never import
+  TensorFlow unless the mask method or the TFDS source needs it.
 - *WriteManifest* runs once, after every shard: it reads the shard sidecars back from
   ``output_dir`` and writes ``manifest.json``.
 
-The steps call the builder's own (module-private) helpers on purpose: one implementation
-of each step, whichever runner drives it.
+The steps call the builder's own helpers (example_processing, shards, builder) on purpose:
+one implementation of each step, whichever runner drives it.
 
 Atomicity: this module writes through temporary files renamed into place, not through a
 Beam sink. A shard is written as ``.<shard>.tmp`` and renamed when complete, then its

@@ -14,10 +14,10 @@ shards, and hands the examples of the shards still to build to worker processes
 them by decoding with PIL (corrupt files, the pixel cap), reads/validates or computes the
 mask, encodes the mask as PNG and serialises the ``tf.train.Example`` with the small
 protobuf encoder of :mod:`harl_tf.data.example_encoding` (byte-for-byte what
-``schema.serialize_example`` gives with sorted map keys). The parent writes the records in order with ``tf.io.TFRecordWriter`` (C++
-framing and CRC32C): no CRC32C package is installed, and a table-driven pure-python
-CRC32C measured ~20 ms per 30 kB record here, six times the whole per-image work (~3.5 ms
-CPU for a 500x375 JPEG with its mask).
+``schema.serialize_example`` gives with sorted map keys). The parent writes the records in
+order with ``tf.io.TFRecordWriter`` (C++ framing and CRC32C): no CRC32C package is
+installed, and a table-driven pure-python CRC32C measured ~20 ms per 30 kB record here,
+six times the whole per-image work (~3.5 ms CPU for a 500x375 JPEG with its mask).
 
 Images. The original bytes are stored when they are an 8-bit JPEG or PNG with 1 or 3
 channels (``schema.decode_image`` converts grey to RGB the same way the mask method saw

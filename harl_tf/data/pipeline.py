@@ -22,7 +22,7 @@ from typing import List, Optional, Sequence
 
 import tensorflow as tf
 
-from harl_tf.data import augment, builder, schema
+from harl_tf.data import augment, builder, geometry, schema
 from harl_tf.errors import ConfigError, DataError, MissingPathError
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -370,10 +370,10 @@ def eval_dataset(file_pattern: str, batch_size: int, image_size: int, *,
     @tf.autograph.experimental.do_not_convert
     def center(serialized):
         parsed = schema.parse_example(serialized)
-        (cropped,), (window,), shape = augment.decode_and_crop(
-            parsed["image"], [lambda shape: augment.central_crop_window(shape, crop_fraction)],
+        (cropped,), (window,), shape = geometry.decode_and_crop(
+            parsed["image"], [lambda shape: geometry.central_crop_window(shape, crop_fraction)],
             fused=fused_crop)
-        image = augment.resize_image(cropped, image_size, "bicubic")
+        image = geometry.resize_image(cropped, image_size, "bicubic")
         image.set_shape([image_size, image_size, 3])
         batch = {"image": image, "label": parsed["label"], "id": parsed["id"]}
         if with_mask:
@@ -383,7 +383,7 @@ def eval_dataset(file_pattern: str, batch_size: int, image_size: int, *,
                 ["harl-tf record: the mask and the image differ in size (rebuild the "
                  "record); id, mask shape, image shape:", parsed["id"], tf.shape(mask), shape])
             with tf.control_dependencies([check]):
-                mask = augment.resize_mask(augment.crop(mask, window), image_size)
+                mask = geometry.resize_mask(geometry.crop(mask, window), image_size)
             mask.set_shape([image_size, image_size, 1])
             batch["mask"] = mask
         return batch
