@@ -57,6 +57,11 @@ class MissingPathError(HarlError, FileNotFoundError):
     the message names the flag or path."""
 
 
+class OutputExistsError(HarlError, FileExistsError):
+    """An output path the user named exists and holds something else (not a previous
+    output of the same tool), so it is not overwritten; the message names it."""
+
+
 class DataError(HarlError):
     """Records, images or masks whose content does not fit: shapes, counts, labels or
     classes that differ from what the step needs; the message names the file or record."""

@@ -83,11 +83,18 @@ def _cases(tmp):
                                         f"--output_dir={tmp}/b"], ["--images_dir", missing]),
         "build-required": (build + ["--source=synthetic"], ["--output_dir"]),
         "build-flagfile": (build + [f"--flagfile={missing}.cfg"], [missing]),
+        "masks-deep-model": (["-m", "tools.generate_masks", "--images_dir=docs/images",
+                              f"--masks_dir={tmp}/dm", "--method=deep",
+                              f"--mask_model={missing}"], ["mask model", missing]),
+        "saliency-encoder": (["-m", "tools.train_saliency_head", f"--encoder={missing}",
+                              "--images_dir=docs/images", f"--output={tmp}/sm"],
+                             ["encoder", missing]),
     }
 
 
 # Binaries run through harl_tf.errors.run_binary: the line is "<program>: error: ...".
-_PROGRAM = {"export": "export", "build": "build_tfrecords"}
+_PROGRAM = {"export": "export", "build": "build_tfrecords", "masks": "generate_masks",
+            "saliency": "train_saliency_head"}
 
 
 def binary_lines(stderr):

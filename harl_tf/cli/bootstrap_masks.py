@@ -52,20 +52,17 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from harl_tf.masks.deep import bootstrap  # after flag validation
 
-    try:
-        config = bootstrap.BootstrapConfig(
-            data_dir=FLAGS.data_dir, work_dir=FLAGS.work_dir,
-            recipe_flagfile=FLAGS.recipe_flagfile, rounds=FLAGS.rounds,
-            saliency_flagfile=FLAGS.saliency_flagfile,
-            conventional_masks_dir=FLAGS.conventional_masks_dir,
-            exact_masks_dir=FLAGS.exact_masks_dir, eval_train_files=FLAGS.eval_train_files,
-            eval_test_files=FLAGS.eval_test_files, head_labels=FLAGS.head_labels,
-            head_limit=FLAGS.head_limit, pretrain_flags=tuple(FLAGS.pretrain_flags),
-            eval_flags=(f"--image_size={FLAGS.eval_image_size}", "--crop_fraction=1.0",
-                        "--eval_batch_size=128"),
-            num_workers=FLAGS.num_workers, seed=FLAGS.seed)
-    except (ValueError, FileNotFoundError) as e:
-        raise errors.HarlError(str(e)) from None
+    config = bootstrap.BootstrapConfig(
+        data_dir=FLAGS.data_dir, work_dir=FLAGS.work_dir,
+        recipe_flagfile=FLAGS.recipe_flagfile, rounds=FLAGS.rounds,
+        saliency_flagfile=FLAGS.saliency_flagfile,
+        conventional_masks_dir=FLAGS.conventional_masks_dir,
+        exact_masks_dir=FLAGS.exact_masks_dir, eval_train_files=FLAGS.eval_train_files,
+        eval_test_files=FLAGS.eval_test_files, head_labels=FLAGS.head_labels,
+        head_limit=FLAGS.head_limit, pretrain_flags=tuple(FLAGS.pretrain_flags),
+        eval_flags=(f"--image_size={FLAGS.eval_image_size}", "--crop_fraction=1.0",
+                    "--eval_batch_size=128"),
+        num_workers=FLAGS.num_workers, seed=FLAGS.seed)
     if FLAGS.dry_run:
         for step in bootstrap.plan(config):
             state = "done" if step.done else "to do"

@@ -106,46 +106,43 @@ def main(argv):
 
     from harl_tf.masks import deep  # heavy imports after flag validation
 
-    try:
-        config = deep.TrainConfig(
-            epochs=FLAGS.epochs, self_training_rounds=FLAGS.self_training_rounds,
-            learning_rate=FLAGS.learning_rate, ignore_low=FLAGS.ignore_low,
-            ignore_high=FLAGS.ignore_high, balance_classes=FLAGS.balance_classes,
-            self_training_labels=FLAGS.self_training_labels, head=FLAGS.head,
-            hidden=FLAGS.head_hidden, seed=FLAGS.seed)
-        refinement = deep.RefineConfig(
-            method=FLAGS.refine, scales=[float(v) for v in FLAGS.refine_scales],
-            radius=FLAGS.refine_radius, eps=FLAGS.refine_eps,
-            iterations=FLAGS.refine_iterations, sure=FLAGS.refine_sure)
-        input_sizes = [int(v) for v in FLAGS.input_sizes] or FLAGS.image_size
-        if FLAGS.encoder is not None:
-            encoder = deep.FrozenEncoder.from_saved_model(FLAGS.encoder)
-        else:
-            encoder = deep.FrozenEncoder.from_config(encoder_config)
-            print("NOTE: --encoder_config: the encoder is RANDOMLY INITIALISED, not "
-                  "pretrained; the masks are a baseline.")
-        _, images, pseudo, provenance = deep.load_training_set(
-            FLAGS.images_dir, pseudo_masks_dir=FLAGS.pseudo_masks_dir, limit=FLAGS.limit,
-            seed=FLAGS.seed, conventional_params=conventional_params)
-        extra = []
-        for masks_dir in FLAGS.extra_pseudo_masks_dirs:
-            extra.append(deep.load_training_set(
-                FLAGS.images_dir, pseudo_masks_dir=masks_dir, limit=FLAGS.limit,
-                seed=FLAGS.seed, progress=False)[2])
-        if FLAGS.fuse_conventional:
-            sets, params = deep.conventional_mask_sets(images, FLAGS.fuse_conventional)
-            extra.extend(sets)
-            provenance["fused_conventional"] = params
-        if FLAGS.extra_pseudo_masks_dirs:
-            provenance["fused_pseudo_masks_dirs"] = [
-                os.path.abspath(d) for d in FLAGS.extra_pseudo_masks_dirs]
-        model = deep.train_saliency_head(
-            encoder, images, pseudo, input_size=input_sizes, config=config,
-            threshold=FLAGS.threshold, refinement=refinement, extra_pseudo_mask_sets=extra,
-            batch_size=FLAGS.batch_size, provenance=provenance)
-        model.save(FLAGS.output)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:  # encoder, images, output
-        raise errors.HarlError(str(e)) from None
+    config = deep.TrainConfig(
+        epochs=FLAGS.epochs, self_training_rounds=FLAGS.self_training_rounds,
+        learning_rate=FLAGS.learning_rate, ignore_low=FLAGS.ignore_low,
+        ignore_high=FLAGS.ignore_high, balance_classes=FLAGS.balance_classes,
+        self_training_labels=FLAGS.self_training_labels, head=FLAGS.head,
+        hidden=FLAGS.head_hidden, seed=FLAGS.seed)
+    refinement = deep.RefineConfig(
+        method=FLAGS.refine, scales=[float(v) for v in FLAGS.refine_scales],
+        radius=FLAGS.refine_radius, eps=FLAGS.refine_eps,
+        iterations=FLAGS.refine_iterations, sure=FLAGS.refine_sure)
+    input_sizes = [int(v) for v in FLAGS.input_sizes] or FLAGS.image_size
+    if FLAGS.encoder is not None:
+        encoder = deep.FrozenEncoder.from_saved_model(FLAGS.encoder)
+    else:
+        encoder = deep.FrozenEncoder.from_config(encoder_config)
+        print("NOTE: --encoder_config: the encoder is RANDOMLY INITIALISED, not "
+              "pretrained; the masks are a baseline.")
+    _, images, pseudo, provenance = deep.load_training_set(
+        FLAGS.images_dir, pseudo_masks_dir=FLAGS.pseudo_masks_dir, limit=FLAGS.limit,
+        seed=FLAGS.seed, conventional_params=conventional_params)
+    extra = []
+    for masks_dir in FLAGS.extra_pseudo_masks_dirs:
+        extra.append(deep.load_training_set(
+            FLAGS.images_dir, pseudo_masks_dir=masks_dir, limit=FLAGS.limit,
+            seed=FLAGS.seed, progress=False)[2])
+    if FLAGS.fuse_conventional:
+        sets, params = deep.conventional_mask_sets(images, FLAGS.fuse_conventional)
+        extra.extend(sets)
+        provenance["fused_conventional"] = params
+    if FLAGS.extra_pseudo_masks_dirs:
+        provenance["fused_pseudo_masks_dirs"] = [
+            os.path.abspath(d) for d in FLAGS.extra_pseudo_masks_dirs]
+    model = deep.train_saliency_head(
+        encoder, images, pseudo, input_size=input_sizes, config=config,
+        threshold=FLAGS.threshold, refinement=refinement, extra_pseudo_mask_sets=extra,
+        batch_size=FLAGS.batch_size, provenance=provenance)
+    model.save(FLAGS.output)
     for entry in model.training["history"]:
         print(f"round {entry['round']} ({entry['labels']}): loss {entry['loss']:.4f}, "
               f"labelled cells {entry['labelled_cell_fraction']:.1%}, IoU vs pseudo-masks "

@@ -39,6 +39,7 @@ import time
 from typing import Callable, Dict, List, Optional, Sequence
 
 from harl_tf import atomic
+from harl_tf.errors import ConfigError, MissingPathError
 
 SUMMARY_FILE = "bootstrap.json"
 PRETRAINED_STAMP = "bootstrap_pretrained.json"  # written when the pretraining exits with 0
@@ -69,20 +70,20 @@ class BootstrapConfig:
 
     def __post_init__(self):
         if self.rounds < 1:
-            raise ValueError(f"bootstrap: rounds must be >= 1, got {self.rounds}")
+            raise ConfigError(f"bootstrap: rounds must be >= 1, got {self.rounds}")
         if self.head_labels not in ("conventional", "round"):
-            raise ValueError(f"bootstrap: head_labels must be 'conventional' or 'round', got "
-                             f"{self.head_labels!r}")
+            raise ConfigError(f"bootstrap: head_labels must be 'conventional' or 'round', got "
+                              f"{self.head_labels!r}")
         if (self.eval_train_files is None) != (self.eval_test_files is None):
-            raise ValueError("bootstrap: give both eval_train_files and eval_test_files, or "
-                             "neither (then they are built from data_dir)")
+            raise ConfigError("bootstrap: give both eval_train_files and eval_test_files, or "
+                              "neither (then they are built from data_dir)")
         for name in ("data_dir", "recipe_flagfile", "saliency_flagfile",
                      "conventional_masks_dir", "exact_masks_dir"):
             path = getattr(self, name)
             if path is not None and not os.path.exists(path):
-                raise FileNotFoundError(f"bootstrap: {name} {path} does not exist")
+                raise MissingPathError(f"bootstrap: {name} {path} does not exist")
         if not os.path.isdir(os.path.join(self.data_dir, "train", "images")):
-            raise FileNotFoundError(f"bootstrap: {self.data_dir} has no train/images folder")
+            raise MissingPathError(f"bootstrap: {self.data_dir} has no train/images folder")
 
 
 @dataclasses.dataclass(frozen=True)

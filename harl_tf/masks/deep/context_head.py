@@ -23,6 +23,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from harl_tf.errors import DataError
 from harl_tf.progress import progress as progress_bar
 
 
@@ -76,8 +77,8 @@ def fit_context_head(features: np.ndarray, targets: np.ndarray, weights: np.ndar
     targets = np.asarray(targets, np.float32)
     weights = np.asarray(weights, np.float32)
     if not weights.any():
-        raise ValueError("no labelled cells to train the saliency head on: every cell is "
-                         "in the ignored band; lower ignore_low / raise ignore_high")
+        raise DataError("no labelled cells to train the saliency head on: every cell is "
+                        "in the ignored band; lower ignore_low / raise ignore_high")
     channels = features.shape[-1]
     if init is None:
         cells = features.reshape(-1, channels)

@@ -13,6 +13,7 @@ from typing import Any, Dict, Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
+from harl_tf.errors import DataError, MissingPathError
 from harl_tf.masks import folder, get_method, quality, to_rgb_uint8
 from harl_tf.progress import progress as progress_bar
 
@@ -102,8 +103,8 @@ def load_training_set(images_dir: str, *, pseudo_masks_dir: Optional[str] = None
     """
     relative = folder.list_images(images_dir)
     if not relative:
-        raise ValueError(f"images directory {images_dir} holds no image files "
-                         f"({', '.join(folder.IMAGE_EXTENSIONS)})")
+        raise MissingPathError(f"images directory {images_dir} holds no image files "
+                               f"({', '.join(folder.IMAGE_EXTENSIONS)})")
     if 0 < limit < len(relative):
         chosen = np.random.default_rng(seed).choice(len(relative), limit, replace=False)
         relative = [relative[i] for i in sorted(chosen)]
@@ -114,8 +115,8 @@ def load_training_set(images_dir: str, *, pseudo_masks_dir: Optional[str] = None
                       for rel in relative]
         missing = [(p, m) for p, m in zip(paths, mask_paths) if not os.path.isfile(m)]
         if missing:
-            raise FileNotFoundError(f"{len(missing)} image(s) have no pseudo-mask, e.g. "
-                                    f"{missing[0][0]} needs {missing[0][1]}")
+            raise MissingPathError(f"{len(missing)} image(s) have no pseudo-mask, e.g. "
+                                   f"{missing[0][0]} needs {missing[0][1]}")
         provenance = {"images_dir": os.path.abspath(images_dir),
                       "pseudo_masks_dir": os.path.abspath(pseudo_masks_dir)}
     else:
@@ -130,8 +131,8 @@ def load_training_set(images_dir: str, *, pseudo_masks_dir: Optional[str] = None
         if method is None:
             mask = quality.read_mask(mask_paths[index])
             if mask.shape != image.shape[:2]:
-                raise ValueError(f"{mask_paths[index]}: mask size {mask.shape} differs from "
-                                 f"its image's {image.shape[:2]} ({path})")
+                raise DataError(f"{mask_paths[index]}: mask size {mask.shape} differs from "
+                                f"its image's {image.shape[:2]} ({path})")
         else:
             mask = method(image)
         images.append(image)

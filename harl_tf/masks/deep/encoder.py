@@ -15,6 +15,7 @@ import keras
 import tensorflow as tf
 
 from harl_tf import atomic, saved_encoder
+from harl_tf.errors import DataError, MissingPathError
 from harl_tf.models import resnet
 
 
@@ -41,21 +42,21 @@ class FrozenEncoder:
         ``feature_map``). ``harl_export.json`` next to it, if any, is recorded."""
         path = os.path.abspath(path)
         if not os.path.isfile(os.path.join(path, "saved_model.pb")):
-            raise FileNotFoundError(
+            raise MissingPathError(
                 f"encoder {path}: not a SavedModel directory (no saved_model.pb); expected "
                 "the output directory of harl_tf.export")
         loaded = tf.saved_model.load(path)
         signature = loaded.signatures.get("serving_default")
         if signature is None:
-            raise ValueError(f"encoder {path}: the SavedModel has no 'serving_default' "
-                             f"signature (found {sorted(loaded.signatures)})")
+            raise DataError(f"encoder {path}: the SavedModel has no 'serving_default' "
+                            f"signature (found {sorted(loaded.signatures)})")
         _, inputs = signature.structured_input_signature
         if len(inputs) != 1:
-            raise ValueError(f"encoder {path}: 'serving_default' must take one input "
-                             f"(images), found {sorted(inputs)}")
+            raise DataError(f"encoder {path}: 'serving_default' must take one input "
+                            f"(images), found {sorted(inputs)}")
         if "feature_map" not in signature.structured_outputs:
-            raise ValueError(f"encoder {path}: 'serving_default' has no 'feature_map' output "
-                             f"(found {sorted(signature.structured_outputs)})")
+            raise DataError(f"encoder {path}: 'serving_default' has no 'feature_map' output "
+                            f"(found {sorted(signature.structured_outputs)})")
         input_name = next(iter(inputs))
 
         def function(images):

@@ -35,6 +35,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from harl_tf.errors import ConfigError, DataError
 from harl_tf.masks import quality, to_rgb_uint8
 from harl_tf.masks.deep import context_head, data, pseudo_labels, refine
 from harl_tf.masks.deep.encoder import FrozenEncoder
@@ -68,23 +69,23 @@ class TrainConfig:
 
     def __post_init__(self):
         if not 0.0 <= self.ignore_low <= self.ignore_high <= 1.0:
-            raise ValueError("need 0 <= ignore_low <= ignore_high <= 1, got "
-                             f"{self.ignore_low}, {self.ignore_high}")
+            raise ConfigError("need 0 <= ignore_low <= ignore_high <= 1, got "
+                              f"{self.ignore_low}, {self.ignore_high}")
         if not 0.0 <= self.confident_low <= 0.5 <= self.confident_high <= 1.0:
-            raise ValueError("need 0 <= confident_low <= 0.5 <= confident_high <= 1, got "
-                             f"{self.confident_low}, {self.confident_high}")
+            raise ConfigError("need 0 <= confident_low <= 0.5 <= confident_high <= 1, got "
+                              f"{self.confident_low}, {self.confident_high}")
         if self.head not in ("linear", "context"):
-            raise ValueError(f"head must be 'linear' or 'context', got {self.head!r}")
+            raise ConfigError(f"head must be 'linear' or 'context', got {self.head!r}")
         if self.hidden < 1 or self.context_kernel < 1 or self.context_kernel % 2 == 0:
-            raise ValueError(f"need hidden >= 1 and an odd context_kernel, got {self.hidden}, "
-                             f"{self.context_kernel}")
+            raise ConfigError(f"need hidden >= 1 and an odd context_kernel, got {self.hidden}, "
+                              f"{self.context_kernel}")
         if self.self_training_labels not in SELF_TRAINING_LABELS:
-            raise ValueError(f"self_training_labels must be one of {SELF_TRAINING_LABELS}, "
-                             f"got {self.self_training_labels!r}")
+            raise ConfigError(f"self_training_labels must be one of {SELF_TRAINING_LABELS}, "
+                              f"got {self.self_training_labels!r}")
         if self.epochs < 1 or self.self_training_rounds < 0 or self.batch_cells < 1:
-            raise ValueError(f"need epochs >= 1, self_training_rounds >= 0, batch_cells >= 1;"
-                             f" got {self.epochs}, {self.self_training_rounds}, "
-                             f"{self.batch_cells}")
+            raise ConfigError(f"need epochs >= 1, self_training_rounds >= 0, batch_cells >= 1;"
+                              f" got {self.epochs}, {self.self_training_rounds}, "
+                              f"{self.batch_cells}")
 
 
 def cell_targets(masks: Sequence[np.ndarray], grid: Tuple[int, int], *, ignore_low: float = 0.2,
@@ -132,8 +133,8 @@ def fit_head(features: np.ndarray, targets: np.ndarray, weights: np.ndarray, *,
     labels = np.asarray(targets, np.float32).reshape(-1)
     labelled = np.flatnonzero(np.asarray(weights).reshape(-1) > 0)
     if labelled.size == 0:
-        raise ValueError("no labelled cells to train the saliency head on: every cell is "
-                         "in the ignored band; lower ignore_low / raise ignore_high")
+        raise DataError("no labelled cells to train the saliency head on: every cell is "
+                        "in the ignored band; lower ignore_low / raise ignore_high")
     mean = cells.mean(axis=0, dtype=np.float64).astype(np.float32)
     std = (cells.std(axis=0, dtype=np.float64) + 1e-6).astype(np.float32)
 
@@ -193,7 +194,7 @@ def compute_features(encoder: FrozenEncoder, images: Sequence[np.ndarray],
                                  disable=not progress):
         chunks.append(multiscale_features(encoder, batch, sizes).numpy())
     if not chunks:
-        raise ValueError("no images to compute features of")
+        raise DataError("no images to compute features of")
     return np.concatenate(chunks)
 
 
@@ -226,11 +227,11 @@ def train_saliency_head(encoder: FrozenEncoder, images: Sequence[np.ndarray],
     refinement = refinement or refine.RefineConfig()
     for masks in [pseudo_masks, *extra_pseudo_mask_sets]:
         if len(images) != len(masks):
-            raise ValueError(f"{len(images)} images but {len(masks)} pseudo-masks")
+            raise DataError(f"{len(images)} images but {len(masks)} pseudo-masks")
         for index, (image, mask) in enumerate(zip(images, masks)):
             if np.shape(image)[:2] != np.shape(mask)[:2]:
-                raise ValueError(f"image {index}: size {np.shape(image)[:2]} but its "
-                                 f"pseudo-mask is {np.shape(mask)[:2]}")
+                raise DataError(f"image {index}: size {np.shape(image)[:2]} but its "
+                                f"pseudo-mask is {np.shape(mask)[:2]}")
     features = compute_features(encoder, images, input_size, batch_size=batch_size,
                                 progress=progress)
     grid = features.shape[1:3]

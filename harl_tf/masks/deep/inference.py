@@ -16,6 +16,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import tensorflow as tf
 
+from harl_tf.errors import ConfigError, MissingPathError
 from harl_tf.masks import MaskResult, to_rgb_uint8
 from harl_tf.masks import folder
 from harl_tf.masks.deep import data, refine
@@ -38,12 +39,12 @@ class DeepSaliencyMasks:
                  batch_size: int = 32, model: Optional[SaliencyModel] = None,
                  progress: bool = True):
         if (model_path is None) == (model is None):
-            raise ValueError("deep mask: give exactly one of model_path (a directory from "
-                             "tools/train_saliency_head.py) or model")
+            raise ConfigError("deep mask: give exactly one of model_path (a directory from "
+                              "tools/train_saliency_head.py) or model")
         if threshold is not None and not 0.0 <= float(threshold) <= 1.0:
-            raise ValueError(f"deep mask: threshold must be in [0, 1], got {threshold!r}")
+            raise ConfigError(f"deep mask: threshold must be in [0, 1], got {threshold!r}")
         if int(batch_size) < 1:
-            raise ValueError(f"deep mask: batch_size must be >= 1, got {batch_size!r}")
+            raise ConfigError(f"deep mask: batch_size must be >= 1, got {batch_size!r}")
         self.model = model if model is not None else SaliencyModel.load(model_path)
         self.threshold = self.model.threshold if threshold is None else float(threshold)
         self.batch_size = int(batch_size)
@@ -95,8 +96,8 @@ class DeepSaliencyMasks:
         through tf.data (decoding in parallel)."""
         missing = [p for p in paths if not os.path.isfile(p)]
         if missing:
-            raise FileNotFoundError(f"deep mask: {len(missing)} image file(s) not found, "
-                                    f"e.g. {missing[0]}")
+            raise MissingPathError(f"deep mask: {len(missing)} image file(s) not found, "
+                                   f"e.g. {missing[0]}")
         # The files are read twice (tf.data for the encoder, here for the refinement):
         # decoding a small image costs far less than the encoder.
         originals = (folder.read_image(path) for path in paths)

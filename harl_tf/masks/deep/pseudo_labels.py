@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 import numpy as np
 import tensorflow as tf
 
+from harl_tf.errors import ConfigError, DataError
 from harl_tf.masks import get_method
 
 # Conventional settings for fusion: the paper's FH sweep (sigma in {0.2, 0.4, 0.8}, minimum
@@ -51,13 +52,13 @@ def fused_cell_targets(mask_sets: Sequence[Sequence[np.ndarray]], grid: Tuple[in
     ``[N, h, w]`` ({0, 1}) and ``weights`` float32 ``[N, h, w]`` (1 labelled, 0 ignored).
     """
     if not mask_sets:
-        raise ValueError("no pseudo-mask sets to fuse")
+        raise DataError("no pseudo-mask sets to fuse")
     counts = {len(masks) for masks in mask_sets}
     if len(counts) != 1:
-        raise ValueError(f"pseudo-mask sets differ in length: {sorted(counts)}")
+        raise DataError(f"pseudo-mask sets differ in length: {sorted(counts)}")
     if not 0.0 <= ignore_low <= ignore_high <= 1.0:
-        raise ValueError(f"need 0 <= ignore_low <= ignore_high <= 1, got {ignore_low}, "
-                         f"{ignore_high}")
+        raise ConfigError(f"need 0 <= ignore_low <= ignore_high <= 1, got {ignore_low}, "
+                          f"{ignore_high}")
     fractions = np.stack([cell_fractions(masks, grid) for masks in mask_sets])  # [S, N, h, w]
     foreground = fractions.min(axis=0) >= ignore_high
     background = fractions.max(axis=0) <= ignore_low
@@ -72,8 +73,8 @@ def conventional_mask_sets(images: Sequence[np.ndarray], settings: Sequence[str]
     :data:`CONVENTIONAL_SETTINGS`. Returns the mask sets and the full parameters used."""
     unknown = [name for name in settings if name not in CONVENTIONAL_SETTINGS]
     if unknown:
-        raise ValueError(f"unknown conventional setting(s) {unknown}; expected some of "
-                         f"{sorted(CONVENTIONAL_SETTINGS)}")
+        raise ConfigError(f"unknown conventional setting(s) {unknown}; expected some of "
+                          f"{sorted(CONVENTIONAL_SETTINGS)}")
     sets, params = [], {}
     for name in settings:
         method = get_method("conventional", **CONVENTIONAL_SETTINGS[name])

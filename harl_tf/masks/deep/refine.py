@@ -29,6 +29,7 @@ from typing import Any, Dict, Sequence, Tuple
 import cv2
 import numpy as np
 
+from harl_tf.errors import ConfigError
 from harl_tf.masks import conventional, to_rgb_uint8
 
 METHODS = ("none", "segments", "guided", "grabcut")
@@ -48,14 +49,14 @@ class RefineConfig:
 
     def __post_init__(self):
         if self.method not in METHODS:
-            raise ValueError(f"refinement method must be one of {METHODS}, got "
-                             f"{self.method!r}")
+            raise ConfigError(f"refinement method must be one of {METHODS}, got "
+                              f"{self.method!r}")
         object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
         if self.method == "segments" and (not self.scales or min(self.scales) <= 0):
-            raise ValueError(f"segments refinement needs scales > 0, got {self.scales}")
+            raise ConfigError(f"segments refinement needs scales > 0, got {self.scales}")
         if self.sigma <= 0 or self.radius < 1 or self.eps <= 0 or self.max_side < 8:
-            raise ValueError("refinement needs sigma > 0, radius >= 1, eps > 0, max_side >= 8;"
-                             f" got {self.sigma}, {self.radius}, {self.eps}, {self.max_side}")
+            raise ConfigError("refinement needs sigma > 0, radius >= 1, eps > 0, max_side >= 8;"
+                              f" got {self.sigma}, {self.radius}, {self.eps}, {self.max_side}")
 
     def to_json(self) -> Dict[str, Any]:
         return dict(dataclasses.asdict(self), scales=list(self.scales))
@@ -64,7 +65,7 @@ class RefineConfig:
     def from_json(cls, value: Dict[str, Any]) -> "RefineConfig":
         unknown = sorted(set(value) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
-            raise ValueError(f"refinement: unknown parameter(s) {unknown}")
+            raise ConfigError(f"refinement: unknown parameter(s) {unknown}")
         return cls(**{k: tuple(v) if k == "scales" else v for k, v in value.items()})
 
 

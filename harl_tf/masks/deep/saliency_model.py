@@ -28,6 +28,7 @@ import numpy as np
 import tensorflow as tf
 
 from harl_tf import atomic
+from harl_tf.errors import ConfigError, DataError, MissingPathError, OutputExistsError
 from harl_tf.masks.deep.context_head import ContextHead
 from harl_tf.masks.deep.encoder import FrozenEncoder
 from harl_tf.masks.deep.refine import RefineConfig
@@ -73,7 +74,7 @@ def input_sizes_of(input_size: Union[int, Sequence[int]]) -> tuple:
     """An input size or several → the sorted tuple of distinct sizes (each >= 1)."""
     sizes = (input_size,) if isinstance(input_size, (int, np.integer)) else tuple(input_size)
     if not sizes or any(int(s) < 1 for s in sizes):
-        raise ValueError(f"input sizes must be >= 1, got {input_size!r}")
+        raise ConfigError(f"input sizes must be >= 1, got {input_size!r}")
     return tuple(sorted({int(s) for s in sizes}))
 
 
@@ -109,7 +110,7 @@ class SaliencyModel:
                  training: Optional[Dict[str, Any]] = None, path: Optional[str] = None,
                  refinement: Optional[RefineConfig] = None):
         if not 0.0 <= float(threshold) <= 1.0:
-            raise ValueError(f"threshold must be in [0, 1], got {threshold!r}")
+            raise ConfigError(f"threshold must be in [0, 1], got {threshold!r}")
         self.encoder = encoder
         self.head = head
         self.input_sizes = input_sizes_of(input_size)
@@ -126,7 +127,7 @@ class SaliencyModel:
     def probabilities(self, images) -> tf.Tensor:
         features = self.features(images)
         if features.shape[-1] != self.head.feature_dim:
-            raise ValueError(
+            raise DataError(
                 f"the encoder gives {features.shape[-1]} channels but the saliency head "
                 f"{self.path or '(in memory)'} expects {self.head.feature_dim}: the head was "
                 "trained on another encoder")
@@ -140,7 +141,7 @@ class SaliencyModel:
         path = os.path.abspath(path)
         if os.path.exists(path) and not os.path.isfile(os.path.join(path, CONFIG_FILE)):
             if not os.path.isdir(path) or os.listdir(path):
-                raise FileExistsError(
+                raise OutputExistsError(
                     f"mask model output {path} exists and is not a saliency model "
                     f"(no {CONFIG_FILE}); choose another path or remove it")
         with atomic.atomic_directory(path, overwrite=True) as temporary:
@@ -175,19 +176,19 @@ class SaliencyModel:
         path = os.path.abspath(path)
         config_path = os.path.join(path, CONFIG_FILE)
         if not os.path.isfile(config_path):
-            raise FileNotFoundError(f"mask model {path}: no {CONFIG_FILE}; expected a "
-                                    "directory written by tools/train_saliency_head.py")
+            raise MissingPathError(f"mask model {path}: no {CONFIG_FILE}; expected a "
+                                   "directory written by tools/train_saliency_head.py")
         try:
             with open(config_path) as f:
                 config = json.load(f)
         except (OSError, ValueError) as e:
-            raise ValueError(f"mask model {config_path}: not readable JSON ({e})") from None
+            raise DataError(f"mask model {config_path}: not readable JSON ({e})") from None
         if (not isinstance(config, dict) or config.get("format") != FORMAT
                 or config.get("version") not in READABLE_VERSIONS):
             found = config if not isinstance(config, dict) else (
                 config.get("format"), config.get("version"))
-            raise ValueError(f"{config_path}: format/version {found!r}; expected {FORMAT!r} "
-                             f"version {' or '.join(map(str, READABLE_VERSIONS))}")
+            raise DataError(f"{config_path}: format/version {found!r}; expected {FORMAT!r} "
+                            f"version {' or '.join(map(str, READABLE_VERSIONS))}")
         try:
             weights_path = os.path.join(path, config["head"]["weights"])
             head_class = HEADS[config["head"].get("kind", "linear")]
@@ -196,16 +197,16 @@ class SaliencyModel:
             input_sizes = config.get("input_sizes", config["input_size"])
             refinement = RefineConfig.from_json(config.get("refinement", {}))
         except (OSError, KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"mask model {path}: incomplete or corrupt ({type(e).__name__}: "
-                             f"{e}); retrain it with tools/train_saliency_head.py") from None
+            raise DataError(f"mask model {path}: incomplete or corrupt ({type(e).__name__}: "
+                            f"{e}); retrain it with tools/train_saliency_head.py") from None
         if head.feature_dim != config.get("feature_dim", head.feature_dim):
-            raise ValueError(f"mask model {path}: {WEIGHTS_FILE} has {head.feature_dim} "
-                             f"channels but {CONFIG_FILE} says {config['feature_dim']}")
+            raise DataError(f"mask model {path}: {WEIGHTS_FILE} has {head.feature_dim} "
+                            f"channels but {CONFIG_FILE} says {config['feature_dim']}")
         if encoder is None:
             recorded = config["encoder"]
             encoder_path = os.path.join(path, recorded["path"])  # absolute paths stay
             if not os.path.isdir(encoder_path):
-                raise FileNotFoundError(
+                raise MissingPathError(
                     f"{config_path}: encoder {encoder_path} not found; pass the encoder "
                     "explicitly if the export directory moved")
             encoder = FrozenEncoder.from_saved_model(encoder_path)
