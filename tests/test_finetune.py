@@ -258,9 +258,9 @@ def test_interrupted_training_resumes_from_the_last_epoch(tmp_path, monkeypatch)
             if epoch == 1:
                 raise Preempted()
 
-    callbacks = linear._callbacks
+    callbacks = linear.training_callbacks
     with monkeypatch.context() as patch:
-        patch.setattr(linear, "_callbacks", lambda d: callbacks(d) + [PreemptAfterEpoch()])
+        patch.setattr(linear, "training_callbacks", lambda d: callbacks(d) + [PreemptAfterEpoch()])
         with pytest.raises(Preempted):
             linear.train_linear_on_features(features, 4, epochs=4, batch_size=16,
                                             output_dir=str(tmp_path))

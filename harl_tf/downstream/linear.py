@@ -186,7 +186,9 @@ def tensorboard_available() -> bool:
     return True
 
 
-def _callbacks(output_dir: Optional[str]):
+def training_callbacks(output_dir: Optional[str]):
+    """The Keras callbacks of every trained evaluation (linear, fine-tune, segmentation):
+    resume of an interrupted epoch and a metrics log in ``output_dir`` (none without it)."""
     if not output_dir:
         return []
     callbacks = [
@@ -257,7 +259,7 @@ def train_linear_on_features(train: Features, num_classes: int, *, epochs: int =
         compile_classifier(model, sgd(learning_rate, steps * epochs, momentum=momentum,
                                       weight_decay=weight_decay), num_classes)
     model.fit(train.features, train.labels, batch_size=batch_size, epochs=epochs,
-              shuffle=True, callbacks=_callbacks(output_dir), verbose=verbose)
+              shuffle=True, callbacks=training_callbacks(output_dir), verbose=verbose)
     if output_dir:
         model.save_weights(os.path.join(output_dir, "linear.weights.h5"))
     return model
@@ -280,7 +282,7 @@ def fit_classifier(model: Classifier, train_dataset: tf.data.Dataset, *, epochs:
     pairs = train_dataset.map(lambda b: (model.inputs_of(b), b["label"]))
     history = model.fit(pairs, epochs=epochs, steps_per_epoch=steps_per_epoch,
                         shuffle=False,  # the input pipeline shuffles
-                        callbacks=_callbacks(output_dir), verbose=verbose)
+                        callbacks=training_callbacks(output_dir), verbose=verbose)
     if output_dir:
         model.save_weights(os.path.join(output_dir, "classifier.weights.h5"))
     return history

@@ -182,7 +182,7 @@ def fit_segmentation(model: SegmentationModel, train_dataset: tf.data.Dataset, *
     pairs = train_dataset.map(lambda b: (b["image"], b["target"]))
     history = model.fit(pairs, epochs=epochs, steps_per_epoch=steps_per_epoch,
                         shuffle=False,  # the input pipeline shuffles
-                        callbacks=linear._callbacks(output_dir),  # noqa: SLF001
+                        callbacks=linear.training_callbacks(output_dir),
                         verbose=verbose)
     if output_dir:
         model.save_weights(os.path.join(output_dir, "segmentation.weights.h5"))
