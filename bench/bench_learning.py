@@ -343,14 +343,22 @@ def pretrain(method: str) -> dict:
     if os.path.exists(summary_path):
         with open(summary_path) as f:
             summary = json.load(f)
-        if summary.get("completed") and summary.get("total_steps") == recipe()["train_steps"]:
+        same_budget = summary.get("total_steps") == recipe()["train_steps"]
+        if summary.get("completed") and same_budget:
             print(f"{method}: pretraining done before, reusing {model_dir}", flush=True)
             return summary
-        raise SystemExit(f"{model_dir} holds another run ({summary.get('final_step')}/"
-                         f"{summary.get('total_steps')} steps); remove it or change "
-                         f"--work_dir.")
+        if same_budget:
+            # Stopped (SIGTERM, a lost worker): the same flags resume from its checkpoint;
+            # harl_tf.pretrain refuses a model_dir whose encoder differs.
+            print(f"{method}: resuming the stopped run in {model_dir} "
+                  f"(step {summary.get('final_step')}/{summary['total_steps']})", flush=True)
+        else:
+            raise SystemExit(f"{model_dir} holds another run ({summary.get('final_step')}/"
+                             f"{summary.get('total_steps')} steps); remove it or "
+                             f"change --work_dir.")
     common.run([PY, "-m", "harl_tf.pretrain"] + pretrain_flags(method),
-               os.path.join(_paths()["logs"], f"pretrain_{method}.log"))
+               os.path.join(_paths()["logs"], f"pretrain_{method}.log"),
+               append=os.path.exists(summary_path))
     with open(summary_path) as f:
         return json.load(f)
 

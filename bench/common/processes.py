@@ -15,14 +15,14 @@ from bench.common.results import ROOT
 
 
 def run(command: Sequence[str], log_path: str, *,
-        env: Optional[Mapping[str, str]] = None) -> float:
+        env: Optional[Mapping[str, str]] = None, append: bool = False) -> float:
     """Runs ``command`` (an argv list) from the repository root, its stdout and stderr in
-    ``log_path``, after echoing it. Returns the wall seconds; a non-zero exit raises
+    ``log_path`` (added to its end with ``append``, as a resumed run does), after echoing it. Returns the wall seconds; a non-zero exit raises
     SystemExit naming the command, with the log's last 3,000 characters."""
     os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
     print(f"$ {shlex.join(command)}", flush=True)
     started = time.time()
-    with open(log_path, "w") as log:
+    with open(log_path, "a" if append else "w") as log:
         code = subprocess.run(list(command), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
                               env=None if env is None else dict(env)).returncode
     if code != 0:
