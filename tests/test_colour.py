@@ -90,3 +90,43 @@ def test_grayscale_equals_tf_rgb_to_grayscale_on_three_channels():
     np.testing.assert_allclose(out, expected, atol=1e-6)
     np.testing.assert_allclose(colour.to_grayscale(tf.constant(images[1])), expected[1],
                                atol=1e-6)
+
+
+def test_compiled_jitter_ops_equal_tensorflows_kernels_to_float_rounding():
+    """Each op of the jitter, XLA-compiled with its clip (the pipeline's default), against
+    TensorFlow's own kernel then a clip, on every kind of test pixel and factors across
+    the jitter's ranges and beyond."""
+    rng = np.random.default_rng(29)
+    images = tf.constant(_test_images(rng))
+    reference = (lambda x, f: x * f, tf.image.adjust_contrast, tf.image.adjust_saturation,
+                 tf.image.adjust_hue)
+    ranges = ((0.0, 2.0), (0.0, 2.0), (0.0, 2.0), (-0.5, 0.5))
+    unsettled = _tf_hue_rounds_to_one(images.numpy())
+    for code, (low, high) in enumerate(ranges):
+        worst = 0.0
+        for value in np.concatenate([rng.uniform(low, high, 12), [low, high]]):
+            factors = tf.constant([1.0, 1.0, 1.0, 0.0], tf.float32)
+            factors = tf.tensor_scatter_nd_update(factors, [[code]], [np.float32(value)])
+            compiled = colour.jitter_ops(factors, jit_compile=True)[code](images).numpy()
+            plain = colour.jitter_ops(factors, jit_compile=False)[code](images).numpy()
+            expected = tf.clip_by_value(reference[code](images, factors[code]), 0.0,
+                                        1.0).numpy()
+            assert compiled.min() >= 0.0 and compiled.max() <= 1.0
+            # The saturation's closed form keeps the colour where TF's kernel loses it.
+            keep = ~unsettled if code == 2 else np.ones_like(unsettled)
+            worst = max(worst, float(np.abs(compiled - expected)[keep].max()),
+                        float(np.abs(compiled - plain).max()))
+        assert worst <= 1e-5, (code, worst)
+
+
+def test_compiled_jitter_in_random_order_equals_the_uncompiled_one():
+    images = tf.constant(_test_images(np.random.default_rng(30)))
+    for i in range(12):
+        seed = tf.constant([5, i], tf.int64)
+        compiled = colour.color_jitter(images, seed, brightness=0.4, contrast=0.4,
+                                       saturation=0.2, hue=0.1, jit_compile=True)
+        plain = colour.color_jitter(images, seed, brightness=0.4, contrast=0.4,
+                                    saturation=0.2, hue=0.1, jit_compile=False)
+        np.testing.assert_allclose(compiled, plain, atol=1e-5)
+    # The jitter changed the images (the comparison is not of two identities).
+    assert float(tf.reduce_max(tf.abs(compiled - images))) > 0.05

@@ -72,6 +72,9 @@ class ViewConfig:
     solarize_prob: float = 0.0
     solarize_threshold: float = 0.5
     resize_method: str = "bicubic"
+    # How the jitter is computed, not what: its ops XLA-compiled (colour.py), the same
+    # values to float rounding.
+    jit_compile: bool = True
 
     def __post_init__(self):
         for name in ("flip_prob", "jitter_prob", "grayscale_prob", "blur_prob",
@@ -120,18 +123,21 @@ def view_configs_from(config) -> Tuple[ViewConfig, ViewConfig]:
     scale and smallest crop area (:func:`scaled_view_configs`)."""
     return scaled_view_configs(config.color_jitter_strength, config.grayscale_prob,
                                blur_prob_scale=config.blur_prob_scale,
-                               min_crop_area=config.min_crop_area)
+                               min_crop_area=config.min_crop_area,
+                               jit_compile=config.augment_jit_compile)
 
 
 def scaled_view_configs(color_jitter_strength: float = 1.0,
                         grayscale_prob: float = 0.2, *, blur_prob_scale: float = 1.0,
-                        min_crop_area: float = 0.08) -> Tuple[ViewConfig, ViewConfig]:
+                        min_crop_area: float = 0.08,
+                        jit_compile: bool = True) -> Tuple[ViewConfig, ViewConfig]:
     """SPEC §2's views with the colour distortion scaled, as SimCLR's strength s does.
 
     Brightness, contrast, saturation and hue are BYOL's (0.4, 0.4, 0.2, 0.1) times
     ``color_jitter_strength`` (clipped to 1, and hue to 0.5); ``grayscale_prob`` replaces
     0.2; the blur probabilities (1.0 and 0.1) are multiplied by ``blur_prob_scale``; the
-    crop's area range becomes (``min_crop_area``, 1). The defaults return
+    crop's area range becomes (``min_crop_area``, 1); ``jit_compile`` is how the jitter
+    runs (:class:`ViewConfig`). The defaults return
     :func:`default_view_configs` exactly. A small-image recipe may need other values:
     where every view of an image keeps its random tint, colour alone tells two views of
     one image from other images, and the encoder need not learn shape; at 32 px a blur
@@ -148,7 +154,7 @@ def scaled_view_configs(color_jitter_strength: float = 1.0,
         view, brightness=min(1.0, view.brightness * s), contrast=min(1.0, view.contrast * s),
         saturation=min(1.0, view.saturation * s), hue=min(0.5, view.hue * s),
         grayscale_prob=grayscale_prob, blur_prob=view.blur_prob * float(blur_prob_scale),
-        crop_area=(float(min_crop_area), view.crop_area[1]))
+        crop_area=(float(min_crop_area), view.crop_area[1]), jit_compile=bool(jit_compile))
         for view in default_view_configs())
 
 
@@ -227,7 +233,7 @@ def view_jitter_draws(seed: tf.Tensor, config: ViewConfig) -> Tuple[tf.Tensor, t
 
 def _jitter_step(image, seed, coins, config, image_size):
     return _maybe(coins["jitter"], config.jitter_prob, lambda x: colour.jitter_in_order(
-        x, *view_jitter_draws(seed, config)), image)
+        x, *view_jitter_draws(seed, config), jit_compile=config.jit_compile), image)
 
 
 def _grayscale_step(image, seed, coins, config, image_size):
