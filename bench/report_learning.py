@@ -13,8 +13,8 @@ against. Writes ``bench/results/<results_name>.json``.
 from __future__ import annotations
 
 import json
+import math
 
-import numpy as np
 from absl import app, flags
 
 from bench import common
@@ -31,23 +31,6 @@ METRICS = ("knn_top1", "linear_top1", "knn_mixed_rand_top1", "linear_mixed_rand_
            "knn_background_gap", "linear_background_gap", "supervised_top1")
 
 
-def summarise(values):
-    values = [v for v in values if v is not None]
-    if not values:
-        return None
-    return {"mean": float(np.mean(values)),
-            "sd": float(np.std(values, ddof=1)) if len(values) > 1 else None,
-            "n": len(values), "values": values}
-
-
-def fmt(stat):
-    if stat is None:
-        return "–"
-    if stat["sd"] is None:
-        return f"{stat['mean']:.3f}"
-    return f"{stat['mean']:.3f} ± {stat['sd']:.3f} ({stat['n']})"
-
-
 def main(argv) -> None:
     del argv
     if not FLAGS.inputs:
@@ -59,12 +42,14 @@ def main(argv) -> None:
     methods = []
     for run in runs:
         methods += [m for m in run["methods"] if m not in methods]
-    stats = {m: {k: summarise([r["methods"][m].get(k) for r in runs if m in r["methods"]])
+    stats = {m: {k: common.summarise([r["methods"][m].get(k) for r in runs
+                                      if m in r["methods"]])
                  for k in METRICS} for m in methods}
-    rows = [[m, fmt(stats[m]["knn_top1"]), fmt(stats[m]["linear_top1"] or
-                                                 stats[m]["supervised_top1"]),
-             fmt(stats[m]["knn_mixed_rand_top1"]), fmt(stats[m]["knn_background_gap"]),
-             fmt(stats[m]["linear_mixed_rand_top1"]), fmt(stats[m]["linear_background_gap"])]
+    cell = common.format_summary
+    rows = [[m, cell(stats[m]["knn_top1"]),
+             cell(stats[m]["linear_top1"] or stats[m]["supervised_top1"]),
+             cell(stats[m]["knn_mixed_rand_top1"]), cell(stats[m]["knn_background_gap"]),
+             cell(stats[m]["linear_mixed_rand_top1"]), cell(stats[m]["linear_background_gap"])]
             for m in methods]
     table = common.table(rows, ["method", "k-NN top-1", "linear top-1",
                                 "k-NN mixed_rand", "k-NN gap", "linear mixed_rand",
@@ -80,7 +65,7 @@ def main(argv) -> None:
             sa, sb = stats[a][k], stats[b][k]
             if sa is None or sb is None:
                 continue
-            pooled = (np.sqrt(((sa["sd"] or 0.0) ** 2 + (sb["sd"] or 0.0) ** 2) / 2)
+            pooled = (math.sqrt(((sa["sd"] or 0.0) ** 2 + (sb["sd"] or 0.0) ** 2) / 2)
                       if sa["sd"] is not None and sb["sd"] is not None else None)
             comparisons[pair][k] = {"difference": sa["mean"] - sb["mean"],
                                     "pooled_sd": pooled}

@@ -64,7 +64,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from absl import flags
 
 from bench import common
-from bench.report_learning import summarise
+from bench.common import summarise
 from harl_tf import atomic, errors
 
 FLAGS = flags.FLAGS

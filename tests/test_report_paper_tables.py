@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from bench import report_paper_tables as report
-from bench.report_learning import summarise
+from bench.common import summarise
 from harl_tf import errors
 
 

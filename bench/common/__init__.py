@@ -24,5 +24,6 @@ from bench.common.machine import (cpu_flags, cpu_model, describe_machine,  # noq
                                   load_average, machine_info, versions)
 from bench.common.processes import PeakRss, import_test_helpers, run  # noqa: F401
 from bench.common.results import (RESULTS_DIR, ROOT, background_fields,  # noqa: F401
-                                  chosen_configs, command_line, median, table,
-                                  write_json_atomic, write_result)
+                                  chosen_configs, command_line, format_summary,
+                                  median, summarise, table, write_json_atomic,
+                                  write_result)

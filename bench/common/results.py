@@ -58,6 +58,26 @@ def chosen_configs(requested: Sequence[str], known: Sequence[str]) -> List[str]:
     return names
 
 
+def summarise(values: Iterable) -> dict:
+    """Mean, sample sd (None for one value), count and the values themselves of the
+    values that are not None; None when none is left (a method no seed ran)."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return {"mean": statistics.fmean(values),
+            "sd": statistics.stdev(values) if len(values) > 1 else None,
+            "n": len(values), "values": values}
+
+
+def format_summary(stat) -> str:
+    """``mean ± sd (n)`` of a :func:`summarise` result (``–`` for None)."""
+    if stat is None:
+        return "–"
+    if stat["sd"] is None:
+        return f"{stat['mean']:.3f}"
+    return f"{stat['mean']:.3f} ± {stat['sd']:.3f} ({stat['n']})"
+
+
 def median(values: Iterable[float]) -> float:
     values = [float(v) for v in values]
     return statistics.median(values) if values else float("nan")
