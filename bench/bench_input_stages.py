@@ -24,7 +24,6 @@ Writes ``bench/results/bench_input_stages.json``.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -35,11 +34,23 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import tensorflow as tf  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 from bench import common  # noqa: E402
 from harl_tf.data import augment, colour, geometry, pipeline, schema  # noqa: E402
 
 RESULTS = os.path.join(common.RESULTS_DIR, "bench_input_stages.json")
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("examples", 128, "Records measured (each stage passes over them all).")
+flags.DEFINE_integer("records", 512, "Records written when --records_dir holds none.")
+flags.DEFINE_integer("shards", 4, "Record files written.")
+flags.DEFINE_integer("image_size", 224, "View side, px.")
+flags.DEFINE_integer("repeats", 5, "Timed passes per stage (min and median reported).")
+flags.DEFINE_string("simclr_dir", None, "Root of a google-research/simclr checkout: time its "
+                    "stages too.")
+flags.DEFINE_string("records_dir", None, "Keep the records here and reuse them.")
+flags.DEFINE_string("output", RESULTS, "Results JSON.")
 _fold_in = tf.random.experimental.stateless_fold_in
 
 
@@ -217,21 +228,9 @@ def simclr_stages(images: list, data_util, image_size: int, repeats: int, report
         data_util.random_blur(b, size, size, p=0.1)], count, repeats))
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--examples", type=int, default=128,
-                        help="records measured (each stage passes over them all)")
-    parser.add_argument("--records", type=int, default=512,
-                        help="records written when --records_dir holds none")
-    parser.add_argument("--shards", type=int, default=4)
-    parser.add_argument("--image_size", type=int, default=224)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--simclr_dir", default=None,
-                        help="root of a google-research/simclr checkout: time its stages "
-                             "too")
-    parser.add_argument("--records_dir", default=None)
-    parser.add_argument("--output", default=RESULTS)
-    args = parser.parse_args(argv)
+def main(argv) -> dict:
+    del argv
+    args = FLAGS
     machine = common.machine_info()
     # One thread per op: a stage's cost is its work, not the spinning of an op's helper
     # threads (the pipeline runs several examples at once instead).
@@ -260,8 +259,7 @@ def main(argv=None) -> dict:
     result = {
         "benchmark": "CPU ms per two-view example of each input-pipeline stage, in "
                      "isolation (min over repeats; identity map subtracted)",
-        "command": " ".join(["python -m bench.bench_input_stages"] + list(
-            sys.argv[1:] if argv is None else argv)),
+        "command": common.command_line(),
         "image_source": "harl_tf.data.synthetic 500x375, JPEG quality 90, PNG mask",
         "examples": args.examples, "image_size": args.image_size, "repeats": args.repeats,
         "stages_cpu_ms_per_example": stages,
@@ -278,4 +276,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

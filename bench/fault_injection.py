@@ -32,7 +32,6 @@ Writes ``bench/results/fault_injection.json`` (a run of some ``--parts`` only:
 """
 from __future__ import annotations
 
-import argparse
 import glob
 import hashlib
 import json
@@ -45,6 +44,8 @@ import sys
 import tempfile
 import time
 
+from absl import app, flags
+
 from bench import common
 
 ROOT = common.ROOT
@@ -55,6 +56,17 @@ ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT, CUDA_VISIBLE_D
 
 
 PARTS = ("pretrain", "builder", "fuzz", "binary_faults", "multi_worker")
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("kills", 3, "Kills per soak (one during a checkpoint write, the rest at "
+                     "random).", lower_bound=3)
+flags.DEFINE_integer("train_steps", 24, "Steps of the soaked pretraining.", lower_bound=1)
+flags.DEFINE_integer("fuzz_cases", 20000, "Fuzzed records and images.", lower_bound=3)
+flags.DEFINE_integer("seed", 0, "Seed of the kill times and the fuzz.")
+flags.DEFINE_integer("mw_rounds", 2, "multi_worker: rounds of (SIGKILL, SIGTERM).",
+                     lower_bound=1)
+flags.DEFINE_list("parts", list(PARTS), f"Parts to run, of {PARTS}.")
+flags.DEFINE_string("work_dir", "", "Scratch folder (default: a new temporary one).")
 
 
 def log(message):
@@ -360,24 +372,14 @@ def multi_worker_soak(args, work):
                                                  "all": exits} if exits else {}}
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kills", type=int, default=3)
-    parser.add_argument("--train_steps", type=int, default=24)
-    parser.add_argument("--fuzz_cases", type=int, default=20000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--mw_rounds", type=int, default=2,
-                        help="multi_worker: rounds of (SIGKILL, SIGTERM)")
-    parser.add_argument("--parts", default=",".join(PARTS))
-    parser.add_argument("--work_dir", default="")
-    args = parser.parse_args()
-    if args.kills < 3:
-        parser.error("--kills must be >= 3")
+def main(argv):
+    del argv
+    args = FLAGS
     work = args.work_dir or tempfile.mkdtemp(prefix="harl-faults-")
     os.makedirs(work, exist_ok=True)
     started = time.time()
-    results = {"benchmark": "fault_injection", "command": " ".join(["python"] + sys.argv)}
-    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    results = {"benchmark": "fault_injection", "command": common.command_line()}
+    parts = [p.strip() for p in args.parts if p.strip()]
     for part in parts:
         log(f"--- {part}")
         folder = os.path.join(work, part)
@@ -394,7 +396,7 @@ def main():
         elif part == "multi_worker":
             results[part] = multi_worker_soak(args, folder)
         else:
-            parser.error(f"unknown part {part!r}")
+            raise app.UsageError(f"--parts: unknown part {part!r}; choose from {PARTS}")
     results["seconds"] = round(time.time() - started, 1)
     results["passed"] = all(results[p]["passed"] for p in parts)
     os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
@@ -408,4 +410,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)
