@@ -8,6 +8,8 @@ falls on every variant alike), two-view examples at 224 px, batch 64:
   (masks included, full decode, bicubic resize);
 - ``harl_tf_fused_crop``: the same with ``fused_crop=True`` (decode only each window);
 - ``harl_tf_bilinear``: the same with a bilinear resize of the image (not BYOL's);
+- ``harl_tf_plain_jitter``: the same with the colour jitter's ops as TensorFlow runs
+  them, not XLA-compiled (``--augment_jit_compile=false``);
 - ``simclr_tf2`` (with ``--simclr_dir``): google-research/simclr ``tf2/data_util.py``,
   read from a local checkout and run, never copied here. Two views per image, each
   ``preprocess_for_train`` (224 px, crop, flip, colour jitter strength 1.0, ``simclrv2``)
@@ -40,7 +42,7 @@ from absl import app, flags  # noqa: E402
 from bench import common  # noqa: E402
 from harl_tf.data import augment, geometry, pipeline, schema  # noqa: E402
 
-HARL_VARIANTS = ("harl_tf", "harl_tf_fused_crop", "harl_tf_bilinear")
+HARL_VARIANTS = ("harl_tf", "harl_tf_fused_crop", "harl_tf_bilinear", "harl_tf_plain_jitter")
 PEER = "simclr_tf2"
 
 FLAGS = flags.FLAGS
@@ -67,8 +69,10 @@ flags.DEFINE_string("records_dir", None, "Keep the records here and reuse them o
 
 
 def harl_dataset(pattern: str, *, fused_crop: bool = pipeline.DEFAULT_FUSED_CROP,
-                 resize_method: str = "bicubic") -> tf.data.Dataset:
-    configs = tuple(dataclasses.replace(c, resize_method=resize_method)
+                 resize_method: str = "bicubic", jit_compile: bool = True
+                 ) -> tf.data.Dataset:
+    configs = tuple(dataclasses.replace(c, resize_method=resize_method,
+                                        jit_compile=jit_compile)
                     for c in augment.default_view_configs())
     return pipeline.pretrain_dataset(
         pattern, FLAGS.batch_size, FLAGS.image_size, seed=0, shuffle_buffer=FLAGS.examples,
@@ -173,6 +177,7 @@ def main(argv) -> None:
             "harl_tf": lambda: harl_dataset(pattern),
             "harl_tf_fused_crop": lambda: harl_dataset(pattern, fused_crop=True),
             "harl_tf_bilinear": lambda: harl_dataset(pattern, resize_method="bilinear"),
+            "harl_tf_plain_jitter": lambda: harl_dataset(pattern, jit_compile=False),
         }
         if PEER in variants:
             data_util = common.load_simclr_data_util(FLAGS.simclr_dir)
