@@ -12,7 +12,7 @@ image, colour jitter (its probability and random order included), grayscale, blu
 solarize, final clip, batching; then the whole map function end to end, to compare with
 the sum. Beside them, not in the sum: the jitter's ops and the grayscale one by one on
 every view (``colour_op/*``), as TensorFlow runs them and XLA-compiled (``*_xla``, the
-pipeline's default), with TensorFlow's saturation and grayscale kernels, which the closed
+pipeline compiles the saturation only), with TensorFlow's saturation and grayscale kernels, which the closed
 forms of :mod:`harl_tf.data.colour` replace, for comparison (``*_tf``). With
 ``--simclr_dir``, SimCLR-tf2's matching stages too (decode and convert,
 crop + resize, flip, colour jitter + grayscale, blur), on the same JPEGs.
@@ -180,18 +180,18 @@ def colour_op_stages(images: tf.data.Dataset, configs, count: int, repeats: int,
                      report) -> None:
     """The colour jitter's ops one by one, and the grayscale, on both views of every
     example (always, not with their probabilities), each with its clip; the view's own
-    jitter factors. Each jitter op as TensorFlow runs it and XLA-compiled (``*_xla``, the
-    pipeline's default); beside the closed-form saturation and the one-product grayscale,
+    jitter factors. Each jitter op as TensorFlow runs it and XLA-compiled (``*_xla``; the
+    pipeline compiles the saturation only); beside the closed-form saturation and the one-product grayscale,
     TensorFlow's kernels they replace (``*_tf`` stages), on the same inputs."""
     with_factors = _cached(images.map(lambda x, v, c: (x, tuple(
         augment.view_jitter_draws(v[k], configs[k])[0] for k in range(2)))))
-    plain = lambda f: colour.jitter_ops(f, jit_compile=False)  # noqa: E731
-    compiled = lambda f: colour.jitter_ops(f, jit_compile=True)  # noqa: E731
     stages = {"saturation_tf": lambda x, f: tf.clip_by_value(
         tf.image.adjust_saturation(x, f[2]), 0.0, 1.0)}
     for code, name in enumerate(("brightness", "contrast", "saturation", "hue")):
-        stages[name] = lambda x, f, code=code: plain(f)[code](x)
-        stages[f"{name}_xla"] = lambda x, f, code=code: compiled(f)[code](x)
+        op = colour.CLIPPED_JITTER_OPS[code]
+        compiled = tf.function(op, jit_compile=True)
+        stages[name] = lambda x, f, code=code, op=op: op(x, f[code])
+        stages[f"{name}_xla"] = lambda x, f, code=code, op=compiled: op(x, f[code])
     stages["grayscale"] = lambda x, f: tf.clip_by_value(colour.to_grayscale(x), 0.0, 1.0)
     stages["grayscale_tf"] = lambda x, f: tf.clip_by_value(
         tf.image.grayscale_to_rgb(tf.image.rgb_to_grayscale(x)), 0.0, 1.0)

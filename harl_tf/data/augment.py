@@ -72,8 +72,8 @@ class ViewConfig:
     solarize_prob: float = 0.0
     solarize_threshold: float = 0.5
     resize_method: str = "bicubic"
-    # How the jitter is computed, not what: its ops XLA-compiled (colour.py), the same
-    # values to float rounding.
+    # How the jitter is computed, not what: its saturation XLA-compiled (colour.py), the
+    # same values to float rounding.
     jit_compile: bool = True
 
     def __post_init__(self):

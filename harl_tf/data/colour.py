@@ -7,23 +7,26 @@ gives the same numbers up to float rounding (the same augmentation; issue 28):
 * brightness x ↦ x·b and contrast ``tf.image.adjust_contrast``, as they are (a contrast
   from ``reduce_mean`` and ``bias_add`` measured 3× slower than TF's kernel);
 * saturation: TF converts to HSV, multiplies S by f, clips S to [0, 1] and converts back;
-  :func:`adjust_saturation` does the same in RGB (2.3–2.7× cheaper on one CPU thread);
+  :func:`adjust_saturation` does the same in RGB, XLA-compiled (below);
 * hue: ``tf.image.adjust_hue``. An exact RGB form exists (:func:`adjust_saturation`'s
   docstring has the idea, a rotation of the hue on the max / mid / min channels) and
   matched TF's kernel to 1e-6, but took 1.3× TF's time on a 224 px image (1.8× on a
   batch of 16), so TF's kernel stays.
 
-Each of the four ops runs with its clip as one XLA-compiled function (``jit_compile``,
-the default of :func:`jitter_in_order`): XLA fuses an op's elementwise chain into one
-pass over the image where TensorFlow runs one kernel per op, and gives the same values to
-float rounding (1.3e-6 at most, ``tests/test_colour.py``). On this project's 2-core CPU
-it halves the jitter's cost; compiling takes a few seconds once per image size. One
-function for the whole random-order jitter compiles for about a minute at 224 px (its
-16 branches), so the ops are compiled one by one and the order stays a ``switch_case``.
+The saturation and its clip run as one XLA-compiled function (``jit_compile``, the
+default of :func:`jitter_in_order`): XLA fuses its dozen elementwise ops into one pass
+over the image, with the same values to float rounding (``tests/test_colour.py``). Op by
+op on one thread (``python -m bench.bench_input_stages``, ``colour_op/*`` rows) that
+made the saturation 2.6× cheaper than TF's HSV kernel (0.42 against 1.05 ms per two-view
+example; the closed form as separate TF kernels costs as much as TF's, 1.09), while XLA
+left brightness and hue as they were and made the contrast dearer (0.50 against 0.39):
+they stay TensorFlow's kernels. Compiling takes a second or two per image size, once per
+process. One function for the whole random-order jitter was tried too: it compiles for
+about a minute at 224 px (its 16 branches).
 
 Grayscale is one matrix product with a 3 × 3 matrix of luma weights, which writes the
-luma to all three channels at once (about 4× cheaper than slices, products and a concat,
-or than ``tf.image.rgb_to_grayscale`` and ``grayscale_to_rgb``).
+luma to all three channels at once (2.6× cheaper than ``tf.image.rgb_to_grayscale`` then
+``grayscale_to_rgb``: 0.44 against 1.12 ms per two-view example).
 """
 from __future__ import annotations
 
@@ -229,11 +232,12 @@ def _clipped(op):
     return clipped
 
 
-_CLIPPED_OPS = tuple(_clipped(op) for op in _JITTER_OPS)
-# Module-level, so a process compiles each op once per image shape, whatever the number
-# of datasets it builds.
-_COMPILED_OPS = tuple(tf.function(op, jit_compile=True)
-                      for op in _CLIPPED_OPS)
+# Each op then its clip, by code: (image, factor) -> image.
+CLIPPED_JITTER_OPS = tuple(_clipped(op) for op in _JITTER_OPS)
+# What the pipeline runs: the saturation XLA-compiled (module docstring). Module-level, so
+# a process compiles it once per image shape, whatever the number of datasets it builds.
+COMPILED_JITTER_OPS = tuple(tf.function(op, jit_compile=True) if code == 2 else op
+                            for code, op in enumerate(CLIPPED_JITTER_OPS))
 
 
 def jitter_ops(factors: tf.Tensor, *, jit_compile: bool = True):
@@ -241,8 +245,8 @@ def jitter_ops(factors: tf.Tensor, *, jit_compile: bool = True):
     x·b, 1 contrast (``tf.image.adjust_contrast``), 2 saturation
     (:func:`adjust_saturation`), 3 hue (``tf.image.adjust_hue``), each followed by a
     clip to [0, 1]. Each maps float32 [..., 3] in [0, 1] to the same; with ``jit_compile``
-    an op and its clip run as one XLA-compiled function (module docstring)."""
-    ops = _COMPILED_OPS if jit_compile else _CLIPPED_OPS
+    the saturation and its clip run as one XLA-compiled function (module docstring)."""
+    ops = COMPILED_JITTER_OPS if jit_compile else CLIPPED_JITTER_OPS
     return [lambda x, op=op, k=k: op(x, factors[k]) for k, op in enumerate(ops)]
 
 
