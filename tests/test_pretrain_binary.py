@@ -16,6 +16,7 @@ import pytest
 import tensorflow as tf
 
 from harl_tf import bootstrap, config, hooks, losses, training
+from harl_tf.data import augment
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(REPO, "tests")
@@ -61,17 +62,23 @@ def test_every_config_field_is_a_flag_that_parses_back_to_it():
     values = flags.FlagValues()
     config.define_flags(config.PretrainConfig, values)
     names = set(config.flag_paths(config.PretrainConfig))
-    assert names == set(values) and len(names) == 49
-    assert {"depth", "momentum", "blur_prob_scale", "min_crop_area"} <= names
+    assert names == set(values) and len(names) == 50
+    assert {"depth", "momentum", "blur_prob_scale", "min_crop_area",
+            "augment_jit_compile"} <= names
     values(["pretrain"])
     assert config.from_flags(config.PretrainConfig, values) == config.PretrainConfig()
     values(["pretrain", "--depth=18", "--loss_mode=byol", "--momentum=0.8", "--seed=3",
             "--min_region_fraction=0.25", "--jit_compile", "--blur_prob_scale=0",
-            "--min_crop_area=0.3"])
+            "--min_crop_area=0.3", "--noaugment_jit_compile"])
     parsed = config.from_flags(config.PretrainConfig, values)
     assert parsed == config.PretrainConfig(depth=18, loss_mode="byol", momentum=0.8, seed=3,
                                            min_region_fraction=0.25, jit_compile=True,
-                                           blur_prob_scale=0.0, min_crop_area=0.3)
+                                           blur_prob_scale=0.0, min_crop_area=0.3,
+                                           augment_jit_compile=False)
+    # The views get it: the jitter runs TensorFlow's kernels only.
+    assert [v.jit_compile for v in augment.view_configs_from(parsed)] == [False, False]
+    assert [v.jit_compile for v in augment.view_configs_from(config.PretrainConfig())] == [
+        True, True]
     assert (parsed.model.encoder.depth, parsed.optimizer.momentum) == (18, 0.8)
     assert parsed.harl_config().total_steps == parsed.total_steps
     values["min_region_fraction"].value = -1.0        # negative: one feature cell (None)
