@@ -11,9 +11,10 @@ windows, crop + resize of the image, crop + resize (+ flip) of the mask, flip of
 image, colour jitter (its probability and random order included), grayscale, blur,
 solarize, final clip, batching; then the whole map function end to end, to compare with
 the sum. Beside them, not in the sum: the jitter's ops and the grayscale one by one on
-every view (``colour_op/*``), as TensorFlow runs them and XLA-compiled (``*_xla``, the
-pipeline compiles the saturation only), with TensorFlow's saturation and grayscale kernels, which the closed
-forms of :mod:`harl_tf.data.colour` replace, for comparison (``*_tf``). With
+every view (``colour_op/*``), as TensorFlow runs them and XLA-compiled (``*_xla``; the
+pipeline compiles the saturation only), with TensorFlow's saturation and grayscale
+kernels, which the closed forms of :mod:`harl_tf.data.colour` replace, for comparison
+(``*_tf``). With
 ``--simclr_dir``, SimCLR-tf2's matching stages too (decode and convert,
 crop + resize, flip, colour jitter + grayscale, blur), on the same JPEGs.
 
@@ -27,7 +28,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 
@@ -181,8 +181,9 @@ def colour_op_stages(images: tf.data.Dataset, configs, count: int, repeats: int,
     """The colour jitter's ops one by one, and the grayscale, on both views of every
     example (always, not with their probabilities), each with its clip; the view's own
     jitter factors. Each jitter op as TensorFlow runs it and XLA-compiled (``*_xla``; the
-    pipeline compiles the saturation only); beside the closed-form saturation and the one-product grayscale,
-    TensorFlow's kernels they replace (``*_tf`` stages), on the same inputs."""
+    pipeline compiles the saturation only); beside the closed-form saturation and the
+    one-product grayscale, TensorFlow's kernels they replace (``*_tf`` stages), on the same
+    inputs."""
     with_factors = _cached(images.map(lambda x, v, c: (x, tuple(
         augment.view_jitter_draws(v[k], configs[k])[0] for k in range(2)))))
     stages = {"saturation_tf": lambda x, f: tf.clip_by_value(

@@ -217,12 +217,9 @@ def _brightness(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
     return image * factor
 
 
-def _saturation(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
-    return adjust_saturation(image, factor)
-
-
 # The jitter's ops by code: 0 brightness, 1 contrast, 2 saturation, 3 hue.
-_JITTER_OPS = (_brightness, tf.image.adjust_contrast, _saturation, tf.image.adjust_hue)
+_JITTER_OPS = (_brightness, tf.image.adjust_contrast, adjust_saturation,
+               tf.image.adjust_hue)
 
 
 def _clipped(op):
