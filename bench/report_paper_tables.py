@@ -1,9 +1,10 @@
 r"""The paper's Tables 1-3 in miniature: every protocol on the same encoders, one JSON and one
 Markdown table (issue 30, item 7).
 
-    # once: the second test split and the transfer sets (bench.make_unseen_backgrounds,
-    # bench.make_transfer_sets); the encoders: bench.bench_learning at the 8x8 recipe,
-    # --work_dir=/work/runs/m8_s<seed> for seeds 0, 1, 2 (exports/<run> in each)
+    # once per machine: the fmnist-scenes records (bench.bench_learning --stages=build),
+    # the second test split and the transfer sets (bench.make_unseen_backgrounds,
+    # bench.make_transfer_sets). The encoders are kept in the repository
+    # (bench/encoders/README.md says how each was trained).
     python -m bench.report_paper_tables --split=validation --write_flagfiles   # settings
     python -m bench.report_paper_tables                                         # the table
 
@@ -22,8 +23,9 @@ by the encoder, the records, ``--embedding``, ``--seed`` and ``--output_dir``:
   the encoder fine-tuned; Table 3 in miniature); ``transfer_linear``,
   ``transfer_finetune``: the sets of bench.make_transfer_sets (Table 2).
 - fmnist-scenes protocols are scored on its test split and on the unseen-backgrounds split
-  (the same objects on photographs no training image shows), and the drop between the two
-  is a row of its own (paired by seed; lower is better).
+  (the same objects on photographs no training image shows) by the same trained model
+  (``--extra_eval_files``), and the drop between the two is a row of its own (paired by
+  seed; lower is better).
 - Classification protocols run twice: ``--embedding=global`` (exact-mask records; the
   masks are unused) and ``--embedding=foreground`` (HARL's object embedding, on records
   whose masks are the label-free conventional ones, train and evaluation alike).
@@ -45,10 +47,13 @@ leads" when the difference exceeds one pooled sd in that direction, else "level"
 
 Resumable: a run whose ``results.json`` exists is not run again. Each run's folder is
 ``<work_dir>/evals/<split>/<protocol>/<dataset>/<eval set>/<embedding>/<method>_s<seed>``
-plus a hash of its command and flagfile, so a changed flagfile or grid value is a new
-run, never a stale result. Failed runs are listed and left out (``--keep_going``).
-Writes ``bench/results/<output_name>.json`` and ``.md`` (``<output_name>_validation``
-for the validation split).
+plus a hash of its command (with the repository, records and work folders as
+placeholders) and flagfile, so a changed flagfile or grid value is a new run, never a
+stale result. Each finished run's results.json is also copied into ``--store_dir``
+(``bench/results/paper_tables_runs``, committed), where a later report on another machine
+finds it: the evaluations accumulate across sessions like the encoders. Failed runs are
+listed and left out (``--keep_going``). Writes ``bench/results/<output_name>.json`` and
+``.md`` (``<output_name>_validation`` for the validation split).
 """
 from __future__ import annotations
 
@@ -79,6 +84,8 @@ EMBEDDINGS = ("global", "foreground")
 LEARNING_RATES = (0.01, 0.03, 0.1)
 VALIDATION_NOTE = "# Validation:"
 VALIDATION_SEED = 0   # the carve's id hash seed: one validation split for every seed
+ENCODERS = "bench/encoders/fmnist_scenes_8x8/s{seed}/{run}"   # kept exports (in the repo)
+STORE = "bench/results/paper_tables_runs"                     # kept results.json files
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,9 +136,11 @@ def define_flags() -> None:
     flags.DEFINE_enum("split", "test", ["test", "validation"],
                       "test: the table (test and unseen-backgrounds splits); validation: "
                       "choose each protocol's setting on splits carved from train.")
-    flags.DEFINE_string("encoders", "/work/runs/m8_s{seed}/exports/{run}",
+    flags.DEFINE_string("encoders", ENCODERS,
                         "Export (or pretraining model_dir) of each pretrained encoder; "
-                        "{seed} and {run} (hybrid_conventional, byol) are filled in.")
+                        "{seed} and {run} (hybrid_conventional, byol) are filled in; "
+                        "relative to the repository root unless absolute. Default: the "
+                        "exports kept in the repository (bench/encoders/README.md).")
     flags.DEFINE_list("seeds", ["0", "1", "2"], "Pretraining seeds (one encoder each).")
     flags.DEFINE_list("protocols", [p.name for p in PROTOCOLS], "Protocols to run.")
     flags.DEFINE_list("methods", list(METHODS), "Methods to run.")
@@ -144,6 +153,10 @@ def define_flags() -> None:
                         "The transfer sets (bench.make_transfer_sets).")
     flags.DEFINE_string("work_dir", "/work/runs/paper_tables",
                         "Records this report builds, every run, logs.")
+    flags.DEFINE_string("store_dir", STORE,
+                        "Each finished run's results.json is copied here and read from "
+                        "here when its run folder is gone, so a report resumes on a new "
+                        "machine (relative to the repository root; '' for none).")
     flags.DEFINE_float("validation_fraction", 0.2, "--split=validation: share of each "
                        "dataset's train records held out (class-balanced).")
     flags.DEFINE_list("validation_methods", ["harl", "byol"],
@@ -222,6 +235,12 @@ def eval_sets(split: str, dataset: str) -> Tuple[str, ...]:
     return ("test", "unseen") if dataset == SCENES else ("test",)
 
 
+def scored_in(run: Run) -> str:
+    """The eval set of the run that scores ``run``: the unseen backgrounds are scored by the
+    test run's model (``--extra_eval_files=unseen=...``), so one training serves both."""
+    return "test" if run.eval_set == "unseen" else run.eval_set
+
+
 def plan(split: str, protocols: Sequence[str], methods: Sequence[str],
          seeds: Sequence[int]) -> List[Run]:
     """Every run of the report, in table order. Validation: the global embedding only, one
@@ -256,6 +275,7 @@ class Layout:
     transfer_dir: str
     work_dir: str
     split: str = "test"
+    store_dir: Optional[str] = None   # results.json of finished runs, kept (committed)
 
     def encoder(self, method: str, seed: int) -> str:
         return self.encoders.format(seed=seed, run=RUNS[method])
@@ -283,14 +303,27 @@ class Layout:
         settings = [line.strip() for line in _flagfile_text(run.protocol).splitlines()
                     if line.strip() and not line.lstrip().startswith("#")
                     and not (run.candidate and line.startswith(f"--{run.candidate[0]}="))]
-        # Not the interpreter's path nor where the repository is: only what the run does.
-        argv = [a.replace(ROOT, "<root>") for a in command[1:]]
+        # Not the interpreter's path nor where the repository or the records are: only what
+        # the run does (a store of results stays valid on another machine).
+        places = sorted(((self.work_dir, "<work>"), (self.records_dir, "<records>"),
+                         (self.unseen_dir, "<unseen>"), (self.transfer_dir, "<transfer>"),
+                         (ROOT, "<root>")), key=lambda p: -len(p[0]))
+        argv = list(command[1:])
+        for place, name in places:
+            argv = [a.replace(place, name) for a in argv]
         key = hashlib.sha256(json.dumps([argv, settings]).encode()).hexdigest()[:8]
         leaf = f"{run.method}_s{run.seed}"
         if run.candidate:
             leaf += f"_{run.candidate[0]}={run.candidate[1]:g}"
         return os.path.join(self.work_dir, "evals", self.split, run.protocol, run.dataset,
-                            run.eval_set, run.embedding, f"{leaf}-{key}")
+                            scored_in(run), run.embedding, f"{leaf}-{key}")
+
+    def stored(self, output_dir: str) -> Optional[str]:
+        """Where the store keeps the results.json of ``output_dir`` (None: no store)."""
+        if not self.store_dir:
+            return None
+        return os.path.join(self.store_dir, os.path.relpath(output_dir, self.work_dir),
+                            "results.json")
 
 
 def _flagfile_text(protocol: str) -> str:
@@ -303,7 +336,7 @@ def command(run: Run, layout: Layout) -> List[str]:
     protocol = BY_NAME[run.protocol]
     masks = "conventional" if run.embedding == "foreground" else "gt"
     train = layout.records(run.dataset, masks, "train")
-    evaluate = layout.records(run.dataset, masks, run.eval_set)
+    evaluate = layout.records(run.dataset, masks, scored_in(run))
     if run.method == "random":
         encoder = ["--encoder=random", f"--encoder_config={layout.encoder('harl', run.seed)}"]
     else:
@@ -312,6 +345,8 @@ def command(run: Run, layout: Layout) -> List[str]:
             f"--flagfile={os.path.join(ROOT, protocol.flagfile)}", *encoder,
             f"--train_files={train}", f"--eval_files={evaluate}", f"--seed={run.seed}",
             "--verbose=0"]
+    if run.dataset == SCENES and layout.split == "test":
+        argv.append(f"--extra_eval_files=unseen={layout.records(SCENES, masks, 'unseen')}")
     if protocol.mode != "segmentation":
         argv.append(f"--embedding={run.embedding}")
     if run.candidate:
@@ -320,16 +355,35 @@ def command(run: Run, layout: Layout) -> List[str]:
 
 
 def results_path(run: Run, layout: Layout) -> str:
-    return os.path.join(layout.output_dir(run, command(run, layout)), "results.json")
+    """The run's results.json: in its folder, else in the store when kept there (a run
+    whose results are in neither has not run; its folder's path is returned)."""
+    output_dir = layout.output_dir(run, command(run, layout))
+    path = os.path.join(output_dir, "results.json")
+    stored = layout.stored(output_dir)
+    if not os.path.exists(path) and stored and os.path.exists(stored):
+        return stored
+    return path
 
 
 def read_value(run: Run, layout: Layout) -> Optional[float]:
-    """The run's metric from its results.json, None when it has not run."""
+    """The run's metric from its results.json (the unseen backgrounds' from its
+    ``extra_eval``), None when it has not run."""
     path = results_path(run, layout)
     if not os.path.exists(path):
         return None
     with open(path) as f:
-        return float(json.load(f)[BY_NAME[run.protocol].metric])
+        results = json.load(f)
+    if run.eval_set != scored_in(run):
+        results = results["extra_eval"][run.eval_set]
+    return float(results[BY_NAME[run.protocol].metric])
+
+
+def keep(output_dir: str, layout: Layout) -> None:
+    """Copies a finished run's results.json into the store (atomically)."""
+    stored = layout.stored(output_dir)
+    if stored:
+        with open(os.path.join(output_dir, "results.json"), "rb") as f:
+            atomic.write_bytes_atomic(stored, f.read())
 
 
 Runner = Callable[[Sequence[str], str], float]
@@ -338,22 +392,29 @@ Runner = Callable[[Sequence[str], str], float]
 def execute(runs: Sequence[Run], layout: Layout, *, runner: Runner = common.run,
             keep_going: bool = True, dry_run: bool = False) -> dict:
     """Runs every run whose results.json is missing (``runner(argv, log_path)``, which
-    raises SystemExit on failure). Returns ``{"ran": [...], "skipped": n, "failed":
-    [...]}`` (run folders)."""
+    raises SystemExit on failure), once for runs that one training scores (test and unseen
+    backgrounds), and keeps each finished run's results in the store. Returns ``{"ran":
+    [...], "skipped": n, "failed": [...]}`` (run folders; skipped: done before)."""
     from harl_tf.progress import progress
     done = {"ran": [], "skipped": 0, "failed": []}
-    todo = [r for r in runs if not os.path.exists(results_path(r, layout))]
-    done["skipped"] = len(runs) - len(todo)
-    print(f"{len(runs)} runs: {done['skipped']} done before, {len(todo)} to run", flush=True)
-    for run in progress(todo, desc="paper tables", unit=" runs", disable=dry_run):
+    unique = {}
+    for run in runs:
         argv = command(run, layout)
-        output_dir = layout.output_dir(run, argv)
+        unique.setdefault(layout.output_dir(run, argv), (run, argv))
+    todo = [(folder, argv) for folder, (run, argv) in unique.items()
+            if not os.path.exists(results_path(run, layout))]
+    done["skipped"] = len(unique) - len(todo)
+    print(f"{len(unique)} runs: {done['skipped']} done before, {len(todo)} to run",
+          flush=True)
+    for output_dir, argv in progress(todo, desc="paper tables", unit=" runs",
+                                     disable=dry_run):
         argv = argv + [f"--output_dir={output_dir}"]
         if dry_run:
             print(shlex.join(argv))
             continue
         try:
             runner(argv, os.path.join(output_dir + ".log"))
+            keep(output_dir, layout)
             done["ran"].append(output_dir)
         except SystemExit as failure:
             if not keep_going:
@@ -586,8 +647,10 @@ def main(argv) -> None:
         raise errors.ConfigError(f"--protocols / --methods: unknown {unknown}; protocols "
                                  f"{list(BY_NAME)}, methods {list(METHODS)}")
     check_flagfiles(FLAGS.protocols)
-    layout = Layout(FLAGS.encoders, FLAGS.records_dir, FLAGS.unseen_dir, FLAGS.transfer_dir,
-                    FLAGS.work_dir, FLAGS.split)
+    in_repo = lambda path: path and os.path.join(ROOT, path)  # noqa: E731 (abs stays)
+    layout = Layout(in_repo(FLAGS.encoders), FLAGS.records_dir, FLAGS.unseen_dir,
+                    FLAGS.transfer_dir, FLAGS.work_dir, FLAGS.split,
+                    store_dir=in_repo(FLAGS.store_dir) or None)
     validation = FLAGS.split == "validation"
     seeds = [int(s) for s in (FLAGS.validation_seeds if validation else FLAGS.seeds)]
     methods = FLAGS.validation_methods if validation else FLAGS.methods

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 from harl_tf import distribute
@@ -40,6 +41,7 @@ TRAIN_IDS_FILE = "train_ids.txt"  # the labelled subset's record ids, one per li
 SHIFTED_EVAL_DIR = "eval_mixed_rand"  # --eval_background: the shifted eval records
 DEFAULT_VALIDATION_FRACTION = 0.2
 _DEFAULT_GRID_TEXT = "0,1e-4,1e-3,1e-2,1e-1,1"
+_SET_NAME = re.compile(r"[A-Za-z0-9_]+")
 
 
 def parse_grid(text: str, *, flag: str = "weight_decay_grid") -> Tuple[float, ...]:
@@ -81,6 +83,26 @@ def _encoder_config_from_flag(text: str) -> Union[Dict[str, Any], str, None]:
     return value
 
 
+def parse_extra_eval_files(text: str) -> Tuple[Tuple[str, str], ...]:
+    """``"unseen=/d/unseen-*.tfrecord;other=/e/*"`` -> ``(("unseen", "/d/unseen-*..."),
+    ("other", "/e/*"))``; ``""`` -> ``()``. Names are letters, digits and ``_``, unique,
+    and not an eval background's name; a malformed item is a ConfigError naming the flag."""
+    items = []
+    for item in (part.strip() for part in (text or "").split(";")):
+        if not item:
+            continue
+        name, sep, pattern = (part.strip() for part in item.partition("="))
+        if not sep or not _SET_NAME.fullmatch(name) or not pattern:
+            raise ConfigError(f"--extra_eval_files: {item!r} is not name=glob (name: "
+                              "letters, digits, _); separate sets with ';'.")
+        if name in EVAL_BACKGROUNDS or name in dict(items):
+            raise ConfigError(f"--extra_eval_files: the name {name!r} is "
+                              + ("taken by an eval background." if name in EVAL_BACKGROUNDS
+                                 else "given twice."))
+        items.append((name, pattern))
+    return tuple(items)
+
+
 def _output_stride_from_flag(text: str) -> Optional[int]:
     return None if text == KEEP else int(text)
 
@@ -100,6 +122,12 @@ class EvaluationConfig:
                                        required="the labelled evaluation records")
     output_dir: Optional[str] = option(None, "Results, TensorBoard logs, checkpoints.",
                                        required="where the results go")
+    extra_eval_files: Tuple[Tuple[str, str], ...] = option(
+        (), "More labelled evaluation sets scored by the same trained model, as "
+        "'name=glob;name=glob' (e.g. unseen=/data/unseen/test-*.tfrecord): each set's "
+        "scores go to results.json's extra_eval[name], on its own backgrounds. Their ids "
+        "are kept out of training like --eval_files'.", flag_default="",
+        from_flag=parse_extra_eval_files)
     encoder_config: Union[Dict[str, Any], str, None] = option(
         None, "For --encoder=random: JSON object (e.g. '{\"depth\": 50}'), JSON file, or an "
         "export directory whose architecture to copy.", flag_default="",
@@ -196,8 +224,24 @@ class EvaluationConfig:
         if list_files is not None:
             for flag in ("train_files", "eval_files"):
                 list_files(getattr(self, flag), caller=f"--{flag}")
+            for name, pattern in self.extra_eval_files:
+                list_files(pattern, caller=f"--extra_eval_files ({name})")
         if self.embedding != "global" and self.mode not in ("linear", "finetune", "knn"):
             raise ConfigError(f"--embedding={self.embedding} applies to --mode=linear, "
                               f"finetune and knn, not --mode={self.mode}.")
         if self.encoder == RANDOM and not self.encoder_config:
             raise ConfigError("--encoder=random needs --encoder_config.")
+
+
+def extra_scores(config: EvaluationConfig, scores: Dict[str, Dict[str, Any]],
+                 counts: Optional[Dict[str, int]] = None) -> Optional[Dict[str, Any]]:
+    """results.json's ``extra_eval``: each ``--extra_eval_files`` set's scores (and
+    ``num_eval`` from ``counts``), None when there are none."""
+    if not config.extra_eval_files:
+        return None
+    out = {}
+    for name, _ in config.extra_eval_files:
+        out[name] = dict(scores[name])
+        if counts is not None:
+            out[name]["num_eval"] = int(counts[name])
+    return out

@@ -169,6 +169,21 @@ def test_the_binary_rejects_bad_values_with_one_line_naming_the_flag(tmp_path):
     assert not os.path.exists(tmp_path / "out")  # nothing was started
 
 
+def test_extra_eval_files_parse_name_glob_pairs_and_reject_malformed_ones():
+    parsed = config.from_flags(EvaluationConfig, _fresh_flags(
+        "--extra_eval_files=unseen=/d/a-*.tfrecord,/d/b-*; other_2 = /e/*"))
+    assert parsed.extra_eval_files == (("unseen", "/d/a-*.tfrecord,/d/b-*"),
+                                       ("other_2", "/e/*"))
+    assert eval_config.parse_extra_eval_files(" ; ") == ()
+    for text, message in (("unseen", "is not name=glob"), ("a b=/x", "is not name=glob"),
+                          ("unseen=", "is not name=glob"),
+                          ("original=/x", "taken by an eval background"),
+                          ("u=/x;u=/y", "given twice")):
+        with pytest.raises(config.ConfigError, match=message) as e:
+            eval_config.parse_extra_eval_files(text)
+        assert str(e.value).startswith("--extra_eval_files: ")
+
+
 def test_a_flag_may_spell_its_field_differently():
     """config.option's flag_default (the flag's type), flag_choices (an enum flag) and
     from_flag, on a config of its own; an overridden flag is not converted."""

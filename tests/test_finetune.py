@@ -215,6 +215,34 @@ def test_evaluate_finetune_trains_the_encoder(records, tmp_path):
     assert os.path.exists(tmp_path / "ft" / "classifier.weights.h5")
 
 
+def test_extra_eval_sets_are_scored_by_the_trained_model_and_kept_out_of_training(
+        records, tmp_path):
+    """One fine-tuned model scores --eval_files and each extra set: the same records as an
+    extra set score exactly the same; records whose ids are training ids are left out of
+    training (8 of the 32) and scored on their own."""
+    (tmp_path / "copy").mkdir()
+    overlap = tmp_path / "copy" / "train.tfrecord"  # ids train.tfrecord/00000-00007, as train's
+    write_records(overlap, 8, seed=5)
+    eval_file = str(records / "eval.tfrecord")
+    config = evaluation.EvaluationConfig(
+        mode="finetune", encoder="random", train_files=str(records / "train.tfrecord"),
+        eval_files=eval_file, output_dir=str(tmp_path / "ft"),
+        extra_eval_files=(("again", eval_file), ("overlap", str(overlap))),
+        encoder_config={"depth": 18, "width_multiplier": 0.25, "small_stem": True},
+        image_size=32, batch_size=8, eval_batch_size=16, epochs=1, verbose=0)
+    results = evaluation.evaluate(config)
+    extra = results["extra_eval"]
+    assert results["num_train"] == 24 and results["num_eval"] == 16
+    assert extra["again"] == {"top1": results["top1"], "top5": results["top5"],
+                              "num_eval": 16}
+    assert extra["overlap"]["num_eval"] == 8 and 0 <= extra["overlap"]["top1"] <= 1
+    trained = set(subsets.read_ids(str(tmp_path / "ft" / "train_ids.txt")))
+    assert len(trained) == 24 and not trained & {f"train.tfrecord/{i:05d}" for i in range(8)}
+    assert results["background"] is None
+    with open(tmp_path / "ft" / "results.json") as f:
+        assert json.load(f)["extra_eval"] == extra
+
+
 def test_protocol_flagfiles_parse_and_encode_the_paper_protocols():
     script = (
         "import json, sys\n"

@@ -1,6 +1,7 @@
 """bench.report_paper_tables: its arithmetic (means, sd, pooled sd, verdicts, paired drops),
 its skip / resume logic and its validation choices, on faked results (no TensorFlow run
 except the validation carve of a few tiny records)."""
+import dataclasses
 import json
 import math
 import os
@@ -82,25 +83,31 @@ def test_rows_pair_drops_by_seed():
 # Plan, skip and resume ----------------------------------------------------------------------
 
 def _fake_runner(values, calls, fail=()):
-    """Writes results.json with the run's value (by output_dir leaf prefix) or fails."""
+    """Writes results.json with the run's value (by output_dir leaf prefix) and each
+    --extra_eval_files set's value, or fails."""
     def run(argv, log_path):
         output_dir = next(a.split("=", 1)[1] for a in argv if a.startswith("--output_dir="))
+        extra = [a.split("=")[1] for a in argv if a.startswith("--extra_eval_files=")]
         calls.append(output_dir)
         if any(f in output_dir for f in fail):
             raise SystemExit(f"failed (1): {argv[0]}")
         os.makedirs(output_dir, exist_ok=True)
         metric = "mean_iou" if "/seg_" in output_dir else "top1"
+        results = {metric: values(output_dir)}
+        if extra:
+            results["extra_eval"] = {name: {metric: values(output_dir, name)}
+                                     for name in extra}
         with open(os.path.join(output_dir, "results.json"), "w") as f:
-            json.dump({metric: values(output_dir)}, f)
+            json.dump(results, f)
         return 0.0
     return run
 
 
-def _value(output_dir):
+def _value(output_dir, eval_set="test"):
     leaf = os.path.basename(output_dir)
     method, seed = leaf.split("-")[0].split("_s")
     base = {"harl": 0.5, "byol": 0.4, "random": 0.1}[method]
-    return base + 0.01 * int(seed) - (0.1 if "/unseen/" in output_dir else 0.0)
+    return base + 0.01 * int(seed) - (0.1 if eval_set == "unseen" else 0.0)
 
 
 def test_plan_covers_every_cell():
@@ -122,16 +129,22 @@ def test_execute_skips_what_is_done_and_resumes(tmp_path):
     layout = _layout(tmp_path)
     runs = report.plan("test", ["knn", "seg_probe"], report.METHODS, [0, 1])
     assert len(runs) == 2 * 2 * 3 * 2 + 2 * 3 * 2          # knn 24, seg_probe 12
+    trainings = len(runs) // 2     # one run scores both the test and the unseen split
     calls = []
     # Some results are there before: a former, interrupted report.
     first = _fake_runner(_value, [])
     for run in runs[:5]:
         argv = report.command(run, layout)
+        assert f"--extra_eval_files=unseen={layout.records('fmnist_scenes', 'gt', 'unseen')}" \
+            in argv or run.embedding == "foreground"
         first(argv + [f"--output_dir={layout.output_dir(run, argv)}"], "")
+    before = len({report.results_path(r, layout) for r in runs if os.path.exists(
+        report.results_path(r, layout))})
+    assert 1 <= before <= 5
     done = report.execute(runs, layout, runner=_fake_runner(_value, calls), keep_going=True)
-    assert done["skipped"] == 5 and len(done["ran"]) == len(runs) - 5 == len(calls)
+    assert done["skipped"] == before and len(done["ran"]) == trainings - before == len(calls)
     again = report.execute(runs, layout, runner=_fake_runner(_value, calls))
-    assert again["skipped"] == len(runs) and again["ran"] == [] and len(calls) == len(runs) - 5
+    assert again["skipped"] == trainings and again["ran"] == []
     values = report.collect(runs, layout)
     knn = values[("knn", "fmnist_scenes", "test", "global")]
     assert knn["harl"] == {0: 0.5, 1: pytest.approx(0.51)}
@@ -143,12 +156,35 @@ def test_execute_skips_what_is_done_and_resumes(tmp_path):
     assert drop["statistics"]["byol"]["sd"] == pytest.approx(0.0, abs=1e-12)
 
 
+def test_the_store_carries_finished_runs_to_another_machine(tmp_path):
+    """Runs finished under one work and records folder are found, through the store, by a
+    report whose folders are elsewhere (a new machine; the encoders are the repository's):
+    nothing reruns, same values."""
+    store = str(tmp_path / "store")
+    first = dataclasses.replace(_layout(tmp_path / "a"), store_dir=store)
+    runs = report.plan("test", ["linear", "seg_probe"], ["harl", "byol"], [0, 1])
+    report.execute(runs, first, runner=_fake_runner(_value, []))
+    kept = [os.path.join(d, f) for d, _, files in os.walk(store) for f in files]
+    assert len(kept) == len(runs) // 2 and all(k.endswith("results.json") for k in kept)
+    elsewhere = dataclasses.replace(_layout(tmp_path / "b"), encoders=first.encoders,
+                                    store_dir=store)
+    calls = []
+    done = report.execute(runs, elsewhere, runner=_fake_runner(_value, calls))
+    assert calls == [] and done["skipped"] == len(runs) // 2
+    assert report.collect(runs, elsewhere) == report.collect(runs, first)
+    linear = report.collect(runs, elsewhere)[("linear", "fmnist_scenes", "unseen", "global")]
+    assert linear["harl"] == {0: pytest.approx(0.4), 1: pytest.approx(0.41)}
+    # Without the store, the new machine has nothing.
+    assert report.read_value(runs[0], dataclasses.replace(elsewhere, store_dir=None)) is None
+
+
 def test_failed_runs_are_listed_or_stop(tmp_path):
     layout = _layout(tmp_path)
     runs = report.plan("test", ["linear"], ["harl", "byol"], [0])
     calls = []
     done = report.execute(runs, layout, runner=_fake_runner(_value, calls, fail=("byol_s0",)))
-    assert len(done["failed"]) == 4 and len(done["ran"]) == 4   # 2 eval sets x 2 embeddings
+    assert len(done["failed"]) == 2 and len(done["ran"]) == 2   # 2 embeddings, each
+    # training scoring the test and the unseen-backgrounds splits
     assert all("byol_s0" in path for path in done["failed"])
     row = report.rows(report.collect(runs, layout))[0]
     assert row["statistics"]["byol"] is None and row["verdict"] == "–"
@@ -158,7 +194,7 @@ def test_failed_runs_are_listed_or_stop(tmp_path):
     # The failed runs are retried by the next report; the successful ones are not.
     retried = []
     report.execute(runs, layout, runner=_fake_runner(_value, retried))
-    assert len(retried) == 4 and all("byol_s0" in path for path in retried)
+    assert len(retried) == 2 and all("byol_s0" in path for path in retried)
 
 
 def test_run_folder_follows_settings_not_comments(tmp_path, monkeypatch):

@@ -158,9 +158,14 @@ def test_probe_trains_the_head_only_and_scores_mixed_rand_too(records, tmp_path,
 
     monkeypatch.setattr(segmentation, "fit_segmentation", fit_and_keep)
     reference = encoder_source.random_encoder(TINY, seed=0).encoder
-    results = evaluation.evaluate(_config(root, tmp_path, epochs=1, batch_size=128,
-                                          eval_background="both"))
+    results = evaluation.evaluate(_config(
+        root, tmp_path, epochs=1, batch_size=128, eval_background="both",
+        extra_eval_files=(("again", str(root / "eval.tfrecord")),)))
     model = captured["model"]
+    again = results["extra_eval"]["again"]  # the same probe, the same records
+    assert again["mean_iou"] == results["mean_iou"] and again["num_eval"] == 64
+    assert again["confusion_matrix"] == results["confusion_matrix"]
+    assert "again" not in results["background"]
     assert results["details"]["encoder_trainable"] is False
     shifted = results["background"]  # the same probe on the mixed_rand eval records
     assert shifted["original"]["mean_iou"] == results["mean_iou"]

@@ -51,8 +51,8 @@ from harl_tf.downstream import (encoder_source, knn, linear, probe_selection, se
                                 subsets)
 # The config is declared TensorFlow-free in eval_config (the finetune flags are made from
 # it); evaluate() takes it, so evaluation.EvaluationConfig names it here too.
-from harl_tf.eval_config import (RANDOM, RESULTS_FILE, SHIFTED_EVAL_DIR, TRAIN_IDS_FILE,
-                                 EvaluationConfig)
+from harl_tf.eval_config import (EVAL_BACKGROUNDS, RANDOM, RESULTS_FILE, SHIFTED_EVAL_DIR,
+                                 TRAIN_IDS_FILE, EvaluationConfig, extra_scores)
 from harl_tf.progress import keras_verbose
 
 
@@ -75,7 +75,9 @@ def evaluate(config: EvaluationConfig,
     A truncated or corrupt record file raises :class:`pipeline.CorruptRecordError` naming
     the file and the record."""
     check(config)
-    with pipeline.naming_corrupt_files(f"{config.train_files},{config.eval_files}"):
+    patterns = [config.train_files, config.eval_files,
+                *(pattern for _, pattern in config.extra_eval_files)]
+    with pipeline.naming_corrupt_files(",".join(patterns)):
         return _evaluate(config, strategy)
 
 
@@ -88,10 +90,15 @@ def _evaluate(config: EvaluationConfig,
     # Labels and ids first: cheap, and missing labels fail before the encoder is loaded.
     train_ids, train_labels = subsets.read_ids_and_labels(config.train_files, flag="train_files")
     eval_ids, eval_labels = subsets.read_ids_and_labels(config.eval_files, flag="eval_files")
-    num_classes = config.num_classes or int(max(train_labels.max(), eval_labels.max())) + 1
-    if max(train_labels.max(), eval_labels.max()) >= num_classes:
+    for name, pattern in config.extra_eval_files:  # kept out of training too
+        ids, labels = subsets.read_ids_and_labels(pattern, flag=f"extra_eval_files ({name})")
+        eval_ids, eval_labels = (np.concatenate([eval_ids, ids]),
+                                 np.concatenate([eval_labels, labels]))
+    largest = int(max(train_labels.max(), eval_labels.max()))
+    num_classes = config.num_classes or largest + 1
+    if largest >= num_classes:
         raise ConfigError(f"--num_classes={num_classes} but the records have label "
-                          f"{int(max(train_labels.max(), eval_labels.max()))}.")
+                          f"{largest}.")
     chosen = subsets.label_subset(train_ids, train_labels, config.label_fraction,
                                   exclude_ids=eval_ids, seed=config.subset_seed)
     subsets.write_ids(os.path.join(config.output_dir, TRAIN_IDS_FILE), chosen)
@@ -142,6 +149,7 @@ def _evaluate(config: EvaluationConfig,
     weight_decay = config.weight_decay
     scores: Dict[str, Dict[str, float]] = {}  # eval background -> {"top1", "top5"}
     empty_regions: Dict[str, Optional[int]] = {}  # split -> examples pooled over no pixel
+    counts: Dict[str, int] = {}  # eval set -> examples scored
     if config.mode == "knn" or (config.mode == "linear" and not config.linear_augmentation):
         train_features = features_of(train_files, "train features")
         empty_regions["train"] = _empty_regions(train_features)
@@ -152,7 +160,7 @@ def _evaluate(config: EvaluationConfig,
                     train_features.features, train_features.labels, queries.features,
                     queries.labels, num_classes, k=config.knn_k,
                     temperature=config.knn_temperature)
-                num_eval = len(queries)
+                counts[name] = len(queries)
             details = {"k": config.knn_k, "temperature": config.knn_temperature,
                        "weighting": "exp(cosine / temperature)"}
         else:
@@ -176,7 +184,7 @@ def _evaluate(config: EvaluationConfig,
                 queries = eval_features(name, files)
                 scores[name] = linear.topk_accuracy(
                     model.predict(queries.features, verbose=0), queries.labels)
-                num_eval = len(queries)
+                counts[name] = len(queries)
             details = {"training": "precomputed centre-crop features, no augmentation",
                        "standardized": config.standardize_features}
         num_train = len(train_features)
@@ -199,10 +207,11 @@ def _evaluate(config: EvaluationConfig,
             logits, labels = linear.predict_scores(model, centre_crops(files),
                                                    desc=f"evaluate ({name})")
             scores[name] = linear.topk_accuracy(logits, labels)
-            num_eval = len(labels)
+            counts[name] = len(labels)
         details = {"training": "random crop + flip", "steps_per_epoch": steps_per_epoch}
         num_train = len(chosen)
-    metrics = scores["original" if "original" in scores else "mixed_rand"]
+    primary = "original" if "original" in scores else "mixed_rand"
+    metrics, num_eval = scores[primary], counts[primary]
 
     results = {
         "mode": config.mode,
@@ -220,6 +229,7 @@ def _evaluate(config: EvaluationConfig,
         "weight_decay": weight_decay,
         "weight_decay_selection": selection,
         "background": _background_summary(config, scores),
+        "extra_eval": extra_scores(config, scores, counts),
         "config": dataclasses.asdict(config),
         "seconds": round(time.time() - started, 1),
         "versions": saved_encoder.versions(),
@@ -245,6 +255,7 @@ def _evaluation_sets(config: EvaluationConfig) -> Dict[str, str]:
             config.eval_files, os.path.join(config.output_dir, SHIFTED_EVAL_DIR),
             mode="mixed_rand", seed=config.background_seed, flag="eval_files")
         sets["mixed_rand"] = ",".join(summary["outputs"])
+    sets.update(config.extra_eval_files)
     return sets
 
 
@@ -256,7 +267,8 @@ def _background_summary(config: EvaluationConfig,
         return None
     summary: Dict[str, Any] = {"eval_background": config.eval_background,
                                "seed": config.background_seed,
-                               "shifted_eval_dir": SHIFTED_EVAL_DIR, **scores}
+                               "shifted_eval_dir": SHIFTED_EVAL_DIR,
+                               **{k: v for k, v in scores.items() if k in EVAL_BACKGROUNDS}}
     if "original" in scores and "mixed_rand" in scores:
         summary["gap_top1"] = scores["original"]["top1"] - scores["mixed_rand"]["top1"]
     return summary

@@ -49,8 +49,8 @@ from harl_tf.data import pipeline
 from harl_tf.downstream import encoder_source, linear, subsets
 from harl_tf.downstream.segmentation_metrics import confusion_matrix, segmentation_scores
 from harl_tf.eval_config import SEGMENTATION_HEADS as HEADS
-from harl_tf.eval_config import (RESULTS_FILE, SHIFTED_EVAL_DIR, TRAIN_IDS_FILE,
-                                 EvaluationConfig)
+from harl_tf.eval_config import (EVAL_BACKGROUNDS, RESULTS_FILE, SHIFTED_EVAL_DIR,
+                                 TRAIN_IDS_FILE, EvaluationConfig, extra_scores)
 from harl_tf.progress import keras_verbose, progress
 
 DECODER_CHANNELS = 256            # width of the fcn / aspp decoder (DeepLabv3's)
@@ -287,6 +287,7 @@ def evaluate(config: EvaluationConfig, strategy: tf.distribute.Strategy, *,
                     "steps_per_epoch": steps_per_epoch, **decoder},
         "weight_decay": config.weight_decay,
         "background": _background_summary(config, scores),
+        "extra_eval": extra_scores(config, scores),
         "config": dataclasses.asdict(config),
         "seconds": round(time.time() - started, 1),
         "versions": saved_encoder.versions(),
@@ -306,8 +307,9 @@ def _background_summary(config: EvaluationConfig,
                                "seed": config.background_seed,
                                "shifted_eval_dir": SHIFTED_EVAL_DIR}
     for name, values in scores.items():
-        summary[name] = {k: values[k] for k in ("mean_iou", "pixel_accuracy",
-                                                "per_class_iou")}
+        if name in EVAL_BACKGROUNDS:
+            summary[name] = {k: values[k] for k in ("mean_iou", "pixel_accuracy",
+                                                    "per_class_iou")}
     if "original" in scores and "mixed_rand" in scores:
         summary["gap_mean_iou"] = (scores["original"]["mean_iou"]
                                    - scores["mixed_rand"]["mean_iou"])
