@@ -46,6 +46,13 @@ from harl_tf.masks import deep, folder, get_method, quality  # noqa: E402
 from harl_tf.masks.deep import head_training, refine  # noqa: E402
 
 FLAGS = flags.FLAGS
+# Refinement presets of --refine_grid (guided: a window of 4 working px, eps 0.02;
+# grabcut: 1 or 3 iterations, grabcut3_sure also fixes pixels with p < 0.05 or > 0.95).
+REFINEMENTS = {"none": deep.RefineConfig("none"), "segments": deep.RefineConfig("segments"),
+               "guided": deep.RefineConfig("guided", radius=4, eps=0.02),
+               "grabcut": deep.RefineConfig("grabcut"),
+               "grabcut3": deep.RefineConfig("grabcut", iterations=3),
+               "grabcut3_sure": deep.RefineConfig("grabcut", iterations=3, sure=0.05)}
 flags.DEFINE_string("data", "../shared/data/fmnist-scenes", "Dataset root (train/ and test/ "
                     "with images/ and masks/).")
 flags.DEFINE_string("encoder", None, "Encoder SavedModel export dir (default: a randomly "
@@ -67,11 +74,13 @@ flags.DEFINE_list("input_sizes_grid", ["64", "128", "64+128"], "Encoder input si
 flags.DEFINE_list("fusion_grid", ["none", "sigma0.4+no_grabcut"], "Pseudo-label fusion "
                   "candidates: conventional settings ('+'-joined) fused with the "
                   "pseudo-masks, or none.")
-flags.DEFINE_list("refine_grid", ["none", "segments", "guided", "grabcut"],
-                  "Refinement candidates (harl_tf.masks.deep.refine methods).")
+flags.DEFINE_list("refine_grid", list(REFINEMENTS),
+                  "Refinement candidates (presets of harl_tf.masks.deep.refine methods: "
+                  + ", ".join(REFINEMENTS) + ").")
 flags.DEFINE_list("head_grid", ["linear", "context"], "Head candidates (TrainConfig.head: "
                   "the paper's 1x1, or the 3x3 context head).")
-flags.DEFINE_list("threshold_grid", ["0.4", "0.5", "0.6", "0.7"], "Threshold candidates.")
+flags.DEFINE_list("threshold_grid", ["0.4", "0.5", "0.6", "0.7", "0.8"],
+                  "Threshold candidates.")
 flags.DEFINE_list("self_training_grid", ["0", "1", "2"], "Self-training rounds candidates.")
 flags.DEFINE_list("self_training_labels_grid", ["refined", "refined_and_pseudo"],
                   "Self-training label candidates (TrainConfig.self_training_labels).")
@@ -79,11 +88,6 @@ flags.DEFINE_integer("epochs", 20, "Head training epochs per round.")
 flags.DEFINE_integer("batch_size", 32, "Batch size (features and inference).")
 flags.DEFINE_integer("seed", 0, "Seed of the subsets and the head.")
 flags.DEFINE_string("results_name", "bench_masks_deep", "bench/results/<name>.json")
-
-# Refinement presets of --refine_grid (guided: a window of 4 working px, eps 0.02).
-REFINEMENTS = {"none": deep.RefineConfig("none"), "segments": deep.RefineConfig("segments"),
-               "guided": deep.RefineConfig("guided", radius=4, eps=0.02),
-               "grabcut": deep.RefineConfig("grabcut")}
 
 
 def split_train(relative, train_limit, select_limit, seed):
@@ -249,6 +253,9 @@ def flags_line(chosen, refinement) -> str:
         parts += [f"--refine_radius={refinement.radius}", f"--refine_eps={refinement.eps}"]
     if refinement.method == "segments":
         parts.append("--refine_scales=" + ",".join(f"{s:g}" for s in refinement.scales))
+    if refinement.method == "grabcut":
+        parts += [f"--refine_iterations={refinement.iterations}",
+                  f"--refine_sure={refinement.sure:g}"]
     return " ".join(parts)
 
 
