@@ -112,3 +112,34 @@ def test_sweep_configuration_runs_the_former_flags():
     assert values == _values(former)
     assert (values["train_steps"], values["image_size"], values["mixed_precision"]) == (
         1000, 64, "mixed_bfloat16")
+
+
+def test_cutouts_objects_are_grouped_by_mask_shape_and_kept_out_of_selection():
+    """bench_masks_deep --select_unseen_objects: the same cut-out at other sizes, places
+    and flips is one group, another shape or class another; no group is on both sides."""
+    import numpy as np
+    from bench import bench_masks_deep as deep_bench
+
+    def paste(shape, scale, top, left, flip=False):
+        mask = np.zeros((64, 64), np.uint8)
+        rows = (np.arange(int(shape.shape[0] * scale)) / scale).astype(int)
+        cols = (np.arange(int(shape.shape[1] * scale)) / scale).astype(int)
+        piece = shape[rows][:, cols]
+        piece = piece[:, ::-1] if flip else piece
+        mask[top:top + piece.shape[0], left:left + piece.shape[1]] = piece
+        return mask
+
+    ell = np.zeros((10, 8), np.uint8)
+    ell[:, :3] = ell[7:, :] = 1                                # an L
+    disc = (np.hypot(*np.mgrid[-5:5, -5:5] + 0.5) < 5).astype(np.uint8)
+    masks = [paste(ell, 2, 3, 4), paste(ell, 4, 10, 20, flip=True), paste(ell, 3, 0, 30),
+             paste(disc, 3, 5, 5), paste(disc, 2, 30, 30), paste(ell, 2, 3, 4)]
+    classes = ["a", "a", "a", "a", "a", "b"]
+    groups = deep_bench.object_groups(masks, classes)
+    assert groups[:3] == [0, 0, 0] and groups[3] == groups[4] == 1 and groups[5] == 2
+    relative = [f"x/{i}.jpg" for i in range(6)]
+    head, select = deep_bench.split_by_object(relative, groups, train_limit=10,
+                                              select_limit=2, seed=0)
+    by_name = dict(zip(relative, groups))
+    assert not {by_name[r] for r in head} & {by_name[r] for r in select}
+    assert sorted(head + select) == sorted(relative) and len(select) >= 2
