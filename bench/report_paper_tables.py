@@ -636,7 +636,8 @@ def check_encoders(layout: Layout, methods: Sequence[str], seeds: Sequence[int])
             f"{', ...' if len(missing) > 4 else ''}); pretrain and export them with "
             "python -m bench.bench_learning --dataset=fmnist_scenes "
             "--recipe_flagfile=flags/fmnist_scenes_8x8_base.cfg --work_dir=<dir of seed> "
-            "--seed=<seed> --methods=byol,hybrid_conventional.")
+            "--seed=<seed> --methods=byol,hybrid_conventional, then keep them with "
+            "python -m bench.keep_encoders (bench/encoders/README.md).")
 
 
 def main(argv) -> None:
