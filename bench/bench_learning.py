@@ -77,6 +77,10 @@ flags.DEFINE_enum("dataset", "cutouts", ["cutouts", "fashion_mnist", "fmnist_sce
                   "Dataset.")
 flags.DEFINE_string("data_dir", "", "Dataset root (default: ../shared/data/<dataset>).")
 flags.DEFINE_string("work_dir", "/tmp/harl_bench_learning", "Runs and evaluations.")
+flags.DEFINE_string("deep_masks_dir", "", "fmnist_scenes: deep masks of its train and test "
+                    "images (tools.generate_masks --method=deep, run on each split: "
+                    "<dir>/train/<class>/<id>.png, <dir>/test/...), the mask source of the "
+                    "*_deep methods (issue 26: HARL on deep masks).")
 flags.DEFINE_string("records_dir", "", "Records (and fmnist_scenes' split folders and "
                     "conventional masks), shared by work dirs (default: work_dir/records).")
 flags.DEFINE_enum("eval_split", "test", ["test", "validation"],
@@ -132,6 +136,8 @@ METHODS = {
     "hybrid_conventional": ("hybrid", "conventional"),
     "mask_ground_truth": ("mask", "ground_truth"),
     "hybrid_ground_truth": ("hybrid", "ground_truth"),
+    "mask_deep": ("mask", "deep"),
+    "hybrid_deep": ("hybrid", "deep"),
     "supervised": (None, None),
 }
 # Trained with labels instead of pretrained: the ceiling at the same encoder and budget.
@@ -211,16 +217,19 @@ def _fmnist_scenes_folders() -> dict:
                              "val": [(p, "train") for i, p in enumerate(images)
                                      if i in held_out]}}[FLAGS.eval_split]
     out = {}
-    for masks in ("ground_truth", "conventional"):
+    for masks in _mask_sources():
         tree = os.path.join(root, f"{FLAGS.eval_split}_{masks}")
         out[masks] = tree
+        if masks == "deep":  # one records_dir holds one set of deep masks, never two
+            _check_deep_source(tree)
         if os.path.exists(os.path.join(tree, "classes.txt")):
             continue
         for split, entries in layout.items():
             for image, source_split in entries:
                 rel = os.path.relpath(image, os.path.join(src, source_split, "images"))
-                mask = (os.path.join(src, source_split, "masks", rel) if masks == "ground_truth"
-                        else os.path.join(conv, source_split, rel))
+                mask = {"ground_truth": os.path.join(src, source_split, "masks", rel),
+                        "conventional": os.path.join(conv, source_split, rel),
+                        "deep": os.path.join(FLAGS.deep_masks_dir, source_split, rel)}[masks]
                 mask = os.path.splitext(mask)[0] + ".png"
                 for kind, target in (("images", image), ("masks", mask)):
                     link = os.path.join(tree, split, kind, os.path.splitext(rel)[0]
@@ -234,6 +243,40 @@ def _fmnist_scenes_folders() -> dict:
             f.write(classes)
         os.replace(os.path.join(tree, "classes.txt.tmp"), os.path.join(tree, "classes.txt"))
     return out
+
+
+def _mask_sources() -> tuple:
+    """The mask sources whose records fmnist_scenes builds: deep ones too with
+    --deep_masks_dir (each of its masks checked to exist before any link is made)."""
+    if not FLAGS.deep_masks_dir:
+        return ("ground_truth", "conventional")
+    src = os.path.abspath(_data_dir())
+    for split in ("train", "test"):
+        for image in glob.glob(os.path.join(src, split, "images", "*", "*.jpg")):
+            rel = os.path.relpath(image, os.path.join(src, split, "images"))
+            mask = os.path.join(FLAGS.deep_masks_dir, split, os.path.splitext(rel)[0] + ".png")
+            if not os.path.exists(mask):
+                raise app.UsageError(f"--deep_masks_dir: no mask {mask} for {image}; run "
+                                     "tools.generate_masks --method=deep on that split.")
+    return ("ground_truth", "conventional", "deep")
+
+
+def _check_deep_source(tree: str) -> None:
+    """Records the --deep_masks_dir a records_dir's deep tree links to; another one is a
+    UsageError (its records would silently hold the first masks)."""
+    source = os.path.join(tree, "deep_masks_dir.txt")
+    wanted = os.path.abspath(FLAGS.deep_masks_dir)
+    if os.path.exists(source):
+        with open(source) as f:
+            held = f.read().strip()
+        if held != wanted:
+            raise app.UsageError(f"--records_dir holds records of the deep masks in {held}, "
+                                 f"not {wanted}; use another --records_dir.")
+        return
+    os.makedirs(tree, exist_ok=True)
+    with open(source + ".tmp", "w") as f:
+        f.write(wanted + "\n")
+    os.replace(source + ".tmp", source)
 
 
 def _fashion_mnist_folder() -> str:
@@ -250,7 +293,7 @@ def build_records() -> dict:
     seconds = {}
     if FLAGS.dataset == "fmnist_scenes":
         folders = _fmnist_scenes_folders()
-        for masks in ("ground_truth", "conventional"):
+        for masks in _mask_sources():
             out = _records(masks)
             if os.path.exists(os.path.join(out, "manifest.json")):
                 continue
@@ -591,6 +634,10 @@ def main(argv) -> None:
     unknown = [m for m in FLAGS.methods if m not in METHODS]
     if unknown:
         raise app.UsageError(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
+    deep = [m for m in FLAGS.methods if METHODS[m][1] == "deep"]
+    if deep and not (FLAGS.deep_masks_dir and FLAGS.dataset == "fmnist_scenes"):
+        raise app.UsageError(f"--methods: {deep} pretrain on deep masks: give "
+                             "--deep_masks_dir (fmnist_scenes only).")
     machine = common.machine_info()
     print(common.describe_machine(machine), flush=True)
     name = FLAGS.results_name or ("bench_learning" if FLAGS.dataset == "cutouts"

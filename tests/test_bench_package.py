@@ -118,7 +118,7 @@ def test_cutouts_objects_are_grouped_by_mask_shape_and_kept_out_of_selection():
     """bench_masks_deep --select_unseen_objects: the same cut-out at other sizes, places
     and flips is one group, another shape or class another; no group is on both sides."""
     import numpy as np
-    from bench import bench_masks_deep as deep_bench
+    from bench.common import splits
 
     def paste(shape, scale, top, left, flip=False):
         mask = np.zeros((64, 64), np.uint8)
@@ -135,11 +135,42 @@ def test_cutouts_objects_are_grouped_by_mask_shape_and_kept_out_of_selection():
     masks = [paste(ell, 2, 3, 4), paste(ell, 4, 10, 20, flip=True), paste(ell, 3, 0, 30),
              paste(disc, 3, 5, 5), paste(disc, 2, 30, 30), paste(ell, 2, 3, 4)]
     classes = ["a", "a", "a", "a", "a", "b"]
-    groups = deep_bench.object_groups(masks, classes)
+    groups = splits.object_groups(masks, classes)
     assert groups[:3] == [0, 0, 0] and groups[3] == groups[4] == 1 and groups[5] == 2
     relative = [f"x/{i}.jpg" for i in range(6)]
-    head, select = deep_bench.split_by_object(relative, groups, train_limit=10,
+    head, select = splits.split_by_object(relative, groups, train_limit=10,
                                               select_limit=2, seed=0)
     by_name = dict(zip(relative, groups))
     assert not {by_name[r] for r in head} & {by_name[r] for r in select}
     assert sorted(head + select) == sorted(relative) and len(select) >= 2
+
+
+_DEEP_SOURCE = """
+import json, sys
+from absl import app, flags
+from bench import bench_learning
+flags.FLAGS(["bench_learning", "--dataset=fmnist_scenes", *json.loads(sys.argv[1])])
+bench_learning._num_train = lambda: 10000
+out = {"train_files": [a for a in bench_learning.pretrain_flags("hybrid_deep")
+                       if a.startswith("--train_files=")]}
+tree = sys.argv[2]
+bench_learning._check_deep_source(tree)
+bench_learning._check_deep_source(tree)          # the same masks again: fine
+flags.FLAGS.deep_masks_dir = "/elsewhere"
+try:
+    bench_learning._check_deep_source(tree)
+except app.UsageError as e:
+    out["error"] = str(e)
+print(json.dumps(out))
+"""
+
+
+def test_bench_learning_pretrains_on_deep_masks_from_their_own_records(tmp_path):
+    """hybrid_deep reads the deep masks' records; a records_dir that holds one set of deep
+    masks refuses another (its records would silently be the first)."""
+    out = _python(_DEEP_SOURCE, json.dumps([f"--records_dir={tmp_path}/r",
+                                            "--deep_masks_dir=/deep/v1"]), str(tmp_path / "t"))
+    assert out["train_files"] == [f"--train_files={tmp_path}/r/fmnist_scenes_test_deep/"
+                                  "train-*.tfrecord"]
+    assert out["error"].startswith("--records_dir holds records of the deep masks in "
+                                   "/deep/v1, not /elsewhere")

@@ -10,7 +10,8 @@
 - :mod:`bench.common.processes`: the subprocess runner (``run``), peak memory of a
   process tree (``PeakRss``), the soak's access to the tests' helpers;
 - :mod:`bench.common.data`: synthetic records, JPEG bytes, SimCLR's data_util, a
-  labelled image folder.
+  labelled image folder;
+- :mod:`bench.common.splits`: train splits whose parts share no object (cutouts).
 
 The benchmarks run from the repository root as modules (``python -m bench.<name>``), so
 ``bench`` and ``harl_tf`` import without any path set-up. Nothing here imports TensorFlow
