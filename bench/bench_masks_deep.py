@@ -92,6 +92,9 @@ flags.DEFINE_integer("epochs", 20, "Head training epochs per round.")
 flags.DEFINE_integer("batch_size", 32, "Batch size (features and inference).")
 flags.DEFINE_integer("seed", 0, "Seed of the subsets and the head.")
 flags.DEFINE_string("results_name", "bench_masks_deep", "bench/results/<name>.json")
+flags.DEFINE_string("save_model", "", "Also save the chosen saliency model there (a model "
+                    "directory tools.generate_masks --method=deep reads; its encoder is "
+                    "referenced by path, not copied).")
 
 
 def split_train(relative, train_limit, select_limit, seed):
@@ -315,6 +318,8 @@ def main(argv) -> None:
         t0 = time.time()
         model = train_chosen(encoder, head_images, pseudo, chosen, provenance)
         train_seconds = time.time() - t0
+        if FLAGS.save_model:
+            model.save(FLAGS.save_model)
         paper_size = FLAGS.paper_input_size or int(head_images[0].shape[0])
         paper = deep.train_saliency_head(
             encoder, head_images, pseudo, input_size=paper_size,
