@@ -2,24 +2,31 @@ r"""Keep a benchmark's pretrained encoders in the repository, with where they ca
 
     python -m bench.keep_encoders --work_dir=/work/runs/m8_s0 --seed=0 \
         --runs=hybrid_conventional,byol --commit=<commit that trained them>
+    python -m bench.keep_encoders --restore_to=/work/runs/encoders   # full SavedModels
 
 A session's machine does not outlive it, and an 8x8 fmnist-scenes pretraining costs about
 half an hour, so the encoders every evaluation reads are trained once and kept here:
-``bench/encoders/<--recipe>/s<seed>/<run>/`` is the export that
-``bench.bench_learning`` wrote to ``<work_dir>/exports/<run>`` (SavedModel, Keras
-weights, ``harl_export.json``), copied atomically, plus ``provenance.json``:
+``bench/encoders/<--recipe>/s<seed>/<run>/`` holds the export that
+``bench.bench_learning`` wrote to ``<work_dir>/exports/<run>`` without its SavedModel
+(``harl_export.json`` and the Keras weights ``encoder.weights.h5``: 11 MB for the 8x8
+recipe's encoder instead of 23; ``harl_tf.finetune --encoder=`` reads such a folder as it
+is), copied atomically, plus ``provenance.json``:
 
 - ``pretraining``: the run's ``config.json`` (every pretraining setting, seed included)
   and the last logged training metrics (step, loss, images/s);
 - ``commit``: the code that trained it (``--commit``; the runs use a worktree pinned to
   it); ``machine``: this machine; ``files``: size and sha256 of every exported file.
 
-``bench.report_paper_tables`` and ``bench.bench_masks_deep`` read the kept exports by
-default (bench/encoders/README.md lists them). An encoder already kept is replaced only
-with ``--overwrite``.
+``--restore_to=DIR`` writes every kept encoder back as a full export
+(``DIR/<recipe>/s<seed>/<run>``: the SavedModel rebuilt from the kept weights, through
+``harl_tf.saved_encoder.export_encoder``), for what reads SavedModels (the deep masks,
+``TFSMLayer``). ``bench.report_paper_tables`` reads the kept folders by default
+(bench/encoders/README.md lists them). An encoder already kept is replaced only with
+``--overwrite``.
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -34,11 +41,14 @@ from harl_tf import atomic, errors
 FLAGS = flags.FLAGS
 ENCODERS_DIR = os.path.join(common.ROOT, "bench", "encoders")
 PROVENANCE = "provenance.json"
+KEPT_FILES = ("harl_export.json", "encoder.weights.h5")   # saved_encoder's names
 
 
 def define_flags() -> None:
     flags.DEFINE_string("work_dir", None, "bench.bench_learning's --work_dir of the runs "
                         "(exports/<run> and runs/<run> in it).")
+    flags.DEFINE_string("restore_to", None, "Instead of keeping: write every kept encoder "
+                        "of --recipe back as a full export under this folder.")
     flags.DEFINE_integer("seed", None, "The runs' pretraining seed.")
     flags.DEFINE_list("runs", ["hybrid_conventional", "byol"], "Run names to keep.")
     flags.DEFINE_string("recipe", "fmnist_scenes_8x8", "Folder under bench/encoders.")
@@ -103,10 +113,12 @@ def keep(work_dir: str, run: str, destination: str, *, commit: str,
         "run": run, "commit": commit, "machine": common.machine_info(),
         "pretraining": {"config": config, "final": last_metrics(
             os.path.join(work_dir, "logs", f"pretrain_{run}.log"))},
-        "files": file_table(export)}
+        "files": file_table(export), "kept": list(KEPT_FILES)}
     temporary = f"{destination}.tmp-{os.getpid()}"
     shutil.rmtree(temporary, ignore_errors=True)
-    shutil.copytree(export, temporary)
+    os.makedirs(temporary)
+    for name in KEPT_FILES:
+        shutil.copy2(os.path.join(export, name), os.path.join(temporary, name))
     atomic.write_json_atomic(os.path.join(temporary, PROVENANCE), provenance)
     if os.path.exists(destination):
         shutil.rmtree(destination)
@@ -115,8 +127,32 @@ def keep(work_dir: str, run: str, destination: str, *, commit: str,
     return provenance
 
 
+def restore(kept: str, export_dir: str) -> dict:
+    """Writes the kept encoder ``kept`` as a full export at ``export_dir`` (SavedModel,
+    weights, metadata; atomic, replacing an earlier restore); returns its metadata."""
+    from harl_tf import saved_encoder
+    from harl_tf.downstream import encoder_source
+    loaded = encoder_source.load_from_export(kept)
+    source = dict(saved_encoder.read_metadata(kept).get("source") or {}, restored_from=kept)
+    return saved_encoder.export_encoder(loaded.encoder, export_dir,
+                                        encoder_config=loaded.config, overwrite=True,
+                                        source=source)
+
+
 def main(argv) -> None:
     del argv
+    root = os.path.join(ENCODERS_DIR, FLAGS.recipe)
+    if FLAGS.restore_to:
+        kept = sorted(os.path.dirname(os.path.relpath(path, root)) for path in
+                      glob.glob(os.path.join(root, "s*", "*", KEPT_FILES[0])))
+        for relative in kept:
+            destination = os.path.join(FLAGS.restore_to, FLAGS.recipe, relative)
+            restore(os.path.join(root, relative), destination)
+            print(f"{destination}: restored", flush=True)
+        return
+    if FLAGS.work_dir is None or FLAGS.seed is None or FLAGS.commit is None:
+        raise app.UsageError("--work_dir, --seed and --commit are required to keep "
+                             "encoders (or give --restore_to).")
     for run in FLAGS.runs:
         destination = os.path.join(ENCODERS_DIR, FLAGS.recipe, f"s{FLAGS.seed}", run)
         provenance = keep(FLAGS.work_dir, run, destination, commit=FLAGS.commit,
@@ -128,4 +164,4 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    errors.run_binary("keep_encoders", main, required=["work_dir", "seed", "commit"])
+    errors.run_binary("keep_encoders", main)
