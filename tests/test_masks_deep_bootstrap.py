@@ -66,6 +66,21 @@ def test_plan_chains_masks_pretraining_and_heads_round_by_round(layout):
     assert not [s for s in first if s.name == "quality"]
 
 
+def test_a_round0_export_replaces_round0s_pretraining(layout):
+    (layout / "kept").mkdir()
+    steps = bootstrap.plan(_config(layout, rounds=2, round0_export=str(layout / "kept"),
+                                   conventional_masks_dir=str(layout / "exact")))
+    names = [(s.round, s.name) for s in steps]
+    assert names[:4] == [(-1, "eval_records"), (0, "knn"), (0, "linear"), (0, "head")]
+    assert (1, "pretrain") in names and not {(0, "records"), (0, "pretrain"),
+                                             (0, "export")} & set(names)
+    by = {(s.round, s.name): s for s in steps}
+    assert _flag(by[0, "knn"], "encoder") == _flag(by[0, "head"], "encoder") == str(
+        layout / "kept")
+    with pytest.raises(bootstrap.MissingPathError, match="round0_export"):
+        _config(layout, round0_export=str(layout / "missing"))
+
+
 def _fake_runner(ran, figures):
     """Writes each step's marker as its tool would (with the figures of summarize)."""
     def runner(step):

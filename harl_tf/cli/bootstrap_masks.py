@@ -37,6 +37,9 @@ flags.DEFINE_string("eval_test_files", None, "Labelled evaluation records (with 
 flags.DEFINE_enum("head_labels", "conventional", ["conventional", "round"],
                   "Pseudo-masks of each round's saliency head: the conventional masks, or "
                   "that round's masks.")
+flags.DEFINE_string("round0_export", None, "An encoder export pretrained before on the "
+                    "conventional masks (e.g. a kept one): round 0 evaluates it and trains its "
+                    "saliency head instead of pretraining.")
 flags.DEFINE_integer("head_limit", 2000, "Train images each saliency head learns from.")
 flags.DEFINE_list("pretrain_flags", [], "Extra flags for every pretraining (e.g. "
                   "--train_steps=500).")
@@ -59,6 +62,7 @@ def main(argv):
         conventional_masks_dir=FLAGS.conventional_masks_dir,
         exact_masks_dir=FLAGS.exact_masks_dir, eval_train_files=FLAGS.eval_train_files,
         eval_test_files=FLAGS.eval_test_files, head_labels=FLAGS.head_labels,
+        round0_export=FLAGS.round0_export,
         head_limit=FLAGS.head_limit, pretrain_flags=tuple(FLAGS.pretrain_flags),
         eval_flags=(f"--image_size={FLAGS.eval_image_size}", "--crop_fraction=1.0",
                     "--eval_batch_size=128"),

@@ -20,8 +20,10 @@ Round ``r`` (``0 .. rounds−1``) under ``work_dir/round<r>/``:
                this round's masks (``"round"``).
 =============  =========================================================================
 
-After the last round, ``round<rounds>/masks`` and its ``quality`` record the last
-encoder's masks. Every step is a child process with its log in ``work_dir/logs/`` and a
+With ``round0_export`` (an encoder already pretrained on the conventional masks, e.g. one
+kept in bench/encoders), round 0 has no records, pretraining or export: it evaluates that
+encoder and trains its saliency head. After the last round, ``round<rounds>/masks`` and
+its ``quality`` record the last encoder's masks. Every step is a child process with its log in ``work_dir/logs/`` and a
 *marker*, the file it writes last (``summary.json``, ``manifest.json``,
 ``harl_export.json``, ``results.json``, ``saliency_head.json``; for the pretraining, a
 stamp written when it exits with status 0): a step whose marker exists is skipped, so a
@@ -58,6 +60,7 @@ class BootstrapConfig:
     eval_train_files: Optional[str] = None   # labelled records for k-NN / linear
     eval_test_files: Optional[str] = None
     head_labels: str = "conventional"        # or "round"
+    round0_export: Optional[str] = None      # an encoder export: round 0 is not pretrained
     head_limit: int = 2000                   # images the saliency head learns from
     pretrain_flags: Sequence[str] = ()       # extra flags for every pretraining
     eval_flags: Sequence[str] = ("--image_size=64", "--crop_fraction=1.0",
@@ -78,7 +81,7 @@ class BootstrapConfig:
             raise ConfigError("bootstrap: give both eval_train_files and eval_test_files, or "
                               "neither (then they are built from data_dir)")
         for name in ("data_dir", "recipe_flagfile", "saliency_flagfile",
-                     "conventional_masks_dir", "exact_masks_dir"):
+                     "conventional_masks_dir", "exact_masks_dir", "round0_export"):
             path = getattr(self, name)
             if path is not None and not os.path.exists(path):
                 raise MissingPathError(f"bootstrap: {name} {path} does not exist")
@@ -156,6 +159,29 @@ def eval_files(config: BootstrapConfig) -> Dict[str, str]:
             "test": os.path.join(records, "test-*.tfrecord")}
 
 
+def _pretraining_steps(config: BootstrapConfig, index: int, p: Dict[str, str],
+                       classes_flag: List[str], log) -> List[Step]:
+    """Round ``index``'s records of its masks, its pretraining and its export."""
+    method_name = "conventional" if index == 0 else f"deep_round{index}"
+    return [
+        Step(index, "records", _python(
+            "harl_tf.cli.build_tfrecords", "--source=folder",
+            f"--images_dir={os.path.join(config.data_dir, 'train', 'images')}",
+            f"--masks_dir={masks_dir_of(config, index)}", *classes_flag,
+            f"--mask_method_name={method_name}", f"--output_dir={p['records']}",
+            f"--num_workers={config.num_workers}", "--noprogress"),
+            os.path.join(p["records"], "manifest.json"), log("records")),
+        # A stopped pretraining resumes from its own checkpoints.
+        Step(index, "pretrain", _python(
+            "harl_tf.pretrain", f"--flagfile={config.recipe_flagfile}",
+            f"--train_files={os.path.join(p['records'], 'train-*.tfrecord')}",
+            f"--model_dir={p['model']}", f"--seed={config.seed}", *config.pretrain_flags),
+            os.path.join(p["model"], PRETRAINED_STAMP), log("pretrain"), stamp=True),
+        Step(index, "export", _python(
+            "harl_tf.export", f"--model_dir={p['model']}", f"--export_dir={p['export']}",
+            "--overwrite"), os.path.join(p["export"], "harl_export.json"), log("export"))]
+
+
 def plan(config: BootstrapConfig) -> List[Step]:
     """Every step of the run, in order (done or not)."""
     logs = os.path.join(config.work_dir, "logs")
@@ -178,23 +204,10 @@ def plan(config: BootstrapConfig) -> List[Step]:
         if index == config.rounds:
             break
         p = _paths(config, index)
-        method_name = "conventional" if index == 0 else f"deep_round{index}"
-        steps.append(Step(index, "records", _python(
-            "harl_tf.cli.build_tfrecords", "--source=folder",
-            f"--images_dir={os.path.join(config.data_dir, 'train', 'images')}",
-            f"--masks_dir={masks_dir_of(config, index)}", *classes_flag,
-            f"--mask_method_name={method_name}", f"--output_dir={p['records']}",
-            f"--num_workers={config.num_workers}", "--noprogress"),
-            os.path.join(p["records"], "manifest.json"), log("records")))
-        # A stopped pretraining resumes from its own checkpoints.
-        steps.append(Step(index, "pretrain", _python(
-            "harl_tf.pretrain", f"--flagfile={config.recipe_flagfile}",
-            f"--train_files={os.path.join(p['records'], 'train-*.tfrecord')}",
-            f"--model_dir={p['model']}", f"--seed={config.seed}", *config.pretrain_flags),
-            os.path.join(p["model"], PRETRAINED_STAMP), log("pretrain"), stamp=True))
-        steps.append(Step(index, "export", _python(
-            "harl_tf.export", f"--model_dir={p['model']}", f"--export_dir={p['export']}",
-            "--overwrite"), os.path.join(p["export"], "harl_export.json"), log("export")))
+        if index == 0 and config.round0_export:  # an encoder pretrained before: evaluate it
+            p["export"] = config.round0_export
+        else:
+            steps += _pretraining_steps(config, index, p, classes_flag, log)
         for mode, extra in (("knn", config.knn_flags), ("linear", config.linear_flags)):
             steps.append(Step(index, mode, _python(
                 "harl_tf.finetune", f"--mode={mode}", f"--encoder={p['export']}",
