@@ -279,7 +279,7 @@ def main(argv) -> None:
             encoder_path = os.path.join(workdir, "random_encoder")
             deep.FrozenEncoder.from_config(config).save(encoder_path)
             encoder_label = f"RANDOMLY INITIALISED ResNet {config} (not pretrained)"
-        encoder = deep.FrozenEncoder.from_saved_model(encoder_path)
+        encoder = deep.FrozenEncoder.from_export(encoder_path)
 
         # Head and selection parts of TRAIN; their conventional (pseudo-)masks.
         t0 = time.time()

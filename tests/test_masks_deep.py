@@ -167,6 +167,41 @@ def test_accepts_an_exported_encoder_savedmodel(tmp_path):
         deep.FrozenEncoder.from_saved_model(str(tmp_path))
 
 
+def test_an_export_kept_without_its_savedmodel_gives_the_same_features(tmp_path):
+    """bench/encoders keeps exports as metadata + Keras weights: from_export rebuilds the
+    encoder from them, with the SavedModel's features; a mask model refers to it by path
+    (nothing copied) and loads back with identical masks."""
+    import shutil
+    from harl_tf.models.resnet import build_encoder
+    resnet = build_encoder(dict(depth=18, width_multiplier=0.125, small_stem=True,
+                                output_stride=8))
+    export, kept = str(tmp_path / "export"), tmp_path / "kept"
+    deep.FrozenEncoder.from_keras(resnet, random_init=True).save(export)
+    kept.mkdir()
+    for name in ("harl_export.json", "encoder.weights.h5"):
+        shutil.copy(os.path.join(export, name), kept / name)
+    images = tf.random.uniform((2, 32, 40, 3), seed=1)
+    full, weights_only = deep.FrozenEncoder.from_export(export), \
+        deep.FrozenEncoder.from_export(str(kept))
+    assert full.description["kind"] == "saved_model"
+    assert weights_only.description["kind"] == "export_weights"
+    np.testing.assert_allclose(weights_only(images).numpy(), full(images).numpy(), atol=1e-5)
+    channels = int(full(images).shape[-1])
+    head = deep.SaliencyHead(kernel=np.linspace(-1, 1, channels).reshape(1, 1, channels, 1),
+                             bias=[0.1])
+    model = deep.SaliencyModel(weights_only, head, input_size=32)
+    model.save(str(tmp_path / "mask_model"))
+    assert sorted(os.listdir(tmp_path / "mask_model")) == ["head_weights.npz",
+                                                          "saliency_head.json"]
+    again = deep.SaliencyModel.load(str(tmp_path / "mask_model"))
+    square = images[:, :, :32]
+    np.testing.assert_array_equal(again.probabilities(square).numpy(),
+                                  model.probabilities(square).numpy())
+    assert again.encoder.description["kind"] == "export_weights"
+    with pytest.raises(FileNotFoundError, match="not an export directory"):
+        deep.FrozenEncoder.from_export(str(tmp_path))
+
+
 def test_odd_inputs_give_masks_at_the_image_size(trained):
     model, images, _ = trained
     method = masks.get_method("deep", model=model, progress=False)

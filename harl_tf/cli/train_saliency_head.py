@@ -118,7 +118,7 @@ def main(argv):
         iterations=FLAGS.refine_iterations, sure=FLAGS.refine_sure)
     input_sizes = [int(v) for v in FLAGS.input_sizes] or FLAGS.image_size
     if FLAGS.encoder is not None:
-        encoder = deep.FrozenEncoder.from_saved_model(FLAGS.encoder)
+        encoder = deep.FrozenEncoder.from_export(FLAGS.encoder)
     else:
         encoder = deep.FrozenEncoder.from_config(encoder_config)
         print("NOTE: --encoder_config: the encoder is RANDOMLY INITIALISED, not "

@@ -73,6 +73,30 @@ class FrozenEncoder:
         return encoder
 
     @classmethod
+    def from_export(cls, path: str) -> "FrozenEncoder":
+        """An export directory: its SavedModel (:meth:`from_saved_model`), or, for an
+        export kept without one (``harl_export.json`` and the Keras weights, as
+        ``bench/encoders`` keeps them), the ResNet rebuilt from its metadata with those
+        weights, recorded by its path (a mask model refers to it, never copies it)."""
+        path = os.path.abspath(path)
+        if os.path.isfile(os.path.join(path, "saved_model.pb")):
+            return cls.from_saved_model(path)
+        if not os.path.isfile(os.path.join(path, saved_encoder.METADATA_FILE)):
+            raise MissingPathError(
+                f"encoder {path}: not an export directory (neither saved_model.pb nor "
+                f"{saved_encoder.METADATA_FILE}); expected the output of harl_tf.export")
+        metadata = saved_encoder.read_metadata(path)
+        weights = os.path.join(path, metadata.get("weights_file", saved_encoder.WEIGHTS_FILE))
+        if not os.path.isfile(weights):
+            raise MissingPathError(f"encoder {path}: weights file {weights} is missing")
+        model = resnet.build_encoder(metadata["encoder_config"])
+        model.load_weights(weights)
+        function = tf.function(lambda images: model(images, training=False),
+                               reduce_retracing=True)
+        description = {"kind": "export_weights", "path": path, "export_config": metadata}
+        return cls(function, description, resource=model)
+
+    @classmethod
     def from_keras(cls, model, *, random_init: bool = False,
                    note: Optional[str] = None) -> "FrozenEncoder":
         """Wraps an in-memory Keras encoder (called with ``training=False``).

@@ -209,7 +209,7 @@ class SaliencyModel:
                 raise MissingPathError(
                     f"{config_path}: encoder {encoder_path} not found; pass the encoder "
                     "explicitly if the export directory moved")
-            encoder = FrozenEncoder.from_saved_model(encoder_path)
+            encoder = FrozenEncoder.from_export(encoder_path)
             encoder.description = dict(recorded, path=recorded["path"])
         return cls(encoder, head, input_size=input_sizes, threshold=config["threshold"],
                    training=config.get("training"), path=path, refinement=refinement)
