@@ -164,8 +164,9 @@ def test_tool_error_is_one_line(layout):
     ("harl_tf.cli.train_saliency_head", "saliency_fmnist_scenes_paper",
      {"refine": "none", "threshold": 0.5, "input_sizes": []}),
     ("harl_tf.cli.train_saliency_head", "saliency_fmnist_scenes",
-     {"refine": "guided", "input_sizes": ["64", "128"], "head": "context",
-      "fuse_conventional": ["sigma0.4", "no_grabcut"]}),
+     {"refine": "grabcut", "input_sizes": ["64", "128"], "head": "context",
+      "fuse_conventional": ["sigma0.4", "no_grabcut"], "refine_iterations": 3,
+      "refine_sure": 0.05, "threshold": 0.8}),
 ])
 def test_shipped_flagfiles_parse(module, flagfile, expect):
     # A fresh process each: absl flags are process-global and the two tools share names.
