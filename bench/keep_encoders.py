@@ -27,7 +27,6 @@ is), copied atomically, plus ``provenance.json``:
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import os
 import re
@@ -37,6 +36,7 @@ from absl import app, flags
 
 from bench import common
 from harl_tf import atomic, errors
+from harl_tf.data.shards import sha256_file
 
 FLAGS = flags.FLAGS
 ENCODERS_DIR = os.path.join(common.ROOT, "bench", "encoders")
@@ -56,14 +56,6 @@ def define_flags() -> None:
     flags.DEFINE_bool("overwrite", False, "Replace an encoder already kept.")
 
 
-def sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def file_table(root: str) -> dict:
     """``{relative path: {"bytes": n, "sha256": hex}}`` of every file under ``root``."""
     out = {}
@@ -71,7 +63,7 @@ def file_table(root: str) -> dict:
         for name in sorted(names):
             path = os.path.join(folder, name)
             out[os.path.relpath(path, root)] = {"bytes": os.path.getsize(path),
-                                                "sha256": sha256(path)}
+                                                "sha256": sha256_file(path)}
     return out
 
 
