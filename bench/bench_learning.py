@@ -293,7 +293,7 @@ def build_records() -> dict:
     seconds = {}
     if FLAGS.dataset == "fmnist_scenes":
         folders = _fmnist_scenes_folders()
-        for masks in _mask_sources():
+        for masks in folders:  # its mask sources, deep masks checked once
             out = _records(masks)
             if os.path.exists(os.path.join(out, "manifest.json")):
                 continue
