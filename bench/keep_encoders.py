@@ -1,13 +1,15 @@
-r"""Keep a benchmark's pretrained encoders in the repository, with where they came from.
+r"""Keep a benchmark's pretrained encoders out of their run folders, and record in the
+repository how each was made.
 
     python -m bench.keep_encoders --work_dir=/work/runs/m8_s0 --seed=0 \
         --runs=hybrid_conventional,byol --commit=<commit that trained them>
-    python -m bench.keep_encoders --restore_to=/work/runs/encoders   # full SavedModels
+    python -m bench.keep_encoders --restore_to=/work/runs/exports   # full SavedModels
 
-A session's machine does not outlive it, and an 8x8 fmnist-scenes pretraining costs about
-half an hour, so the encoders every evaluation reads are trained once and kept here:
-``bench/encoders/<--recipe>/s<seed>/<run>/`` holds the export that
-``bench.bench_learning`` wrote to ``<work_dir>/exports/<run>`` without its SavedModel
+An 8x8 fmnist-scenes pretraining costs about half an hour, so the encoders every
+evaluation reads are trained once per machine and kept in ``--encoders_dir`` (default
+``/work/runs/encoders``, outside the repository: weights are generated data and the
+repository stays small): ``<encoders_dir>/<--recipe>/s<seed>/<run>/`` holds the export
+that ``bench.bench_learning`` wrote to ``<work_dir>/exports/<run>`` without its SavedModel
 (``harl_export.json`` and the Keras weights ``encoder.weights.h5``: 11 MB for the 8x8
 recipe's encoder instead of 23; ``harl_tf.finetune --encoder=`` reads such a folder as it
 is), copied atomically, plus ``provenance.json``:
@@ -17,12 +19,15 @@ is), copied atomically, plus ``provenance.json``:
 - ``commit``: the code that trained it (``--commit``; the runs use a worktree pinned to
   it); ``machine``: this machine; ``files``: size and sha256 of every exported file.
 
+The same provenance is written to the repository as
+``bench/encoders/<recipe>/s<seed>/<run>.json``: the record of what the committed figures
+were measured on, and what a retrained encoder is checked against.
+
 ``--restore_to=DIR`` writes every kept encoder back as a full export
 (``DIR/<recipe>/s<seed>/<run>``: the SavedModel rebuilt from the kept weights, through
-``harl_tf.saved_encoder.export_encoder``), for what reads SavedModels (the deep masks,
-``TFSMLayer``). ``bench.report_paper_tables`` reads the kept folders by default
-(bench/encoders/README.md lists them). An encoder already kept is replaced only with
-``--overwrite``.
+``harl_tf.saved_encoder.export_encoder``), for what reads SavedModels (``TFSMLayer``).
+``bench.report_paper_tables`` reads the kept folders by default. An encoder already kept
+is replaced only with ``--overwrite``.
 """
 from __future__ import annotations
 
@@ -39,7 +44,8 @@ from harl_tf import atomic, errors
 from harl_tf.data.shards import sha256_file
 
 FLAGS = flags.FLAGS
-ENCODERS_DIR = os.path.join(common.ROOT, "bench", "encoders")
+RECORDS_DIR = os.path.join(common.ROOT, "bench", "encoders")   # provenance, in the repo
+ENCODERS_DIR = "/work/runs/encoders"                            # weights, outside it
 PROVENANCE = "provenance.json"
 KEPT_FILES = ("harl_export.json", "encoder.weights.h5")   # saved_encoder's names
 
@@ -51,7 +57,10 @@ def define_flags() -> None:
                         "of --recipe back as a full export under this folder.")
     flags.DEFINE_integer("seed", None, "The runs' pretraining seed.")
     flags.DEFINE_list("runs", ["hybrid_conventional", "byol"], "Run names to keep.")
-    flags.DEFINE_string("recipe", "fmnist_scenes_8x8", "Folder under bench/encoders.")
+    flags.DEFINE_string("recipe", "fmnist_scenes_8x8", "Folder under --encoders_dir and "
+                        "bench/encoders.")
+    flags.DEFINE_string("encoders_dir", ENCODERS_DIR, "Where the kept encoders go (outside "
+                        "the repository).")
     flags.DEFINE_string("commit", None, "Commit of the code that trained the runs.")
     flags.DEFINE_bool("overwrite", False, "Replace an encoder already kept.")
 
@@ -106,16 +115,10 @@ def keep(work_dir: str, run: str, destination: str, *, commit: str,
         "pretraining": {"config": config, "final": last_metrics(
             os.path.join(work_dir, "logs", f"pretrain_{run}.log"))},
         "files": file_table(export), "kept": list(KEPT_FILES)}
-    temporary = f"{destination}.tmp-{os.getpid()}"
-    shutil.rmtree(temporary, ignore_errors=True)
-    os.makedirs(temporary)
-    for name in KEPT_FILES:
-        shutil.copy2(os.path.join(export, name), os.path.join(temporary, name))
-    atomic.write_json_atomic(os.path.join(temporary, PROVENANCE), provenance)
-    if os.path.exists(destination):
-        shutil.rmtree(destination)
-    os.makedirs(os.path.dirname(destination), exist_ok=True)
-    os.rename(temporary, destination)
+    with atomic.atomic_directory(destination, overwrite=True) as temporary:
+        for name in KEPT_FILES:
+            shutil.copy2(os.path.join(export, name), os.path.join(temporary, name))
+        atomic.write_json_atomic(os.path.join(temporary, PROVENANCE), provenance)
     return provenance
 
 
@@ -133,7 +136,7 @@ def restore(kept: str, export_dir: str) -> dict:
 
 def main(argv) -> None:
     del argv
-    root = os.path.join(ENCODERS_DIR, FLAGS.recipe)
+    root = os.path.join(FLAGS.encoders_dir, FLAGS.recipe)
     if FLAGS.restore_to:
         kept = sorted(os.path.dirname(os.path.relpath(path, root)) for path in
                       glob.glob(os.path.join(root, "s*", "*", KEPT_FILES[0])))
@@ -146,9 +149,12 @@ def main(argv) -> None:
         raise app.UsageError("--work_dir, --seed and --commit are required to keep "
                              "encoders (or give --restore_to).")
     for run in FLAGS.runs:
-        destination = os.path.join(ENCODERS_DIR, FLAGS.recipe, f"s{FLAGS.seed}", run)
+        destination = os.path.join(root, f"s{FLAGS.seed}", run)
         provenance = keep(FLAGS.work_dir, run, destination, commit=FLAGS.commit,
                           overwrite=FLAGS.overwrite)
+        atomic.write_json_atomic(
+            os.path.join(RECORDS_DIR, FLAGS.recipe, f"s{FLAGS.seed}", f"{run}.json"),
+            provenance)
         size = sum(f["bytes"] for f in provenance["files"].values())
         print(f"{destination}: {len(provenance['files'])} files, {size / 1e6:.1f} MB, "
               f"final {provenance['pretraining']['final']}")

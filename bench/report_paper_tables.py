@@ -3,8 +3,8 @@ Markdown table (issue 30, item 7).
 
     # once per machine: the fmnist-scenes records (bench.bench_learning --stages=build),
     # the second test split and the transfer sets (bench.make_unseen_backgrounds,
-    # bench.make_transfer_sets). The encoders are kept in the repository
-    # (bench/encoders/README.md says how each was trained).
+    # bench.make_transfer_sets), and the encoders (bench.bench_learning, then
+    # bench.keep_encoders; bench/encoders/README.md records how each was trained).
     python -m bench.report_paper_tables --split=validation --write_flagfiles   # settings
     python -m bench.report_paper_tables                                         # the table
 
@@ -47,11 +47,11 @@ leads" when the difference exceeds one pooled sd in that direction, else "level"
 
 Resumable: a run whose ``results.json`` exists is not run again. Each run's folder is
 ``<work_dir>/evals/<split>/<protocol>/<dataset>/<eval set>/<embedding>/<method>_s<seed>``
-plus a hash of its command (with the repository, records and work folders as
+plus a hash of its command (with the encoders, repository, records and work folders as
 placeholders) and flagfile, so a changed flagfile or grid value is a new run, never a
 stale result. Each finished run's results.json is also copied into ``--store_dir``
 (``bench/results/paper_tables_runs``, committed), where a later report on another machine
-finds it: the evaluations accumulate across sessions like the encoders. Failed runs are
+finds it: the evaluations accumulate across sessions. Failed runs are
 listed and left out (``--keep_going``). Writes ``bench/results/<output_name>.json`` and
 ``.md`` (``<output_name>_validation`` for the validation split).
 """
@@ -84,7 +84,7 @@ EMBEDDINGS = ("global", "foreground")
 LEARNING_RATES = (0.01, 0.03, 0.1)
 VALIDATION_NOTE = "# Validation:"
 VALIDATION_SEED = 0   # the carve's id hash seed: one validation split for every seed
-ENCODERS = "bench/encoders/fmnist_scenes_8x8/s{seed}/{run}"   # kept exports (in the repo)
+ENCODERS = "/work/runs/encoders/fmnist_scenes_8x8/s{seed}/{run}"   # bench.keep_encoders
 STORE = "bench/results/paper_tables_runs"                     # kept results.json files
 
 
@@ -139,8 +139,8 @@ def define_flags() -> None:
     flags.DEFINE_string("encoders", ENCODERS,
                         "Export (or pretraining model_dir) of each pretrained encoder; "
                         "{seed} and {run} (hybrid_conventional, byol) are filled in; "
-                        "relative to the repository root unless absolute. Default: the "
-                        "exports kept in the repository (bench/encoders/README.md).")
+                        "relative to the repository root unless absolute. Default: where "
+                        "bench.keep_encoders keeps them (bench/encoders/README.md).")
     flags.DEFINE_list("seeds", ["0", "1", "2"], "Pretraining seeds (one encoder each).")
     flags.DEFINE_list("protocols", [p.name for p in PROTOCOLS], "Protocols to run.")
     flags.DEFINE_list("methods", list(METHODS), "Methods to run.")
@@ -305,11 +305,8 @@ class Layout:
                     and not (run.candidate and line.startswith(f"--{run.candidate[0]}="))]
         # Not the interpreter's path nor where the repository or the records are: only what
         # the run does (a store of results stays valid on another machine).
-        places = sorted(((self.work_dir, "<work>"), (self.records_dir, "<records>"),
-                         (self.unseen_dir, "<unseen>"), (self.transfer_dir, "<transfer>"),
-                         (ROOT, "<root>")), key=lambda p: -len(p[0]))
         argv = list(command[1:])
-        for place, name in places:
+        for place, name in self.placeholders():
             argv = [a.replace(place, name) for a in argv]
         key = hashlib.sha256(json.dumps([argv, settings]).encode()).hexdigest()[:8]
         leaf = f"{run.method}_s{run.seed}"
@@ -317,6 +314,15 @@ class Layout:
             leaf += f"_{run.candidate[0]}={run.candidate[1]:g}"
         return os.path.join(self.work_dir, "evals", self.split, run.protocol, run.dataset,
                             scored_in(run), run.embedding, f"{leaf}-{key}")
+
+    def placeholders(self) -> List[Tuple[str, str]]:
+        """(folder, placeholder) pairs for the run hash, longest folder first: where the
+        encoders, records, work folder and repository are is not what a run does."""
+        encoders = self.encoders.split("{", 1)[0].rstrip("/")
+        places = [(encoders, "<encoders>"), (self.work_dir, "<work>"),
+                  (self.records_dir, "<records>"), (self.unseen_dir, "<unseen>"),
+                  (self.transfer_dir, "<transfer>"), (ROOT, "<root>")]
+        return sorted((p for p in places if p[0]), key=lambda p: -len(p[0]))
 
     def stored(self, output_dir: str) -> Optional[str]:
         """Where the store keeps the results.json of ``output_dir`` (None: no store)."""
@@ -354,15 +360,19 @@ def command(run: Run, layout: Layout) -> List[str]:
     return argv
 
 
-def results_path(run: Run, layout: Layout) -> str:
-    """The run's results.json: in its folder, else in the store when kept there (a run
-    whose results are in neither has not run; its folder's path is returned)."""
-    output_dir = layout.output_dir(run, command(run, layout))
+def found(output_dir: str, layout: Layout) -> str:
+    """The results.json of the run folder ``output_dir``: in the folder, else in the store
+    when kept there (in neither: the run has not run; the folder's path is returned)."""
     path = os.path.join(output_dir, "results.json")
     stored = layout.stored(output_dir)
     if not os.path.exists(path) and stored and os.path.exists(stored):
         return stored
     return path
+
+
+def results_path(run: Run, layout: Layout) -> str:
+    """The run's results.json (:func:`found`)."""
+    return found(layout.output_dir(run, command(run, layout)), layout)
 
 
 def read_value(run: Run, layout: Layout) -> Optional[float]:
@@ -400,9 +410,9 @@ def execute(runs: Sequence[Run], layout: Layout, *, runner: Runner = common.run,
     unique = {}
     for run in runs:
         argv = command(run, layout)
-        unique.setdefault(layout.output_dir(run, argv), (run, argv))
-    todo = [(folder, argv) for folder, (run, argv) in unique.items()
-            if not os.path.exists(results_path(run, layout))]
+        unique.setdefault(layout.output_dir(run, argv), argv)
+    todo = [(folder, argv) for folder, argv in unique.items()
+            if not os.path.exists(found(folder, layout))]
     done["skipped"] = len(unique) - len(todo)
     print(f"{len(unique)} runs: {done['skipped']} done before, {len(todo)} to run",
           flush=True)

@@ -168,7 +168,7 @@ def test_accepts_an_exported_encoder_savedmodel(tmp_path):
 
 
 def test_an_export_kept_without_its_savedmodel_gives_the_same_features(tmp_path):
-    """bench/encoders keeps exports as metadata + Keras weights: from_export rebuilds the
+    """bench.keep_encoders keeps exports as metadata + Keras weights: from_export rebuilds the
     encoder from them, with the SavedModel's features; a mask model refers to it by path
     (nothing copied) and loads back with identical masks."""
     import shutil

@@ -158,16 +158,15 @@ def test_execute_skips_what_is_done_and_resumes(tmp_path):
 
 def test_the_store_carries_finished_runs_to_another_machine(tmp_path):
     """Runs finished under one work and records folder are found, through the store, by a
-    report whose folders are elsewhere (a new machine; the encoders are the repository's):
-    nothing reruns, same values."""
+    report whose folders, encoders' included, are elsewhere (a new machine): nothing
+    reruns, same values."""
     store = str(tmp_path / "store")
     first = dataclasses.replace(_layout(tmp_path / "a"), store_dir=store)
     runs = report.plan("test", ["linear", "seg_probe"], ["harl", "byol"], [0, 1])
     report.execute(runs, first, runner=_fake_runner(_value, []))
     kept = [os.path.join(d, f) for d, _, files in os.walk(store) for f in files]
     assert len(kept) == len(runs) // 2 and all(k.endswith("results.json") for k in kept)
-    elsewhere = dataclasses.replace(_layout(tmp_path / "b"), encoders=first.encoders,
-                                    store_dir=store)
+    elsewhere = dataclasses.replace(_layout(tmp_path / "b"), store_dir=store)
     calls = []
     done = report.execute(runs, elsewhere, runner=_fake_runner(_value, calls))
     assert calls == [] and done["skipped"] == len(runs) // 2

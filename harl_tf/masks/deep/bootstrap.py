@@ -21,7 +21,7 @@ Round ``r`` (``0 .. rounds−1``) under ``work_dir/round<r>/``:
 =============  =========================================================================
 
 With ``round0_export`` (an encoder already pretrained on the conventional masks, e.g. one
-kept in bench/encoders), round 0 has no records, pretraining or export: it evaluates that
+kept by bench.keep_encoders), round 0 has no records, pretraining or export: it evaluates that
 encoder and trains its saliency head. After the last round, ``round<rounds>/masks`` and
 its ``quality`` record the last encoder's masks. Every step is a child process with its log in ``work_dir/logs/`` and a
 *marker*, the file it writes last (``summary.json``, ``manifest.json``,

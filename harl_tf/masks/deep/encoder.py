@@ -76,7 +76,7 @@ class FrozenEncoder:
     def from_export(cls, path: str) -> "FrozenEncoder":
         """An export directory: its SavedModel (:meth:`from_saved_model`), or, for an
         export kept without one (``harl_export.json`` and the Keras weights, as
-        ``bench/encoders`` keeps them), the ResNet rebuilt from its metadata with those
+        ``bench.keep_encoders`` keeps them), the ResNet rebuilt from its metadata with those
         weights, recorded by its path (a mask model refers to it, never copies it)."""
         path = os.path.abspath(path)
         if os.path.isfile(os.path.join(path, "saved_model.pb")):
