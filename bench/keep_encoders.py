@@ -21,7 +21,10 @@ is), copied atomically, plus ``provenance.json``:
 
 The same provenance is written to the repository as
 ``bench/encoders/<recipe>/s<seed>/<run>.json``: the record of what the committed figures
-were measured on, and what a retrained encoder is checked against.
+were measured on, and what a retrained encoder is checked against: when its weights
+(``variables/variables.data*``, ``encoder.weights.h5``) have the sha256 the record lists,
+it is the same encoder and the record stays as it is; when they differ, the encoder is
+kept but the record is left alone and the command fails, unless ``--replace_record``.
 
 ``--restore_to=DIR`` writes every kept encoder back as a full export
 (``DIR/<recipe>/s<seed>/<run>``: the SavedModel rebuilt from the kept weights, through
@@ -63,6 +66,9 @@ def define_flags() -> None:
                         "the repository).")
     flags.DEFINE_string("commit", None, "Commit of the code that trained the runs.")
     flags.DEFINE_bool("overwrite", False, "Replace an encoder already kept.")
+    flags.DEFINE_bool("replace_record", False, "Replace a repository record whose weights "
+                      "differ from the encoder kept now (the figures measured on the "
+                      "recorded encoder then no longer name theirs).")
 
 
 def file_table(root: str) -> dict:
@@ -122,6 +128,39 @@ def keep(work_dir: str, run: str, destination: str, *, commit: str,
     return provenance
 
 
+def _weight_files(files: dict) -> dict:
+    """The entries of a file table that hold the weights themselves: the SavedModel's
+    variables shards and the Keras weights file."""
+    return {name: entry for name, entry in files.items()
+            if name.startswith("variables/variables.data") or name == KEPT_FILES[1]}
+
+
+def compare_with_record(provenance: dict, record_path: str) -> str:
+    """``"new"`` when there is no record, ``"identical"`` when every weights file the
+    record and ``provenance`` both list has the same sha256 (the encoder is bit-identical
+    to the recorded one, whatever the machine or load it was retrained under), else
+    ``"differs"``."""
+    if not os.path.isfile(record_path):
+        return "new"
+    with open(record_path) as f:
+        recorded = _weight_files(json.load(f).get("files", {}))
+    current = _weight_files(provenance["files"])
+    shared = sorted(set(recorded) & set(current))
+    if shared and all(recorded[n]["sha256"] == current[n]["sha256"] for n in shared):
+        return "identical"
+    return "differs"
+
+
+def record(provenance: dict, record_path: str, *, replace: bool = False) -> str:
+    """Writes ``provenance`` as the repository record unless a record of the same weights
+    is there already (kept as it is: it names the figures measured on them); a record of
+    other weights is replaced only with ``replace``. Returns the comparison's result."""
+    status = compare_with_record(provenance, record_path)
+    if status == "new" or (status == "differs" and replace):
+        atomic.write_json_atomic(record_path, provenance)
+    return status
+
+
 def restore(kept: str, export_dir: str) -> dict:
     """Writes the kept encoder ``kept`` as a full export at ``export_dir`` (SavedModel,
     weights, metadata; atomic, replacing an earlier restore); returns its metadata."""
@@ -148,16 +187,26 @@ def main(argv) -> None:
     if FLAGS.work_dir is None or FLAGS.seed is None or FLAGS.commit is None:
         raise app.UsageError("--work_dir, --seed and --commit are required to keep "
                              "encoders (or give --restore_to).")
+    differing = []
     for run in FLAGS.runs:
         destination = os.path.join(root, f"s{FLAGS.seed}", run)
         provenance = keep(FLAGS.work_dir, run, destination, commit=FLAGS.commit,
                           overwrite=FLAGS.overwrite)
-        atomic.write_json_atomic(
-            os.path.join(RECORDS_DIR, FLAGS.recipe, f"s{FLAGS.seed}", f"{run}.json"),
-            provenance)
+        record_path = os.path.join(RECORDS_DIR, FLAGS.recipe, f"s{FLAGS.seed}", f"{run}.json")
+        status = record(provenance, record_path, replace=FLAGS.replace_record)
         size = sum(f["bytes"] for f in provenance["files"].values())
         print(f"{destination}: {len(provenance['files'])} files, {size / 1e6:.1f} MB, "
-              f"final {provenance['pretraining']['final']}")
+              f"final {provenance['pretraining']['final']}; weights "
+              + {"new": "recorded", "identical": "identical to their record (kept as it is)",
+                 "differs": "replace their record" if FLAGS.replace_record
+                 else "DIFFER from their record"}[status] + f" {record_path}", flush=True)
+        if status == "differs" and not FLAGS.replace_record:
+            differing.append(record_path)
+    if differing:
+        raise errors.ConfigError(
+            f"kept, but their weights differ from the records {differing}: the figures "
+            "measured on the recorded encoders do not hold for these; pass "
+            "--replace_record to record them instead.")
 
 
 if __name__ == "__main__":

@@ -90,3 +90,26 @@ def test_a_kept_encoder_restores_to_an_export_that_computes_the_same(tmp_path):
     got = again.signatures["serving_default"](images=images)["feature_map"].numpy()
     assert want.shape[::3] == (2, encoder.feature_dim) and np.abs(want).max() > 0
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_a_retrained_encoder_is_checked_against_its_record(tmp_path):
+    record_path = str(tmp_path / "records" / "s1" / "byol.json")
+    first = keep_encoders.keep(str(_work_dir(tmp_path / "a")), "byol",
+                               str(tmp_path / "kept_a"), commit="a")
+    assert keep_encoders.record(first, record_path) == "new"
+    written = (tmp_path / "records" / "s1" / "byol.json").read_text()
+
+    # The same weights retrained elsewhere (other log, commit, machine): the record stays.
+    same = _work_dir(tmp_path / "b")
+    (same / "logs" / "pretrain_byol.log").write_text("step 1000/1000  loss 9.0  3.0 images/s\n")
+    again = keep_encoders.keep(str(same), "byol", str(tmp_path / "kept_b"), commit="b")
+    assert keep_encoders.record(again, record_path) == "identical"
+    assert (tmp_path / "records" / "s1" / "byol.json").read_text() == written
+
+    # Other weights: the record is replaced only when asked.
+    other = keep_encoders.keep(str(_work_dir(tmp_path / "c", weights=b"v" * 1000)), "byol",
+                               str(tmp_path / "kept_c"), commit="c")
+    assert keep_encoders.record(other, record_path) == "differs"
+    assert (tmp_path / "records" / "s1" / "byol.json").read_text() == written
+    assert keep_encoders.record(other, record_path, replace=True) == "differs"
+    assert json.loads((tmp_path / "records" / "s1" / "byol.json").read_text())["commit"] == "c"
