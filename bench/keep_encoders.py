@@ -194,14 +194,16 @@ def main(argv) -> None:
                           overwrite=FLAGS.overwrite)
         record_path = os.path.join(RECORDS_DIR, FLAGS.recipe, f"s{FLAGS.seed}", f"{run}.json")
         status = record(provenance, record_path, replace=FLAGS.replace_record)
-        size = sum(f["bytes"] for f in provenance["files"].values())
-        print(f"{destination}: {len(provenance['files'])} files, {size / 1e6:.1f} MB, "
-              f"final {provenance['pretraining']['final']}; weights "
-              + {"new": "recorded", "identical": "identical to their record (kept as it is)",
-                 "differs": "replace their record" if FLAGS.replace_record
-                 else "DIFFER from their record"}[status] + f" {record_path}", flush=True)
         if status == "differs" and not FLAGS.replace_record:
             differing.append(record_path)
+            outcome = "DIFFER from their record"
+        else:
+            outcome = {"new": "recorded", "identical": "identical to their record (kept as "
+                       "it is)", "differs": "replace their record"}[status]
+        size = sum(f["bytes"] for f in provenance["files"].values())
+        print(f"{destination}: {len(provenance['files'])} files, {size / 1e6:.1f} MB, "
+              f"final {provenance['pretraining']['final']}; weights {outcome} {record_path}",
+              flush=True)
     if differing:
         raise errors.ConfigError(
             f"kept, but their weights differ from the records {differing}: the figures "

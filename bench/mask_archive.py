@@ -78,8 +78,7 @@ def unpack(archive: str, masks_dir: str) -> Dict[str, int]:
         if os.path.isfile(path) and np.array_equal(quality.read_mask(path), mask):
             counts["kept"] += 1
             continue
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        write_mask_png(path, mask)
+        write_mask_png(path, mask)   # atomic; makes the mask's folder
         counts["written"] += 1
     return counts
 
