@@ -191,7 +191,11 @@ def test_valid_region_batchnorm_changes_the_step_and_agrees_across_replicas():
     plain, h0 = _one_step_fit(tf.distribute.get_strategy(), reference, run_eagerly=True)
     for key in ("loss", "loss_fg", "loss_bg", "loss_glob"):
         assert h1[key][0] == pytest.approx(h2[key][0], abs=1e-5), key
-    assert_same_step(snapshot(reference.weights), two.weights, one.weights)
+    # The weighted moments over present regions lose more to rounding when their sums are
+    # split across replicas than plain ones: a BatchNorm gamma's two steps once differed
+    # by 1.9e-3 of the step. Per-replica moments (sync_batchnorm off) differ by 2.2 times
+    # the step, so 1 % still catches them.
+    assert_same_step(snapshot(reference.weights), two.weights, one.weights, step_rtol=1e-2)
     assert h1["loss_glob"][0] == pytest.approx(h0["loss_glob"][0], abs=1e-6)
     assert abs(h1["loss_fg"][0] - h0["loss_fg"][0]) > 1e-4
 

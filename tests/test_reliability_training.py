@@ -46,9 +46,10 @@ def train_files(tmp_path_factory):
 
 
 def tiny_config(train_files, model_dir, **overrides):
-    """ResNet-18 at 32 px, small heads, batch 8: the smallest real pretraining run."""
+    """ResNet-18 at half width and 32 px, small heads, batch 8: the smallest real
+    pretraining run."""
     kw = dict(train_files=train_files, num_train_examples=64, image_size=32, depth=18,
-              output_stride=16, projector_hidden_dim=64, projection_dim=32,
+              width_multiplier=0.5, output_stride=16, projector_hidden_dim=64, projection_dim=32,
               predictor_hidden_dim=64, batch_size=8, train_steps=TOTAL_STEPS,
               base_learning_rate=1.0, warmup_epochs=0.5, tau_base=0.99, num_classes=8,
               shuffle_buffer=64, seed=0, deterministic=True, model_dir=model_dir,
