@@ -9,8 +9,9 @@ for sets pretrained in different runs, such as the kept conventional encoders be
 deep-mask ones:
 
     python -m bench.report_learning --results_name=bench_learning_fmnist_scenes_8x8_deep \
-        --inputs=bench/results/bench_learning_fmnist_scenes_8x8_kept_s0.json:hybrid_conventional,...,\
-bench/results/bench_learning_fmnist_scenes_8x8_deep_s0.json:hybrid_deep,...
+        --inputs=KEPT_S0.json:hybrid_conventional,...,DEEP_S0.json:hybrid_deep,DEEP_S1.json,...
+
+(docs/results.md has it in full).
 
 A method given twice for one seed is an error naming both files: a seed counted twice
 would shrink the sd. For every method and metric the table gives the mean over the
