@@ -50,7 +50,7 @@ def load_runs(inputs) -> list:
     with only the methods asked for. Raises UsageError for a method absent from its file
     or one seed of a method given twice, and for runs of other budgets or evaluations
     (recipes that differ beyond the seed are not seeds of one method)."""
-    runs, seen = [], {}
+    runs, seen, first = [], {}, inputs[0].partition(":")[0]
     for item in inputs:
         path, _, wanted = item.partition(":")
         try:
@@ -61,13 +61,14 @@ def load_runs(inputs) -> list:
         if runs and (_recipe(run) != _recipe(runs[0])
                      or run["evaluation"] != runs[0]["evaluation"]):
             raise app.UsageError(f"--inputs: {path} was run with another recipe or "
-                                 f"evaluation than {inputs[0].partition(':')[0]}")
+                                 f"evaluation than {first}")
         if wanted:
-            missing = [m for m in wanted.split("+") if m not in run["methods"]]
+            wanted = wanted.split("+")
+            missing = [m for m in wanted if m not in run["methods"]]
             if missing:
                 raise app.UsageError(f"--inputs: {path} has no method {missing}; it has "
                                      f"{sorted(run['methods'])}")
-            run["methods"] = {m: run["methods"][m] for m in wanted.split("+")}
+            run["methods"] = {m: run["methods"][m] for m in wanted}
         seed = run["budget"]["seed"]
         for method in run["methods"]:
             if (method, seed) in seen:

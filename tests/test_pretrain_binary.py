@@ -43,9 +43,8 @@ def _tiny(tmp_path, **overrides):
               output_stride=16, projector_hidden_dim=64, projection_dim=32,
               predictor_hidden_dim=64, batch_size=8, train_steps=16, base_learning_rate=8.0,
               warmup_epochs=0.34, weight_decay=1e-6, tau_base=0.99, num_classes=8,
-              shuffle_buffer=96, seed=0,
-              model_dir=str(tmp_path / "model"), checkpoint_every_steps=4,
-              log_every_steps=4, image_summaries=2)
+              shuffle_buffer=96, seed=0, model_dir=str(tmp_path / "model"),
+              checkpoint_every_steps=4, log_every_steps=4, image_summaries=2)
     kw.update(overrides)
     return training.PretrainConfig(**kw)
 
