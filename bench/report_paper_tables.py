@@ -48,7 +48,9 @@ leads" when the difference exceeds one pooled sd in that direction, else "level"
 Resumable: a run whose ``results.json`` exists is not run again. Each run's folder is
 ``<work_dir>/evals/<split>/<protocol>/<dataset>/<eval set>/<embedding>/<method>_s<seed>``
 plus a hash of its command (with the encoders, repository, records and work folders as
-placeholders) and flagfile, so a changed flagfile or grid value is a new run, never a
+placeholders), its flagfile and the pretrained encoder's weights sha256 (from the weights,
+or from the encoder's record, ``--encoder_records``, where the encoder is not on this
+machine), so a changed flagfile, grid value or retrained encoder is a new run, never a
 stale result. Each finished run's results.json is also copied into ``--store_dir``
 (``bench/results/paper_tables_runs``, committed), where a later report on another machine
 finds it: the evaluations accumulate across sessions. Failed runs are
@@ -71,6 +73,7 @@ from absl import flags
 from bench import common
 from bench.common import summarise
 from harl_tf import atomic, errors
+from harl_tf.data.shards import sha256_file
 
 FLAGS = flags.FLAGS
 PY = sys.executable
@@ -84,7 +87,11 @@ EMBEDDINGS = ("global", "foreground")
 LEARNING_RATES = (0.01, 0.03, 0.1)
 VALIDATION_NOTE = "# Validation:"
 VALIDATION_SEED = 0   # the carve's id hash seed: one validation split for every seed
-ENCODERS = "/work/runs/encoders/fmnist_scenes_8x8/s{seed}/{run}"   # bench.keep_encoders
+# The encoders the tables evaluate, kept by bench.keep_encoders --recipe=<this folder>, and
+# their records in the repository (bench/encoders/README.md).
+TABLES_SET = "fmnist_scenes_8x8_paper_tables"
+ENCODERS = f"/work/runs/encoders/{TABLES_SET}/s{{seed}}/{{run}}"
+ENCODER_RECORDS = f"bench/encoders/{TABLES_SET}/s{{seed}}/{{run}}.json"
 STORE = "bench/results/paper_tables_runs"                     # kept results.json files
 
 
@@ -141,6 +148,11 @@ def define_flags() -> None:
                         "{seed} and {run} (hybrid_conventional, byol) are filled in; "
                         "relative to the repository root unless absolute. Default: where "
                         "bench.keep_encoders keeps them (bench/encoders/README.md).")
+    flags.DEFINE_string("encoder_records", ENCODER_RECORDS,
+                        "bench.keep_encoders' record of each encoder ({seed}, {run}; "
+                        "relative to the repository root unless absolute): where an encoder "
+                        "is not on this machine, its recorded weights sha256 identifies its "
+                        "stored results ('' for none).")
     flags.DEFINE_list("seeds", ["0", "1", "2"], "Pretraining seeds (one encoder each).")
     flags.DEFINE_list("protocols", [p.name for p in PROTOCOLS], "Protocols to run.")
     flags.DEFINE_list("methods", list(METHODS), "Methods to run.")
@@ -276,9 +288,30 @@ class Layout:
     work_dir: str
     split: str = "test"
     store_dir: Optional[str] = None   # results.json of finished runs, kept (committed)
+    encoder_records: Optional[str] = None   # bench.keep_encoders' records ({seed}, {run})
+    identities: Dict[str, str] = dataclasses.field(default_factory=dict)   # path -> sha256
 
     def encoder(self, method: str, seed: int) -> str:
         return self.encoders.format(seed=seed, run=RUNS[method])
+
+    def identity(self, method: str, seed: int) -> Optional[str]:
+        """What identifies a pretrained encoder's weights, part of each run's hash so that a
+        result measured on one encoder is never reused for a retrained one: the sha256 of
+        its ``encoder.weights.h5`` (byte-identical for identical weights; for other
+        layouts, of its weights files' digests: :func:`encoder_weights`), or, where the
+        encoder is not on this machine, the sha256 its ``--encoder_records`` record lists
+        (so the stored results tabulate anywhere). None for random init: the seed fixes
+        its weights."""
+        if method == "random":
+            return None
+        path = self.encoder(method, seed)
+        if path not in self.identities:
+            self.identities[path] = _weights_identity(path, self.record(method, seed))
+        return self.identities[path]
+
+    def record(self, method: str, seed: int) -> Optional[str]:
+        return self.encoder_records.format(seed=seed, run=RUNS[method]) \
+            if self.encoder_records else None
 
     def built(self, name: str) -> str:
         return os.path.join(self.work_dir, "records", name)
@@ -296,10 +329,11 @@ class Layout:
         return os.path.join(self.built(f"{dataset}_{masks}"), f"{part}-*.tfrecord")
 
     def output_dir(self, run: Run, command: Sequence[str]) -> str:
-        """The run's folder: readable names and a hash of the command and the flagfile's
+        """The run's folder: readable names and a hash of the command, the flagfile's
         settings (comments left out; for a grid run, the grid flag too, which the command
-        overrides), so that writing the chosen values or a note changes no validation
-        run's folder, and a changed setting never reuses an old result."""
+        overrides) and the encoder's weights (:meth:`identity`), so that writing the chosen
+        values or a note changes no validation run's folder, and a changed setting or a
+        retrained encoder never reuses an old result."""
         settings = [line.strip() for line in _flagfile_text(run.protocol).splitlines()
                     if line.strip() and not line.lstrip().startswith("#")
                     and not (run.candidate and line.startswith(f"--{run.candidate[0]}="))]
@@ -308,7 +342,9 @@ class Layout:
         argv = list(command[1:])
         for place, name in self.placeholders():
             argv = [a.replace(place, name) for a in argv]
-        key = hashlib.sha256(json.dumps([argv, settings]).encode()).hexdigest()[:8]
+        identity = self.identity(run.method, run.seed)
+        hashed = [argv, settings] + ([identity] if identity else [])
+        key = hashlib.sha256(json.dumps(hashed).encode()).hexdigest()[:8]
         leaf = f"{run.method}_s{run.seed}"
         if run.candidate:
             leaf += f"_{run.candidate[0]}={run.candidate[1]:g}"
@@ -330,6 +366,51 @@ class Layout:
             return None
         return os.path.join(self.store_dir, os.path.relpath(output_dir, self.work_dir),
                             "results.json")
+
+
+def encoder_weights(path: str) -> List[str]:
+    """The weights files of an encoder as harl_tf.finetune --encoder reads it: a kept or
+    exported encoder's ``encoder.weights.h5`` (byte-identical for identical weights), else
+    an export's ``variables/variables.data-*``, else a pretraining model_dir's latest
+    checkpoint's data files. MissingPathError when there are none."""
+    import glob
+    h5 = os.path.join(path, "encoder.weights.h5")
+    if os.path.isfile(h5):
+        return [h5]
+    files = sorted(glob.glob(os.path.join(path, "variables", "variables.data-*")))
+    state = os.path.join(path, "checkpoints", "checkpoint")
+    if not files and os.path.isfile(state):
+        with open(state) as f:
+            latest = next((line.split(":", 1)[1].strip().strip('"') for line in f
+                           if line.startswith("model_checkpoint_path:")), None)
+        if latest:
+            files = sorted(glob.glob(os.path.join(path, "checkpoints",
+                                                  os.path.basename(latest) + ".data-*")))
+    if not files:
+        raise errors.MissingPathError(f"{path}: no encoder weights (encoder.weights.h5, "
+                                      "variables/ or checkpoints/) to identify the encoder by.")
+    return files
+
+
+def _weights_identity(path: str, record: Optional[str]) -> str:
+    """:meth:`Layout.identity` of the encoder at ``path`` (its record when it is absent)."""
+    if not os.path.exists(path) and record and os.path.isfile(record):
+        with open(record) as f:
+            listed = json.load(f).get("files", {}).get("encoder.weights.h5", {})
+        if "sha256" not in listed:
+            raise errors.ConfigError(f"{record}: lists no encoder.weights.h5 sha256.")
+        return listed["sha256"]
+    if not os.path.exists(path):
+        raise errors.MissingPathError(
+            f"{path}: no encoder there{f' and no record {record}' if record else ''}; the "
+            "run hash needs its weights' sha256 (bench/encoders/README.md).")
+    files = encoder_weights(path)
+    if len(files) == 1 and files[0].endswith(".h5"):
+        return sha256_file(files[0])
+    digest = hashlib.sha256()
+    for name in files:
+        digest.update(sha256_file(name).encode())
+    return digest.hexdigest()
 
 
 def _flagfile_text(protocol: str) -> str:
@@ -661,7 +742,8 @@ def main(argv) -> None:
     in_repo = lambda path: path and os.path.join(ROOT, path)  # noqa: E731 (abs stays)
     layout = Layout(in_repo(FLAGS.encoders), FLAGS.records_dir, FLAGS.unseen_dir,
                     FLAGS.transfer_dir, FLAGS.work_dir, FLAGS.split,
-                    store_dir=in_repo(FLAGS.store_dir) or None)
+                    store_dir=in_repo(FLAGS.store_dir) or None,
+                    encoder_records=in_repo(FLAGS.encoder_records) or None)
     validation = FLAGS.split == "validation"
     seeds = [int(s) for s in (FLAGS.validation_seeds if validation else FLAGS.seeds)]
     methods = FLAGS.validation_methods if validation else FLAGS.methods
@@ -682,8 +764,10 @@ def main(argv) -> None:
     settings = {p: {"flagfile": BY_NAME[p].flagfile, "text": _flagfile_text(p),
                     "chosen_on_validation": VALIDATION_NOTE in _flagfile_text(p)}
                 for p in FLAGS.protocols}
+    weights = {m: {s: layout.identity(m, s) for s in seeds} for m in methods if m != "random"}
     payload = {"split": FLAGS.split, "seeds": seeds, "methods": methods,
-               "encoders": FLAGS.encoders, "work_dir": FLAGS.work_dir, "settings": settings,
+               "encoders": FLAGS.encoders, "encoder_weights_sha256": weights,
+               "work_dir": FLAGS.work_dir, "settings": settings,
                "failed": progress_of_runs.get("failed", []), "machine": common.machine_info()}
     if validation:
         chosen = choose(runs, layout)

@@ -14,12 +14,24 @@ from bench.common import summarise
 from harl_tf import errors
 
 
+def _encoder(folder, weights: bytes):
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "encoder.weights.h5"), "wb") as f:
+        f.write(weights)
+
+
 def _layout(tmp_path, split="test"):
-    return report.Layout(encoders=str(tmp_path / "enc" / "s{seed}" / "{run}"),
-                         records_dir=str(tmp_path / "records"),
-                         unseen_dir=str(tmp_path / "unseen"),
-                         transfer_dir=str(tmp_path / "transfer"),
-                         work_dir=str(tmp_path / "work"), split=split)
+    """A layout whose kept encoders (fake weights files, the same bytes wherever the
+    layout is) exist for seeds 0-2."""
+    layout = report.Layout(encoders=str(tmp_path / "enc" / "s{seed}" / "{run}"),
+                           records_dir=str(tmp_path / "records"),
+                           unseen_dir=str(tmp_path / "unseen"),
+                           transfer_dir=str(tmp_path / "transfer"),
+                           work_dir=str(tmp_path / "work"), split=split)
+    for method in ("harl", "byol"):
+        for seed in range(3):
+            _encoder(layout.encoder(method, seed), f"{method} {seed}".encode())
+    return layout
 
 
 # Arithmetic ---------------------------------------------------------------------------------
@@ -211,6 +223,60 @@ def test_run_folder_follows_settings_not_comments(tmp_path, monkeypatch):
     text["knn"] = "# only comments changed\n--mode=knn\n--knn_k=20\n--image_size=64\n"
     assert folder(run) == before
     assert "knn_k=10" in os.path.basename(before_grid)
+
+
+def test_a_retrained_encoder_is_a_new_run_and_a_recorded_one_is_found_without_its_weights(
+        tmp_path):
+    import hashlib
+    layout = _layout(tmp_path)
+    runs = report.plan("test", ["linear"], ["harl", "random"], [0])
+    harl = next(r for r in runs if r.method == "harl")
+    rand = next(r for r in runs if r.method == "random")
+    folder = lambda r, lay=layout: lay.output_dir(r, report.command(r, lay))  # noqa: E731
+    before, before_random = folder(harl), folder(rand)
+    report.execute(runs, layout, runner=_fake_runner(_value, []))
+    assert report.read_value(harl, layout) == pytest.approx(0.5)
+    # Retrained: other weights at the same path. Its runs are new; random init (whose
+    # weights the seed fixes, whatever HARL's are) keeps its results.
+    _encoder(layout.encoder("harl", 0), b"harl 0, retrained")
+    retrained = dataclasses.replace(layout, identities={})
+    assert folder(harl, retrained) != before and folder(rand, retrained) == before_random
+    assert report.read_value(harl, retrained) is None
+    assert report.read_value(rand, retrained) == pytest.approx(0.1)
+    # The encoder absent, its record (bench.keep_encoders' provenance) names the weights.
+    elsewhere = dataclasses.replace(_layout(tmp_path / "b"), identities={},
+                                    encoder_records=str(tmp_path / "rec" / "s{seed}" /
+                                                        "{run}.json"))
+    os.remove(os.path.join(elsewhere.encoder("harl", 0), "encoder.weights.h5"))
+    os.rmdir(elsewhere.encoder("harl", 0))
+    with pytest.raises(errors.MissingPathError, match="s0/hybrid_conventional.*no record"):
+        folder(harl, elsewhere)
+    sha = hashlib.sha256(b"harl 0").hexdigest()
+    record = elsewhere.record("harl", 0)
+    os.makedirs(os.path.dirname(record))
+    with open(record, "w") as f:
+        json.dump({"files": {"encoder.weights.h5": {"bytes": 6, "sha256": sha}}}, f)
+    assert elsewhere.identity("harl", 0) == sha
+    assert os.path.basename(folder(harl, elsewhere)) == os.path.basename(before)
+
+
+def test_encoder_weights_of_each_layout(tmp_path):
+    export = tmp_path / "export" / "variables"
+    export.mkdir(parents=True)
+    (export / "variables.data-00000-of-00001").write_bytes(b"v")
+    assert report.encoder_weights(str(tmp_path / "export")) == [
+        str(export / "variables.data-00000-of-00001")]
+    ckpt = tmp_path / "model_dir" / "checkpoints"
+    ckpt.mkdir(parents=True)
+    for step in (500, 1000):
+        (ckpt / f"ckpt-{step}.data-00000-of-00001").write_bytes(b"c")
+    (ckpt / "checkpoint").write_text('model_checkpoint_path: "ckpt-1000"\n'
+                                     'all_model_checkpoint_paths: "ckpt-500"\n')
+    assert report.encoder_weights(str(tmp_path / "model_dir")) == [
+        str(ckpt / "ckpt-1000.data-00000-of-00001")]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(errors.MissingPathError, match="empty: no encoder weights"):
+        report.encoder_weights(str(tmp_path / "empty"))
 
 
 # Validation -------------------------------------------------------------------------------
