@@ -55,7 +55,8 @@ stale result. Each finished run's results.json is also copied into ``--store_dir
 (``bench/results/paper_tables_runs``, committed), where a later report on another machine
 finds it: the evaluations accumulate across sessions. Failed runs are
 listed and left out (``--keep_going``). Writes ``bench/results/<output_name>.json`` and
-``.md`` (``<output_name>_validation`` for the validation split).
+``.md``: a short table, one line per protocol and dataset (:func:`summary_markdown`, the
+README's), then every row (``<output_name>_validation.json`` for the validation split).
 """
 from __future__ import annotations
 
@@ -86,6 +87,7 @@ SCENES, TRANSFER = "fmnist_scenes", ("fashion_mnist", "digits_scenes")
 EMBEDDINGS = ("global", "foreground")
 LEARNING_RATES = (0.01, 0.03, 0.1)
 VALIDATION_NOTE = "# Validation:"
+DROP = "drop test → unseen"   # the eval set of a row of paired drops
 VALIDATION_SEED = 0   # the carve's id hash seed: one validation split for every seed
 # The encoders the tables evaluate, kept by bench.keep_encoders --recipe=<this folder>, and
 # their records in the repository (bench/encoders/README.md).
@@ -556,7 +558,7 @@ def rows(values: Dict[tuple, Dict[str, Dict[int, float]]]) -> List[dict]:
             out.append(row(shifted_key, shifted))
             drops = {m: paired_drops(by_method.get(m, {}), shifted.get(m, {}))
                      for m in METHODS}
-            out.append(row(key, drops, eval_set="drop test → unseen", lower_is_better=True))
+            out.append(row(key, drops, eval_set=DROP, lower_is_better=True))
             placed.add(shifted_key)
     return out
 
@@ -584,6 +586,45 @@ def markdown(table_rows: Sequence[dict], seeds: int) -> str:
     return common.table(body, ["protocol", "data", "embedding",
                                *(LABELS[m] for m in METHODS), "HARL − BYOL (pooled sd)",
                                "verdict"])
+
+
+def _versus(row: Optional[dict]) -> str:
+    """HARL − BYOL of a row in one cell: difference (pooled sd) and verdict."""
+    if row is None or row["difference"] is None:
+        return "–"
+    pooled = f" ({row['pooled_sd']:.3f})" if row["pooled_sd"] is not None else ""
+    return f"{row['difference']:+.3f}{pooled} {row['verdict']}"
+
+
+def summary_markdown(table_rows: Sequence[dict], seeds: int) -> str:
+    """The short table (the README's): one line per protocol and dataset, its test split
+    on the global embedding (each method's mean ± sd, HARL − BYOL and the verdict), then
+    HARL − BYOL on the unseen backgrounds, the drop to them (each method's mean, the
+    supervised reference's too, and the verdict; lower is better) and with the foreground
+    embedding. :func:`markdown` has every row."""
+    by_key = {(r["protocol"], r["dataset"], r["eval_set"], r["embedding"]): r
+              for r in table_rows}
+    body = []
+    for row in table_rows:
+        if row["eval_set"] != "test" or row["embedding"] != "global":
+            continue
+        protocol, dataset = row["protocol"], row["dataset"]
+        drop = by_key.get((protocol, dataset, DROP, "global"))
+        if drop is None:
+            drops = "–"
+        else:
+            means = [f"{drop['statistics'][m]['mean']:.3f}" if drop["statistics"][m]
+                     else "–" for m in METHODS]
+            verdict = "" if drop["difference"] is None else f" {drop['verdict']}"
+            drops = " / ".join(means) + verdict
+        title = BY_NAME[protocol].title + ("" if dataset == SCENES else f" ({dataset})")
+        body.append([title, *(_cell(row["statistics"][m], seeds) for m in METHODS),
+                     _versus(row), _versus(by_key.get((protocol, dataset, "unseen", "global"))),
+                     drops, _versus(by_key.get((protocol, dataset, "test", "foreground")))])
+    return common.table(body, [
+        "protocol", *(LABELS[m] for m in METHODS), "HARL − BYOL (pooled sd)",
+        "unseen backgrounds: HARL − BYOL", "drop to unseen: " + " / ".join(
+            LABELS[m].split()[0] for m in METHODS), "foreground embedding: HARL − BYOL"])
 
 
 # Validation ---------------------------------------------------------------------------------
@@ -787,12 +828,12 @@ def main(argv) -> None:
         common.write_result(f"{FLAGS.output_name}_validation", payload)
         return
     table_rows = rows(collect(runs, layout))
-    table = markdown(table_rows, len(seeds))
-    print(table)
-    payload.update(rows=table_rows, table_markdown=table)
+    summary, table = summary_markdown(table_rows, len(seeds)), markdown(table_rows, len(seeds))
+    print(summary + "\n\n" + table)
+    payload.update(rows=table_rows, summary_markdown=summary, table_markdown=table)
     common.write_result(FLAGS.output_name, payload)
     atomic.write_bytes_atomic(os.path.join(common.RESULTS_DIR, f"{FLAGS.output_name}.md"),
-                              (table + "\n").encode())
+                              f"{summary}\n\nEvery row:\n\n{table}\n".encode())
 
 
 if __name__ == "__main__":

@@ -92,6 +92,43 @@ def test_rows_pair_drops_by_seed():
                             "HARL leads"]
 
 
+def test_the_summary_has_one_line_per_protocol_and_dataset():
+    values = {("linear", "fmnist_scenes", "test", "global"):
+              {"harl": {0: 0.41, 1: 0.43, 2: 0.45}, "byol": {0: 0.35, 1: 0.36, 2: 0.37},
+               "random": {0: 0.20, 1: 0.21, 2: 0.22}},
+              ("linear", "fmnist_scenes", "unseen", "global"):
+              {"harl": {0: 0.30, 1: 0.33, 2: 0.34}, "byol": {0: 0.20, 1: 0.22, 2: 0.21}},
+              ("linear", "fmnist_scenes", "test", "foreground"):
+              {"harl": {0: 0.40, 1: 0.40, 2: 0.40}, "byol": {0: 0.41, 1: 0.41, 2: 0.41}},
+              ("supervised", "fmnist_scenes", "test", "global"):
+              {"random": {0: 0.39, 1: 0.41, 2: 0.40}},
+              ("supervised", "fmnist_scenes", "unseen", "global"):
+              {"random": {0: 0.19, 1: 0.21, 2: 0.20}},
+              ("transfer_linear", "fashion_mnist", "test", "global"):
+              {"harl": {0: 0.83, 1: 0.84}, "byol": {0: 0.83, 1: 0.84}}}
+    lines = report.summary_markdown(report.rows(values), seeds=3).splitlines()
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    assert cells[0] == ["protocol", "HARL hybrid", "BYOL", "random init",
+                        "HARL − BYOL (pooled sd)", "unseen backgrounds: HARL − BYOL",
+                        "drop to unseen: HARL / BYOL / random",
+                        "foreground embedding: HARL − BYOL"]
+    assert len(cells) == 2 + 3       # header, rule, linear, supervised, transfer
+    # linear: test 0.43 vs 0.36 (pooled sd 0.0158); unseen 0.3233 vs 0.21; drops paired by
+    # seed 0.1067 vs 0.15 (lower is better); foreground 0.40 vs 0.41, sd 0: BYOL leads.
+    assert cells[2][:5] == ["linear probe", "0.430 ± 0.020", "0.360 ± 0.010",
+                            "0.210 ± 0.010", "+0.070 (0.016) HARL leads"]
+    assert cells[2][5].startswith("+0.113 (") and cells[2][5].endswith("HARL leads")
+    assert cells[2][6] == "0.107 / 0.150 / – HARL leads"
+    assert cells[2][7] == "-0.010 (0.000) BYOL leads"
+    # The supervised reference: random init only, its drop shown, no comparison.
+    assert cells[3][1:5] == ["–", "–", "0.400 ± 0.010", "–"]
+    assert cells[3][6] == "– / – / 0.200"
+    # A transfer set: its name in the title, nothing measured on unseen backgrounds.
+    assert cells[4][0] == "transfer, linear (fashion_mnist)"
+    assert cells[4][1] == "0.835 ± 0.007 (n=2)" and cells[4][4] == "+0.000 (0.007) level"
+    assert cells[4][5:] == ["–", "–", "–"]
+
+
 # Plan, skip and resume ----------------------------------------------------------------------
 
 def _fake_runner(values, calls, fail=()):
