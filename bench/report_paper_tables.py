@@ -89,11 +89,10 @@ LEARNING_RATES = (0.01, 0.03, 0.1)
 VALIDATION_NOTE = "# Validation:"
 DROP = "drop test → unseen"   # the eval set of a row of paired drops
 VALIDATION_SEED = 0   # the carve's id hash seed: one validation split for every seed
-# The encoders the tables evaluate, kept by bench.keep_encoders --recipe=<this folder>, and
-# their records in the repository (bench/encoders/README.md).
-TABLES_SET = "fmnist_scenes_8x8_paper_tables"
-ENCODERS = f"/work/runs/encoders/{TABLES_SET}/s{{seed}}/{{run}}"
-ENCODER_RECORDS = f"bench/encoders/{TABLES_SET}/s{{seed}}/{{run}}.json"
+# The encoders the tables evaluate (bench.keep_encoders keeps them) and their records in the
+# repository (bench/encoders/README.md).
+ENCODERS = "/work/runs/encoders/fmnist_scenes_8x8/s{seed}/{run}"
+ENCODER_RECORDS = "bench/encoders/fmnist_scenes_8x8/s{seed}/{run}.json"
 STORE = "bench/results/paper_tables_runs"                     # kept results.json files
 
 
