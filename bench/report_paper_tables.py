@@ -755,11 +755,11 @@ def check_scenes_records(layout: Layout) -> None:
                     f"--records_dir={layout.records_dir}")
 
 
-def check_encoders(layout: Layout, methods: Sequence[str], seeds: Sequence[int]) -> None:
-    """MissingPathError listing every pretrained encoder that is not there (random init
-    copies HARL's architecture, so it needs HARL's export too)."""
-    needed = {"harl"} | set(methods) - {"random"}
-    missing = [layout.encoder(m, s) for m in sorted(needed) for s in seeds
+def check_encoders(layout: Layout, runs: Sequence[Run]) -> None:
+    """MissingPathError listing every pretrained encoder the runs read that is not there
+    (random init copies HARL's architecture, so it reads HARL's export too)."""
+    needed = sorted({("harl" if r.method == "random" else r.method, r.seed) for r in runs})
+    missing = [layout.encoder(m, s) for m, s in needed
                if not os.path.exists(layout.encoder(m, s))]
     if missing:
         raise errors.MissingPathError(
@@ -791,7 +791,7 @@ def main(argv) -> None:
     datasets = sorted({r.dataset for r in runs})
     progress_of_runs, carved = {}, None
     if not FLAGS.report_only:
-        check_encoders(layout, methods, seeds)
+        check_encoders(layout, runs)
         if SCENES in datasets:
             check_scenes_records(layout)
         build_records(layout, datasets, dry_run=FLAGS.dry_run)

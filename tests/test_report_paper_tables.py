@@ -297,6 +297,18 @@ def test_a_retrained_encoder_is_a_new_run_and_a_recorded_one_is_found_without_it
     assert os.path.basename(folder(harl, elsewhere)) == os.path.basename(before)
 
 
+def test_check_encoders_names_only_the_encoders_the_runs_read(tmp_path):
+    layout = _layout(tmp_path)
+    os.remove(os.path.join(layout.encoder("harl", 1), "encoder.weights.h5"))
+    os.rmdir(layout.encoder("harl", 1))
+    report.check_encoders(layout, report.plan("test", ["linear"], ["byol"], [0, 1]))
+    report.check_encoders(layout, report.plan("test", ["supervised"], ["random"], [0]))
+    with pytest.raises(errors.MissingPathError, match=r"1 encoders missing \(.*s1/hybrid_"):
+        report.check_encoders(layout, report.plan("test", ["supervised"], ["random"], [1]))
+    with pytest.raises(errors.MissingPathError, match="1 encoders missing"):
+        report.check_encoders(layout, report.plan("test", ["knn"], report.METHODS, [0, 1]))
+
+
 def test_encoder_weights_of_each_layout(tmp_path):
     export = tmp_path / "export" / "variables"
     export.mkdir(parents=True)
