@@ -629,9 +629,10 @@ def summary_markdown(table_rows: Sequence[dict], seeds: int) -> str:
 # Validation ---------------------------------------------------------------------------------
 
 def choose(runs: Sequence[Run], layout: Layout) -> Dict[str, dict]:
-    """Per protocol: each grid value's mean validation score over its runs, and the best
-    (the first listed on a tie). A protocol with a grid value that has no result is left
-    out (not chosen on part of the grid)."""
+    """Per protocol: each grid value's mean validation score over its runs, the best (the
+    first listed on a tie) and whether it is the grid's smallest or largest value
+    (``at_edge``: the best may lie beyond; extend the grid). A protocol with a grid value
+    that has no result is left out (not chosen on part of the grid)."""
     scores: Dict[str, Dict[float, List[float]]] = {}
     for run in runs:
         value = read_value(run, layout)
@@ -644,7 +645,8 @@ def choose(runs: Sequence[Run], layout: Layout) -> Dict[str, dict]:
         means = {value: sum(vs) / len(vs) for value, vs in per_value.items()}
         best = max(means, key=lambda v: (means[v], -list(means).index(v)))
         chosen[name] = {"flag": BY_NAME[name].grid[0], "value": best, "means": means,
-                        "runs_per_value": len(next(iter(per_value.values())))}
+                        "runs_per_value": len(next(iter(per_value.values()))),
+                        "at_edge": len(means) > 1 and best in (min(means), max(means))}
     return chosen
 
 
@@ -813,7 +815,9 @@ def main(argv) -> None:
         chosen = choose(runs, layout)
         for name, choice in chosen.items():
             print(f"{name}: --{choice['flag']}={choice['value']:g} "
-                  f"(mean validation score {json.dumps(choice['means'])})")
+                  f"(mean validation score {json.dumps(choice['means'])})"
+                  + (" AT THE GRID'S EDGE: the best may lie beyond it" if choice["at_edge"]
+                     else ""))
             if FLAGS.write_flagfiles:
                 path = os.path.join(ROOT, BY_NAME[name].flagfile)
                 note = (f"--{choice['flag']} from {sorted(choice['means'])}, best mean "

@@ -347,6 +347,12 @@ def test_choose_takes_the_best_mean_of_a_complete_grid(tmp_path):
     assert chosen["knn"]["value"] == 20    # tied with 50: the first listed
     assert chosen["knn"]["means"][10] == pytest.approx(0.30)
     assert chosen["knn"]["runs_per_value"] == 2
+    assert not chosen["knn"]["at_edge"]    # 20: inside the grid 10, 20, 50
+    scores[50] = 0.35                      # now the largest value is best: at the edge
+    elsewhere = _layout(tmp_path / "b", "validation")
+    report.execute(runs, elsewhere, runner=runner)
+    edge = report.choose(runs, elsewhere)["knn"]
+    assert edge["value"] == 50 and edge["at_edge"]
 
 
 def test_update_flagfile():
