@@ -50,7 +50,8 @@ FLAGS = flags.FLAGS
 RECORDS_DIR = os.path.join(common.ROOT, "bench", "encoders")   # provenance, in the repo
 ENCODERS_DIR = "/work/runs/encoders"                            # weights, outside it
 PROVENANCE = "provenance.json"
-KEPT_FILES = ("harl_export.json", "encoder.weights.h5")   # saved_encoder's names
+WEIGHTS_FILE = "encoder.weights.h5"   # saved_encoder's name for the Keras weights
+KEPT_FILES = ("harl_export.json", WEIGHTS_FILE)
 
 
 def define_flags() -> None:
@@ -132,7 +133,7 @@ def _weight_files(files: dict) -> dict:
     """The entries of a file table that hold the weights themselves: the SavedModel's
     variables shards and the Keras weights file."""
     return {name: entry for name, entry in files.items()
-            if name.startswith("variables/variables.data") or name == KEPT_FILES[1]}
+            if name.startswith("variables/variables.data") or name == WEIGHTS_FILE}
 
 
 def compare_with_record(provenance: dict, record_path: str) -> str:

@@ -61,6 +61,7 @@ README's), then every row (``<output_name>_validation.json`` for the validation 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import hashlib
 import json
 import math
@@ -73,6 +74,7 @@ from absl import flags
 
 from bench import common
 from bench.common import summarise
+from bench.keep_encoders import WEIGHTS_FILE
 from harl_tf import atomic, errors
 from harl_tf.data.shards import sha256_file
 
@@ -376,8 +378,7 @@ def encoder_weights(path: str) -> List[str]:
     exported encoder's ``encoder.weights.h5`` (byte-identical for identical weights), else
     an export's ``variables/variables.data-*``, else a pretraining model_dir's latest
     checkpoint's data files. MissingPathError when there are none."""
-    import glob
-    h5 = os.path.join(path, "encoder.weights.h5")
+    h5 = os.path.join(path, WEIGHTS_FILE)
     if os.path.isfile(h5):
         return [h5]
     files = sorted(glob.glob(os.path.join(path, "variables", "variables.data-*")))
@@ -390,7 +391,7 @@ def encoder_weights(path: str) -> List[str]:
             files = sorted(glob.glob(os.path.join(path, "checkpoints",
                                                   os.path.basename(latest) + ".data-*")))
     if not files:
-        raise errors.MissingPathError(f"{path}: no encoder weights (encoder.weights.h5, "
+        raise errors.MissingPathError(f"{path}: no encoder weights ({WEIGHTS_FILE}, "
                                       "variables/ or checkpoints/) to identify the encoder by.")
     return files
 
@@ -399,9 +400,9 @@ def _weights_identity(path: str, record: Optional[str]) -> str:
     """:meth:`Layout.identity` of the encoder at ``path`` (its record when it is absent)."""
     if not os.path.exists(path) and record and os.path.isfile(record):
         with open(record) as f:
-            listed = json.load(f).get("files", {}).get("encoder.weights.h5", {})
+            listed = json.load(f).get("files", {}).get(WEIGHTS_FILE, {})
         if "sha256" not in listed:
-            raise errors.ConfigError(f"{record}: lists no encoder.weights.h5 sha256.")
+            raise errors.ConfigError(f"{record}: lists no {WEIGHTS_FILE} sha256.")
         return listed["sha256"]
     if not os.path.exists(path):
         raise errors.MissingPathError(
@@ -578,23 +579,27 @@ def markdown(table_rows: Sequence[dict], seeds: int) -> str:
         protocol = BY_NAME[row["protocol"]]
         data = {"test": "test", "unseen": "unseen backgrounds"}.get(row["eval_set"],
                                                                      row["eval_set"])
-        difference = ("–" if row["difference"] is None else f"{row['difference']:+.3f}"
-                      + (f" ({row['pooled_sd']:.3f})" if row["pooled_sd"] is not None
-                         else ""))
         body.append([protocol.title, f"{row['dataset']}, {data}", row["embedding"],
-                     *(_cell(row["statistics"][m], seeds) for m in METHODS), difference,
-                     row["verdict"]])
+                     *(_cell(row["statistics"][m], seeds) for m in METHODS),
+                     _difference(row), row["verdict"]])
     return common.table(body, ["protocol", "data", "embedding",
                                *(LABELS[m] for m in METHODS), "HARL − BYOL (pooled sd)",
                                "verdict"])
 
 
-def _versus(row: Optional[dict]) -> str:
-    """HARL − BYOL of a row in one cell: difference (pooled sd) and verdict."""
-    if row is None or row["difference"] is None:
+def _difference(row: dict) -> str:
+    """HARL − BYOL of a row: the difference and its pooled sd, "–" without one."""
+    if row["difference"] is None:
         return "–"
     pooled = f" ({row['pooled_sd']:.3f})" if row["pooled_sd"] is not None else ""
-    return f"{row['difference']:+.3f}{pooled} {row['verdict']}"
+    return f"{row['difference']:+.3f}{pooled}"
+
+
+def _versus(row: Optional[dict]) -> str:
+    """HARL − BYOL of a row in one cell: :func:`_difference` and the verdict."""
+    if row is None or row["difference"] is None:
+        return "–"
+    return f"{_difference(row)} {row['verdict']}"
 
 
 def summary_markdown(table_rows: Sequence[dict], seeds: int) -> str:
@@ -747,7 +752,6 @@ def carve_validation(layout: Layout, datasets: Sequence[str], fraction: float) -
 
 def check_scenes_records(layout: Layout) -> None:
     """MissingPathError unless bench.bench_learning's fmnist-scenes records are there."""
-    import glob
     test_layout = dataclasses.replace(layout, split="test")
     for masks in ("gt", "conventional"):
         for part in ("train", "test"):
