@@ -122,7 +122,9 @@ PROTOCOLS = (
     # Fine-tuning grids, widened upwards as seed 0's validation runs found the best at the
     # top edge: 1 % / 10 % first 0.01-0.1, then 0.3 (BYOL 0.1535 / 0.485, best again), now
     # 1.0; the FCN 0.01-0.1 (BYOL 0.188 / 0.266 / 0.340), now 0.3; transfer fine-tuning,
-    # not run yet, starts where every fine-tuning grid found its best: 0.03-0.3.
+    # not run yet, starts where every fine-tuning grid found its best: 0.03-0.3. The probes
+    # likewise: the segmentation probe adds 1.0 (0.3 was best: mean 0.159), transfer
+    # linear 0.03 (0.1 was best, by 0.2 points over 0.3 and 0.5 over 0.9).
     Protocol("semi_1pct", "fine-tune, 1 % labels", "flags/eval_semi_1pct.cfg", "finetune",
              ("learning_rate", LEARNING_RATES + (0.3, 1.0))),
     Protocol("semi_10pct", "fine-tune, 10 % labels", "flags/eval_semi_10pct.cfg", "finetune",
@@ -131,14 +133,14 @@ PROTOCOLS = (
              "finetune", ("learning_rate", LEARNING_RATES), embeddings=("global",),
              methods=("random",)),
     Protocol("seg_probe", "segmentation probe, mIoU", "flags/eval_segmentation_probe.cfg",
-             "segmentation", ("learning_rate", (0.03, 0.1, 0.3)), metric="mean_iou",
+             "segmentation", ("learning_rate", (0.03, 0.1, 0.3, 1.0)), metric="mean_iou",
              head="probe", embeddings=("global",)),
     Protocol("seg_fcn", "segmentation fine-tune (FCN), mIoU",
              "flags/eval_segmentation_fcn.cfg", "segmentation",
              ("learning_rate", LEARNING_RATES + (0.3,)), metric="mean_iou", head="fcn",
              embeddings=("global",)),
     Protocol("transfer_linear", "transfer, linear", "flags/eval_transfer_linear.cfg", "linear",
-             ("learning_rate", (0.1, 0.3, 0.9)), datasets=TRANSFER),
+             ("learning_rate", (0.03, 0.1, 0.3, 0.9)), datasets=TRANSFER),
     Protocol("transfer_finetune", "transfer, fine-tune", "flags/eval_transfer_finetune.cfg",
              "finetune", ("learning_rate", (0.03, 0.1, 0.3)), datasets=TRANSFER),
 )
