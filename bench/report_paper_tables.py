@@ -56,7 +56,9 @@ stale result. Each finished run's results.json is also copied into ``--store_dir
 finds it: the evaluations accumulate across sessions. Failed runs are
 listed and left out (``--keep_going``). Writes ``bench/results/<output_name>.json`` and
 ``.md``: a short table, one line per protocol and dataset (:func:`summary_markdown`, the
-README's), then every row (``<output_name>_validation.json`` for the validation split).
+README's), then every row; for the validation split ``<output_name>_validation.json`` and
+``.md``: every grid value's score per method and the value chosen
+(:func:`validation_markdown`).
 """
 from __future__ import annotations
 
@@ -639,26 +641,65 @@ def summary_markdown(table_rows: Sequence[dict], seeds: int) -> str:
 
 # Validation ---------------------------------------------------------------------------------
 
+def validation_scores(runs: Sequence[Run], layout: Layout
+                      ) -> Dict[str, Dict[float, Dict[str, List[Optional[float]]]]]:
+    """Protocol -> grid value -> method -> its runs' validation scores (one per seed, None
+    for a run that has not finished), in plan order."""
+    scores: Dict[str, Dict[float, Dict[str, List[Optional[float]]]]] = {}
+    for run in runs:
+        per_value = scores.setdefault(run.protocol, {}).setdefault(run.candidate[1], {})
+        per_value.setdefault(run.method, []).append(read_value(run, layout))
+    return scores
+
+
 def choose(runs: Sequence[Run], layout: Layout) -> Dict[str, dict]:
     """Per protocol: each grid value's mean validation score over its runs, the best (the
     first listed on a tie) and whether it is the grid's smallest or largest value
     (``at_edge``: the best may lie beyond; extend the grid). A protocol with a grid value
     that has no result is left out (not chosen on part of the grid)."""
-    scores: Dict[str, Dict[float, List[float]]] = {}
-    for run in runs:
-        value = read_value(run, layout)
-        per_value = scores.setdefault(run.protocol, {}).setdefault(run.candidate[1], [])
-        per_value.append(value)
     chosen = {}
-    for name, per_value in scores.items():
-        if any(v is None for values in per_value.values() for v in values):
+    for name, per_value in validation_scores(runs, layout).items():
+        flat = {value: [v for vs in by_method.values() for v in vs]
+                for value, by_method in per_value.items()}
+        if any(v is None for values in flat.values() for v in values):
             continue
-        means = {value: sum(vs) / len(vs) for value, vs in per_value.items()}
+        means = {value: sum(vs) / len(vs) for value, vs in flat.items()}
         best = max(means, key=lambda v: (means[v], -list(means).index(v)))
         chosen[name] = {"flag": BY_NAME[name].grid[0], "value": best, "means": means,
-                        "runs_per_value": len(next(iter(per_value.values()))),
+                        "runs_per_value": len(next(iter(flat.values()))),
                         "at_edge": len(means) > 1 and best in (min(means), max(means))}
     return chosen
+
+
+def validation_markdown(scores: Dict[str, Dict[float, Dict[str, List[Optional[float]]]]],
+                        chosen: Dict[str, dict]) -> str:
+    """The validation runs as a Markdown table: per protocol and grid value, each method's
+    mean score over its seeds (and a transfer protocol's datasets; "–" until every run has
+    finished), the mean that chooses,
+    and which value was chosen (at the grid's edge, or not yet: the grid is incomplete)."""
+    methods = [m for m in METHODS
+               if any(m in by_method for per_value in scores.values()
+                      for by_method in per_value.values())]
+    body = []
+    for name, per_value in scores.items():
+        choice = chosen.get(name)
+        for value, by_method in per_value.items():
+            cells = []
+            for method in methods:
+                values = by_method.get(method)
+                cells.append("–" if not values or None in values
+                             else f"{sum(values) / len(values):.4f}")
+            if choice is None:
+                mean, verdict = "–", "grid incomplete"
+            else:
+                mean = f"{choice['means'][value]:.4f}"
+                verdict = ("" if value != choice["value"] else
+                           "**chosen**, at the grid's edge" if choice["at_edge"]
+                           else "**chosen**")
+            body.append([BY_NAME[name].title, f"--{BY_NAME[name].grid[0]}={value:g}",
+                         *cells, mean, verdict])
+    return common.table(body, ["protocol", "setting", *(LABELS[m] for m in methods),
+                               "mean", ""])
 
 
 def update_flagfile(text: str, flag: str, value: float, note: str) -> str:
@@ -823,6 +864,8 @@ def main(argv) -> None:
                "failed": progress_of_runs.get("failed", []), "machine": common.machine_info()}
     if validation:
         chosen = choose(runs, layout)
+        table = validation_markdown(validation_scores(runs, layout), chosen)
+        print(table)
         for name, choice in chosen.items():
             print(f"{name}: --{choice['flag']}={choice['value']:g} "
                   f"(mean validation score {json.dumps(choice['means'])})"
@@ -837,8 +880,11 @@ def main(argv) -> None:
                 with open(path) as f:
                     text = update_flagfile(f.read(), choice["flag"], choice["value"], note)
                 atomic.write_bytes_atomic(path, text.encode())
-        payload.update(carved=carved, chosen=chosen)
+        payload.update(carved=carved, chosen=chosen, table_markdown=table)
         common.write_result(f"{FLAGS.output_name}_validation", payload)
+        atomic.write_bytes_atomic(
+            os.path.join(common.RESULTS_DIR, f"{FLAGS.output_name}_validation.md"),
+            f"{table}\n".encode())
         return
     table_rows = rows(collect(runs, layout))
     summary, table = summary_markdown(table_rows, len(seeds)), markdown(table_rows, len(seeds))

@@ -348,11 +348,22 @@ def test_choose_takes_the_best_mean_of_a_complete_grid(tmp_path):
     assert chosen["knn"]["means"][10] == pytest.approx(0.30)
     assert chosen["knn"]["runs_per_value"] == 2
     assert not chosen["knn"]["at_edge"]    # 20: inside the grid 10, 20, 50
+    table = report.validation_markdown(report.validation_scores(runs, layout), chosen)
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()]
+    assert cells[0][2:5] == ["HARL hybrid", "BYOL", "mean"]   # no random column
+    assert cells[2] == ["k-NN", "--knn_k=10", "0.3200", "0.2800", "0.3000", ""]
+    assert cells[3] == ["k-NN", "--knn_k=20", "0.3600", "0.3200", "0.3400", "**chosen**"]
+    assert cells[4][4:] == ["0.3400", ""]
+    assert cells[7] == ["linear probe", "--learning_rate=0.9", "0.1200", "–", "–",
+                        "grid incomplete"]
     scores[50] = 0.35                      # now the largest value is best: at the edge
     elsewhere = _layout(tmp_path / "b", "validation")
     report.execute(runs, elsewhere, runner=runner)
     edge = report.choose(runs, elsewhere)["knn"]
     assert edge["value"] == 50 and edge["at_edge"]
+    edge_table = report.validation_markdown(report.validation_scores(runs, elsewhere),
+                                            {"knn": edge})
+    assert edge_table.splitlines()[4].rstrip(" |").endswith("**chosen**, at the grid's edge")
 
 
 def test_update_flagfile():
