@@ -126,8 +126,9 @@ PROTOCOLS = (
     # 0.01-0.1 (BYOL 0.188 / 0.266 / 0.340), now 0.3; transfer fine-tuning started where
     # every fine-tuning grid found its best, 0.03-0.3, and adds 1.0 (BYOL on fashion_mnist:
     # 0.7515 / 0.8105 / 0.845); the segmentation probe adds 1.0 (0.3 was best: mean
-    # 0.159) and 3.0 (1.0 best again: 0.167); transfer linear 0.03 (0.1 was best, by 0.2 points over 0.3 and 0.5 over 0.9);
-    # the supervised reference 0.3 (0.258 / 0.3945 / 0.659 at 0.01 / 0.03 / 0.1).
+    # 0.159) and 3.0 (1.0 best again: 0.167); transfer linear 0.03 (0.1 was best, by 0.2
+    # points over 0.3 and 0.5 over 0.9); the supervised reference 0.3 (0.258 / 0.3945 /
+    # 0.659 at 0.01 / 0.03 / 0.1).
     Protocol("semi_1pct", "fine-tune, 1 % labels", "flags/eval_semi_1pct.cfg", "finetune",
              ("learning_rate", LEARNING_RATES + (0.3, 1.0))),
     Protocol("semi_10pct", "fine-tune, 10 % labels", "flags/eval_semi_10pct.cfg", "finetune",
@@ -136,8 +137,8 @@ PROTOCOLS = (
              "finetune", ("learning_rate", LEARNING_RATES + (0.3,)), embeddings=("global",),
              methods=("random",)),
     Protocol("seg_probe", "segmentation probe, mIoU", "flags/eval_segmentation_probe.cfg",
-             "segmentation", ("learning_rate", (0.03, 0.1, 0.3, 1.0, 3.0)), metric="mean_iou",
-             head="probe", embeddings=("global",)),
+             "segmentation", ("learning_rate", (0.03, 0.1, 0.3, 1.0, 3.0)),
+             metric="mean_iou", head="probe", embeddings=("global",)),
     Protocol("seg_fcn", "segmentation fine-tune (FCN), mIoU",
              "flags/eval_segmentation_fcn.cfg", "segmentation",
              ("learning_rate", LEARNING_RATES + (0.3,)), metric="mean_iou", head="fcn",
@@ -653,13 +654,15 @@ def validation_scores(runs: Sequence[Run], layout: Layout
     return scores
 
 
-def choose(runs: Sequence[Run], layout: Layout) -> Dict[str, dict]:
-    """Per protocol: each grid value's mean validation score over its runs, the best (the
-    first listed on a tie) and whether it is the grid's smallest or largest value
-    (``at_edge``: the best may lie beyond; extend the grid). A protocol with a grid value
-    that has no result is left out (not chosen on part of the grid)."""
+def choose(scores: Dict[str, Dict[float, Dict[str, List[Optional[float]]]]]
+           ) -> Dict[str, dict]:
+    """Per protocol of :func:`validation_scores`: each grid value's mean validation score
+    over its runs, the best (the first listed on a tie) and whether it is the grid's
+    smallest or largest value (``at_edge``: the best may lie beyond; extend the grid). A
+    protocol with a grid value that has no result is left out (not chosen on part of the
+    grid)."""
     chosen = {}
-    for name, per_value in validation_scores(runs, layout).items():
+    for name, per_value in scores.items():
         flat = {value: [v for vs in by_method.values() for v in vs]
                 for value, by_method in per_value.items()}
         if any(v is None for values in flat.values() for v in values):
@@ -676,8 +679,8 @@ def validation_markdown(scores: Dict[str, Dict[float, Dict[str, List[Optional[fl
                         chosen: Dict[str, dict]) -> str:
     """The validation runs as a Markdown table: per protocol and grid value, each method's
     mean score over its seeds (and a transfer protocol's datasets; "–" until every run has
-    finished), the mean that chooses,
-    and which value was chosen (at the grid's edge, or not yet: the grid is incomplete)."""
+    finished), the mean that chooses, and which value was chosen (at the grid's edge, or
+    not yet: the grid is incomplete)."""
     methods = [m for m in METHODS
                if any(m in by_method for per_value in scores.values()
                       for by_method in per_value.values())]
@@ -864,8 +867,9 @@ def main(argv) -> None:
                "work_dir": FLAGS.work_dir, "settings": settings,
                "failed": progress_of_runs.get("failed", []), "machine": common.machine_info()}
     if validation:
-        chosen = choose(runs, layout)
-        table = validation_markdown(validation_scores(runs, layout), chosen)
+        scores = validation_scores(runs, layout)   # every results.json, read once
+        chosen = choose(scores)
+        table = validation_markdown(scores, chosen)
         print(table)
         for name, choice in chosen.items():
             print(f"{name}: --{choice['flag']}={choice['value']:g} "

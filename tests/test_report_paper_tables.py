@@ -342,13 +342,14 @@ def test_choose_takes_the_best_mean_of_a_complete_grid(tmp_path):
     runner = _fake_runner(value, [], fail=("linear/fmnist_scenes/val/global/byol_s0_"
                                            "learning_rate=0.9",))
     report.execute(runs, layout, runner=runner)
-    chosen = report.choose(runs, layout)
+    scores_read = report.validation_scores(runs, layout)
+    chosen = report.choose(scores_read)
     assert set(chosen) == {"knn"}          # linear's grid is incomplete: not chosen
     assert chosen["knn"]["value"] == 20    # tied with 50: the first listed
     assert chosen["knn"]["means"][10] == pytest.approx(0.30)
     assert chosen["knn"]["runs_per_value"] == 2
     assert not chosen["knn"]["at_edge"]    # 20: inside the grid 10, 20, 50
-    table = report.validation_markdown(report.validation_scores(runs, layout), chosen)
+    table = report.validation_markdown(scores_read, chosen)
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()]
     assert cells[0][2:5] == ["HARL hybrid", "BYOL", "mean"]   # no random column
     assert cells[2] == ["k-NN", "--knn_k=10", "0.3200", "0.2800", "0.3000", ""]
@@ -359,10 +360,10 @@ def test_choose_takes_the_best_mean_of_a_complete_grid(tmp_path):
     scores[50] = 0.35                      # now the largest value is best: at the edge
     elsewhere = _layout(tmp_path / "b", "validation")
     report.execute(runs, elsewhere, runner=runner)
-    edge = report.choose(runs, elsewhere)["knn"]
+    scores_elsewhere = report.validation_scores(runs, elsewhere)
+    edge = report.choose(scores_elsewhere)["knn"]
     assert edge["value"] == 50 and edge["at_edge"]
-    edge_table = report.validation_markdown(report.validation_scores(runs, elsewhere),
-                                            {"knn": edge})
+    edge_table = report.validation_markdown(scores_elsewhere, {"knn": edge})
     assert edge_table.splitlines()[4].rstrip(" |").endswith("**chosen**, at the grid's edge")
 
 
