@@ -126,9 +126,10 @@ PROTOCOLS = (
     # 0.01-0.1 (BYOL 0.188 / 0.266 / 0.340), now 0.3; transfer fine-tuning started where
     # every fine-tuning grid found its best, 0.03-0.3, and adds 1.0 (BYOL on fashion_mnist:
     # 0.7515 / 0.8105 / 0.845); the segmentation probe adds 1.0 (0.3 was best: mean
-    # 0.159), 3.0 (1.0 best again: 0.167) and 10.0 (3.0 best again, 0.169: a plateau); transfer linear 0.03 (0.1 was best, by 0.2
-    # points over 0.3 and 0.5 over 0.9); the supervised reference 0.3 (0.258 / 0.3945 /
-    # 0.659 at 0.01 / 0.03 / 0.1) and 1.0 (0.3 best again: 0.707).
+    # 0.159), 3.0 (1.0 best again: 0.167) and 10.0 (3.0 best again, 0.169: a plateau);
+    # transfer linear 0.03 (0.1 was best, by 0.2 points over 0.3 and 0.5 over 0.9); the
+    # supervised reference 0.3 (0.258 / 0.3945 / 0.659 at 0.01 / 0.03 / 0.1) and 1.0
+    # (0.3 best again: 0.707).
     Protocol("semi_1pct", "fine-tune, 1 % labels", "flags/eval_semi_1pct.cfg", "finetune",
              ("learning_rate", LEARNING_RATES + (0.3, 1.0))),
     Protocol("semi_10pct", "fine-tune, 10 % labels", "flags/eval_semi_10pct.cfg", "finetune",
