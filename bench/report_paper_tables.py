@@ -658,10 +658,10 @@ def validation_scores(runs: Sequence[Run], layout: Layout
 def choose(scores: Dict[str, Dict[float, Dict[str, List[Optional[float]]]]]
            ) -> Dict[str, dict]:
     """Per protocol of :func:`validation_scores`: each grid value's mean validation score
-    over its runs, the best (the first listed on a tie) and whether it is the grid's
-    smallest or largest value (``at_edge``: the best may lie beyond; extend the grid). A
-    protocol with a grid value that has no result is left out (not chosen on part of the
-    grid)."""
+    over its runs, the methods those runs are of, the best (the first listed on a tie) and
+    whether it is the grid's smallest or largest value (``at_edge``: the best may lie
+    beyond; extend the grid). A protocol with a grid value that has no result is left out
+    (not chosen on part of the grid)."""
     chosen = {}
     for name, per_value in scores.items():
         flat = {value: [v for vs in by_method.values() for v in vs]
@@ -671,6 +671,7 @@ def choose(scores: Dict[str, Dict[float, Dict[str, List[Optional[float]]]]]
         means = {value: sum(vs) / len(vs) for value, vs in flat.items()}
         best = max(means, key=lambda v: (means[v], -list(means).index(v)))
         chosen[name] = {"flag": BY_NAME[name].grid[0], "value": best, "means": means,
+                        "methods": list(next(iter(per_value.values()))),
                         "runs_per_value": len(next(iter(flat.values()))),
                         "at_edge": len(means) > 1 and best in (min(means), max(means))}
     return chosen
@@ -880,7 +881,7 @@ def main(argv) -> None:
             if FLAGS.write_flagfiles:
                 path = os.path.join(ROOT, BY_NAME[name].flagfile)
                 note = (f"--{choice['flag']} from {sorted(choice['means'])}, best mean "
-                        f"validation {BY_NAME[name].metric} over {', '.join(methods)} at "
+                        f"validation {BY_NAME[name].metric} over {', '.join(choice['methods'])} at "
                         f"seeds {seeds} ({FLAGS.validation_fraction:g} of train held out): "
                         + ", ".join(f"{v:g}: {m:.3f}" for v, m in choice["means"].items()))
                 with open(path) as f:

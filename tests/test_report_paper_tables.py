@@ -348,6 +348,7 @@ def test_choose_takes_the_best_mean_of_a_complete_grid(tmp_path):
     assert chosen["knn"]["value"] == 20    # tied with 50: the first listed
     assert chosen["knn"]["means"][10] == pytest.approx(0.30)
     assert chosen["knn"]["runs_per_value"] == 2
+    assert chosen["knn"]["methods"] == ["harl", "byol"]   # the methods that were scored
     assert not chosen["knn"]["at_edge"]    # 20: inside the grid 10, 20, 50
     table = report.validation_markdown(scores_read, chosen)
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()]
