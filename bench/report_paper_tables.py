@@ -45,7 +45,9 @@ Statistics per row and method: mean and sample sd over seeds; HARL − BYOL with
 sd ``sqrt((sd_HARL² + sd_BYOL²) / 2)`` (:func:`compare`); verdict "HARL leads" / "BYOL
 leads" when the difference exceeds one pooled sd in that direction, else "level".
 
-Resumable: a run whose ``results.json`` exists is not run again. Each run's folder is
+Resumable: a run whose ``results.json`` exists is not run again. Reports started side by
+side on one machine (one thread each, say) share the runs: each claims a run before it
+starts it (:func:`claim`) and passes over those another has claimed or finished. Each run's folder is
 ``<work_dir>/evals/<split>/<protocol>/<dataset>/<eval set>/<embedding>/<method>_s<seed>``
 plus a hash of its command (with the encoders, repository, records and work folders as
 placeholders), its flagfile and the pretrained encoder's weights sha256 (from the weights,
@@ -69,6 +71,7 @@ import json
 import math
 import os
 import shlex
+import socket
 import sys
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -490,6 +493,53 @@ def keep(output_dir: str, layout: Layout) -> None:
             atomic.write_bytes_atomic(stored, f.read())
 
 
+def claim(output_dir: str) -> bool:
+    """Takes the run folder ``output_dir`` for this process (``<output_dir>.claim``, created
+    exclusively, holding host and pid), so reports started side by side on one machine
+    share the runs instead of repeating them. False while another live process holds it; a
+    claim whose process on this host has died is taken over."""
+    path = output_dir + ".claim"
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    me = f"{socket.gethostname()} {os.getpid()}"
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                with open(path) as f:
+                    host, pid = f.read().split()
+            except (OSError, ValueError):
+                return False         # being written by its owner, or unreadable: not ours
+            if host != socket.gethostname() or _alive(int(pid)):
+                return False
+            try:
+                os.remove(path)      # its process died: the run is free again
+            except FileNotFoundError:
+                pass
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+        return True
+    return False
+
+
+def release(output_dir: str) -> None:
+    try:
+        os.remove(output_dir + ".claim")
+    except FileNotFoundError:
+        pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 Runner = Callable[[Sequence[str], str], float]
 
 
@@ -498,9 +548,10 @@ def execute(runs: Sequence[Run], layout: Layout, *, runner: Runner = common.run,
     """Runs every run whose results.json is missing (``runner(argv, log_path)``, which
     raises SystemExit on failure), once for runs that one training scores (test and unseen
     backgrounds), and keeps each finished run's results in the store. Returns ``{"ran":
-    [...], "skipped": n, "failed": [...]}`` (run folders; skipped: done before)."""
+    [...], "skipped": n, "failed": [...], "elsewhere": [...]}`` (run folders; skipped: done
+    before; elsewhere: run, or being run, by another report side by side, :func:`claim`)."""
     from harl_tf.progress import progress
-    done = {"ran": [], "skipped": 0, "failed": []}
+    done = {"ran": [], "skipped": 0, "failed": [], "elsewhere": []}
     unique = {}
     for run in runs:
         argv = command(run, layout)
@@ -516,7 +567,13 @@ def execute(runs: Sequence[Run], layout: Layout, *, runner: Runner = common.run,
         if dry_run:
             print(shlex.join(argv))
             continue
+        if not claim(output_dir):
+            done["elsewhere"].append(output_dir)
+            continue
         try:
+            if os.path.exists(found(output_dir, layout)):   # finished by another report
+                done["elsewhere"].append(output_dir)
+                continue
             runner(argv, os.path.join(output_dir + ".log"))
             keep(output_dir, layout)
             done["ran"].append(output_dir)
@@ -525,6 +582,8 @@ def execute(runs: Sequence[Run], layout: Layout, *, runner: Runner = common.run,
                 raise
             print(f"FAILED {output_dir}: {str(failure).splitlines()[0]}", flush=True)
             done["failed"].append(output_dir)
+        finally:
+            release(output_dir)
     return done
 
 

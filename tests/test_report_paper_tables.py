@@ -2,9 +2,13 @@
 its skip / resume logic and its validation choices, on faked results (no TensorFlow run
 except the validation carve of a few tiny records)."""
 import dataclasses
+import glob
 import json
 import math
 import os
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -224,6 +228,49 @@ def test_the_store_carries_finished_runs_to_another_machine(tmp_path):
     assert linear["harl"] == {0: pytest.approx(0.4), 1: pytest.approx(0.41)}
     # Without the store, the new machine has nothing.
     assert report.read_value(runs[0], dataclasses.replace(elsewhere, store_dir=None)) is None
+
+
+def test_reports_side_by_side_share_the_runs(tmp_path):
+    """A second report started while the first is running its first run passes over that
+    run (claimed) and runs the rest; the first then finds them finished and runs nothing
+    more: every training runs once, and no claim is left behind."""
+    layout = _layout(tmp_path)
+    runs = report.plan("test", ["linear"], ["harl", "byol"], [0, 1])
+    trainings = len(runs) // 2
+    first_calls, second_calls, second = [], [], {}
+    inner = _fake_runner(_value, first_calls)
+
+    def first_runner(argv, log_path):
+        if not second:    # the other report starts while this run is under way
+            second.update(report.execute(runs, layout,
+                                         runner=_fake_runner(_value, second_calls)))
+        inner(argv, log_path)
+
+    first = report.execute(runs, layout, runner=first_runner)
+    assert len(first_calls) == 1 and len(second_calls) == trainings - 1
+    assert first["ran"] == first_calls and second["ran"] == second_calls
+    assert second["elsewhere"] == first_calls
+    assert sorted(first["elsewhere"]) == sorted(second_calls)
+    assert not set(first_calls) & set(second_calls)
+    assert glob.glob(os.path.join(layout.work_dir, "**", "*.claim"), recursive=True) == []
+    assert len(report.collect(runs, layout)[("linear", "fmnist_scenes", "test", "global")]
+               ["harl"]) == 2
+
+
+def test_a_claim_of_a_dead_process_is_taken_over(tmp_path):
+    folder = str(tmp_path / "run")
+    assert report.claim(folder) and not report.claim(folder)   # held by this live process
+    report.release(folder)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    with open(folder + ".claim", "w") as f:
+        f.write(f"{socket.gethostname()} {dead.pid}")
+    assert report.claim(folder)
+    with open(folder + ".claim") as f:
+        assert f.read() == f"{socket.gethostname()} {os.getpid()}"
+    with open(folder + ".claim", "w") as f:    # another machine's claim is left alone
+        f.write(f"elsewhere.example {dead.pid}")
+    assert not report.claim(folder)
 
 
 def test_failed_runs_are_listed_or_stop(tmp_path):
