@@ -47,7 +47,8 @@ leads" when the difference exceeds one pooled sd in that direction, else "level"
 
 Resumable: a run whose ``results.json`` exists is not run again. Reports started side by
 side on one machine (one thread each, say) share the runs: each claims a run before it
-starts it (:func:`claim`) and passes over those another has claimed or finished. Each run's folder is
+starts it (:func:`claim`) and passes over those another has claimed or finished. Each
+run's folder is
 ``<work_dir>/evals/<split>/<protocol>/<dataset>/<eval set>/<embedding>/<method>_s<seed>``
 plus a hash of its command (with the encoders, repository, records and work folders as
 placeholders), its flagfile and the pretrained encoder's weights sha256 (from the weights,
@@ -500,17 +501,17 @@ def claim(output_dir: str) -> bool:
     claim whose process on this host has died is taken over."""
     path = output_dir + ".claim"
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    me = f"{socket.gethostname()} {os.getpid()}"
+    host = socket.gethostname()
     for _ in range(2):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             try:
                 with open(path) as f:
-                    host, pid = f.read().split()
+                    holder, pid = f.read().split()
             except (OSError, ValueError):
                 return False         # being written by its owner, or unreadable: not ours
-            if host != socket.gethostname() or _alive(int(pid)):
+            if holder != host or _alive(int(pid)):
                 return False
             try:
                 os.remove(path)      # its process died: the run is free again
@@ -518,7 +519,7 @@ def claim(output_dir: str) -> bool:
                 pass
             continue
         with os.fdopen(fd, "w") as f:
-            f.write(me)
+            f.write(f"{host} {os.getpid()}")
         return True
     return False
 
@@ -536,7 +537,7 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass                         # it exists, as another user's process
     return True
 
 
