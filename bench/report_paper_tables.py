@@ -702,6 +702,21 @@ def summary_markdown(table_rows: Sequence[dict], seeds: int) -> str:
             LABELS[m].split()[0] for m in METHODS), "foreground embedding: HARL − BYOL"])
 
 
+def preamble(seeds: Sequence[int], failed: Sequence[str]) -> str:
+    """The Markdown file's opening: what its tables are and how to read them."""
+    text = (f"# The paper's evaluations in miniature\n\n"
+            f"HARL hybrid, BYOL and random init, the 8×8 fmnist-scenes encoders of seeds "
+            f"{', '.join(map(str, seeds))}: mean ± sd over seeds ((n=…) where fewer runs "
+            f"finished). Top-1 accuracy; mean IoU for segmentation. HARL − BYOL with its "
+            f"pooled sd √((sd_H² + sd_B²)/2): \"HARL leads\" or \"BYOL leads\" beyond one "
+            f"pooled sd, else \"level\"; a drop from the test split to the unseen "
+            f"backgrounds is better lower. Settings: `flags/eval_*.cfg`, chosen on "
+            f"validation splits; how it was made: docs/results.md.\n")
+    if failed:
+        text += f"\n**{len(failed)} runs failed** and are left out: {', '.join(failed)}.\n"
+    return text
+
+
 # Validation ---------------------------------------------------------------------------------
 
 def validation_scores(runs: Sequence[Run], layout: Layout
@@ -959,7 +974,8 @@ def main(argv) -> None:
     payload.update(rows=table_rows, summary_markdown=summary, table_markdown=table)
     common.write_result(FLAGS.output_name, payload)
     atomic.write_bytes_atomic(os.path.join(common.RESULTS_DIR, f"{FLAGS.output_name}.md"),
-                              f"{summary}\n\nEvery row:\n\n{table}\n".encode())
+                              f"{preamble(seeds, payload['failed'])}\n{summary}\n\n"
+                              f"Every row:\n\n{table}\n".encode())
 
 
 if __name__ == "__main__":

@@ -133,6 +133,15 @@ def test_the_summary_has_one_line_per_protocol_and_dataset():
     assert cells[4][5:] == ["–", "–", "–"]
 
 
+def test_the_markdown_file_opens_with_its_seeds_and_failures():
+    text = report.preamble([0, 1], [])
+    assert text.startswith("# The paper's evaluations in miniature\n")
+    assert "encoders of seeds 0, 1:" in text and "failed" not in text
+    text = report.preamble([0, 1, 2], ["/w/evals/a", "/w/evals/b"])
+    assert "seeds 0, 1, 2:" in text
+    assert text.rstrip().endswith("**2 runs failed** and are left out: /w/evals/a, /w/evals/b.")
+
+
 # Plan, skip and resume ----------------------------------------------------------------------
 
 def _fake_runner(values, calls, fail=()):
