@@ -47,8 +47,8 @@ leads" when the difference exceeds one pooled sd in that direction, else "level"
 
 Resumable: a run whose ``results.json`` exists is not run again. Reports started side by
 side on one machine (one thread each, say) share the runs: each claims a run before it
-starts it (:func:`claim`) and passes over those another has claimed or finished. Each
-run's folder is
+starts it (:func:`claim`) and passes over those another has claimed or finished.
+Each run's folder is
 ``<work_dir>/evals/<split>/<protocol>/<dataset>/<eval set>/<embedding>/<method>_s<seed>``
 plus a hash of its command (with the encoders, repository, records and work folders as
 placeholders), its flagfile and the pretrained encoder's weights sha256 (from the weights,

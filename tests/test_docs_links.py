@@ -1,5 +1,6 @@
 """The README's and docs' relative links: every linked file exists and every #anchor names a
 heading of its page (GitHub's slugs), so a renamed section cannot leave a dead link."""
+import functools
 import os
 import re
 
@@ -34,6 +35,13 @@ def test_slugs_follow_githubs_rules():
                            "88--seeds", "notes", "notes-1"}
 
 
+@functools.lru_cache(maxsize=None)
+def _anchors(path: str) -> frozenset:
+    """The heading slugs of one page, read once however many links point at it."""
+    with open(path, encoding="utf-8") as f:
+        return frozenset(slugs(f.read()))
+
+
 def _pages():
     pages = [os.path.join(ROOT, "README.md")]
     docs = os.path.join(ROOT, "docs")
@@ -53,8 +61,6 @@ def test_relative_links_resolve(page):
         linked = os.path.normpath(os.path.join(os.path.dirname(page), path)) if path else page
         if not os.path.exists(linked):
             dead.append(f"{target}: no file {os.path.relpath(linked, ROOT)}")
-        elif anchor and linked.endswith(".md"):
-            with open(linked, encoding="utf-8") as f:
-                if anchor not in slugs(f.read()):
-                    dead.append(f"{target}: no heading #{anchor}")
+        elif anchor and linked.endswith(".md") and anchor not in _anchors(linked):
+            dead.append(f"{target}: no heading #{anchor}")
     assert not dead, f"{os.path.relpath(page, ROOT)}: dead links: {dead}"
