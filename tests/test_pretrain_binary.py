@@ -237,17 +237,19 @@ def test_short_run_keeps_the_online_probe_above_chance(tmp_path):
     config = _tiny(tmp_path, synthetic_records=0, num_train_examples=256, batch_size=16,
                    width_multiplier=1.0, train_steps=40, warmup_epochs=0.25,
                    base_learning_rate=2.0, shuffle_buffer=256, probe_learning_rate=0.003,
-                   log_every_steps=10, checkpoint_every_steps=40)
+                   log_every_steps=20, checkpoint_every_steps=40)
     summary = training.run_pretraining(config)
     first, final = summary["first_metrics"], summary["final_metrics"]
     assert summary["completed"] and final["labelled"] == 1.0
     assert final["loss"] < 0.9 * first["loss"], (first["loss"], final["loss"])
-    # Mean over the last 10 steps × 32 augmented views, each scored before the probe's
-    # update on it; at chance its standard deviation is 0.018, so 0.18 is 3 σ above
-    # chance (seen: 0.21-0.29 at probe learning rates 0.003-0.1). Colour jitter and
-    # grayscale views hide part of the colour cue, hence well below the 0.52 of a
-    # logistic regression on un-augmented features.
-    assert final["probe_top1"] >= 0.18, final["probe_top1"]
+    # Mean over the last 20 steps × 32 augmented views, each scored before the probe's
+    # update on it. At chance (1/8) its standard deviation is 0.013, so the bound 0.165 is
+    # 3 σ above chance. Over 10 data seeds this window scored 0.211-0.256 (mean 0.238,
+    # sd 0.015); a single 10-step window is noisier (0.200-0.263 over the same seeds, and
+    # 0.172 once in CI), which is why the window is 20 steps. Colour jitter and grayscale
+    # views hide part of the colour cue, hence well below the 0.52 of a logistic
+    # regression on un-augmented features.
+    assert final["probe_top1"] >= 0.165, final["probe_top1"]
 
 
 WORKER = textwrap.dedent("""
