@@ -166,3 +166,16 @@ def test_every_import_runs_to_the_same_or_a_lower_layer(graph):
                        for a, b in upward - KNOWN_UPWARD)
     assert described == []
     assert upward & KNOWN_UPWARD == KNOWN_UPWARD, "fixed: remove it from KNOWN_UPWARD"
+
+
+def test_every_module_is_named_in_the_architecture_page():
+    """docs/ARCHITECTURE.md lists the package one line per module: every module file's name
+    (``context_head``, ``beam_flags``, ...) appears in its Modules block, so a new module
+    cannot land unexplained."""
+    import re
+    page = open(os.path.join(os.path.dirname(ROOT), "docs", "ARCHITECTURE.md")).read()
+    block = page[page.index("## Modules"):page.index("## Layers")]
+    words = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", block))
+    stems = {name.rsplit(".", 1)[-1] for name in module_files() if "." in name}
+    assert len(stems) > 60
+    assert sorted(stems - words) == []
