@@ -664,11 +664,15 @@ def _difference(row: dict) -> str:
     return f"{row['difference']:+.3f}{pooled}"
 
 
-def _versus(row: Optional[dict]) -> str:
-    """HARL − BYOL of a row in one cell: :func:`_difference` and the verdict."""
+def _versus(row: Optional[dict], seeds: Optional[int] = None) -> str:
+    """HARL − BYOL of a row in one cell: :func:`_difference` and the verdict; given
+    ``seeds``, a side with fewer runs is named (``(BYOL n=2)``), since the cell shows no
+    means that would say so."""
     if row is None or row["difference"] is None:
         return "–"
-    return f"{_difference(row)} {row['verdict']}"
+    short = [f"{LABELS[m].split()[0]} n={row['statistics'][m]['n']}" for m in ("harl", "byol")
+             if seeds is not None and row["statistics"][m]["n"] != seeds]
+    return f"{_difference(row)} {row['verdict']}" + (f" ({', '.join(short)})" if short else "")
 
 
 def summary_markdown(table_rows: Sequence[dict], seeds: int) -> str:
@@ -694,8 +698,10 @@ def summary_markdown(table_rows: Sequence[dict], seeds: int) -> str:
             drops = " / ".join(means) + verdict
         title = BY_NAME[protocol].title + ("" if dataset == SCENES else f" ({dataset})")
         body.append([title, *(_cell(row["statistics"][m], seeds) for m in METHODS),
-                     _versus(row), _versus(by_key.get((protocol, dataset, "unseen", "global"))),
-                     drops, _versus(by_key.get((protocol, dataset, "test", "foreground")))])
+                     _versus(row), _versus(by_key.get((protocol, dataset, "unseen", "global")),
+                                           seeds),
+                     drops, _versus(by_key.get((protocol, dataset, "test", "foreground")),
+                                    seeds)])
     return common.table(body, [
         "protocol", *(LABELS[m] for m in METHODS), "HARL − BYOL (pooled sd)",
         "unseen backgrounds: HARL − BYOL", "drop to unseen: " + " / ".join(

@@ -109,7 +109,9 @@ def test_the_summary_has_one_line_per_protocol_and_dataset():
               ("supervised", "fmnist_scenes", "unseen", "global"):
               {"random": {0: 0.19, 1: 0.21, 2: 0.20}},
               ("transfer_linear", "fashion_mnist", "test", "global"):
-              {"harl": {0: 0.83, 1: 0.84}, "byol": {0: 0.83, 1: 0.84}}}
+              {"harl": {0: 0.83, 1: 0.84}, "byol": {0: 0.83, 1: 0.84}},
+              ("transfer_linear", "fashion_mnist", "test", "foreground"):
+              {"harl": {0: 0.90, 1: 0.91, 2: 0.92}, "byol": {0: 0.88, 1: 0.89}}}
     lines = report.summary_markdown(report.rows(values), seeds=3).splitlines()
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
     assert cells[0] == ["protocol", "HARL hybrid", "BYOL", "random init",
@@ -130,7 +132,9 @@ def test_the_summary_has_one_line_per_protocol_and_dataset():
     # A transfer set: its name in the title, nothing measured on unseen backgrounds.
     assert cells[4][0] == "transfer, linear (fashion_mnist)"
     assert cells[4][1] == "0.835 ± 0.007 (n=2)" and cells[4][4] == "+0.000 (0.007) level"
-    assert cells[4][5:] == ["–", "–", "–"]
+    # Its foreground row: BYOL has two runs of three, which only the cell can say
+    # (0.91 vs 0.885, pooled sd sqrt((0.01² + 0.00707²) / 2) = 0.0087).
+    assert cells[4][5:] == ["–", "–", "+0.025 (0.009) HARL leads (BYOL n=2)"]
 
 
 def test_the_markdown_file_opens_with_its_seeds_and_failures():
